@@ -1,0 +1,1 @@
+"""Flower ClientApp for one camera site: turns server messages into calls on ``reid``."""

@@ -1,0 +1,57 @@
+"""Which data a site trains on: named by ``node_config`` in deployment, by partition id in simulation.
+
+Deployment: ``flower-supernode --node-config 'dataset="market" data-root="/data/market"'``.
+Simulation: every virtual SuperNode gets a ``partition-id``; the run config's ``sites-root``
+holds one folder per site and partition i takes the i-th folder in sorted order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from reid.data.dataset import ReIDData, load_reid_data
+
+_LOADED: dict[tuple[str, bool], ReIDData] = {}  # one scan per process and folder
+
+
+class SiteConfigError(ValueError):
+    """The node or run configuration does not say where this site's data is."""
+
+
+@dataclass(frozen=True)
+class SiteLocation:
+    """A site's name and the root of its Market-style folders."""
+
+    name: str
+    root: Path
+
+
+def locate_site(node_config: Mapping[str, object], run_config: Mapping[str, object]) -> SiteLocation:
+    """Resolve the site from node_config (deployment) or from partition-id + sites-root (simulation)."""
+    if "data-root" in node_config:
+        root = Path(str(node_config["data-root"])).expanduser().resolve()
+        return SiteLocation(name=str(node_config.get("dataset", root.name)), root=root)
+    if "partition-id" not in node_config:
+        raise SiteConfigError("node_config names no data: start the SuperNode with "
+                              "--node-config 'dataset=\"NAME\" data-root=\"/path/to/site\"'")
+    sites_root = Path(str(run_config.get("sites-root", ""))).expanduser().resolve()
+    if not str(run_config.get("sites-root", "")) or not sites_root.is_dir():
+        raise SiteConfigError(f"simulation needs run config 'sites-root' to be a folder with one sub-folder "
+                              f"per site; got {str(run_config.get('sites-root', ''))!r} (resolved {sites_root})")
+    sites = sorted(p for p in sites_root.iterdir() if p.is_dir())
+    partition = int(node_config["partition-id"])  # type: ignore[arg-type]
+    wanted = int(node_config.get("num-partitions", len(sites)))  # type: ignore[arg-type]
+    if wanted > len(sites):
+        raise SiteConfigError(f"{wanted} simulated sites requested but {sites_root} holds only {len(sites)} "
+                              f"site folders: {[p.name for p in sites]}")
+    return SiteLocation(name=sites[partition].name, root=sites[partition])
+
+
+def load_site(location: SiteLocation, verify_images: bool = True) -> ReIDData:
+    """Scan (and check) the site's images once per process; later rounds reuse the scan."""
+    key = (str(location.root), verify_images)
+    if key not in _LOADED:
+        _LOADED[key] = load_reid_data(location.root, name=location.name, verify=verify_images)
+    return _LOADED[key]

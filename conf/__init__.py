@@ -1,0 +1,1 @@
+"""Hydra configuration tree (YAML files beside this module); see config.yaml."""

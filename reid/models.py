@@ -1,0 +1,168 @@
+"""ReIDNet: torchvision backbone -> 512-d bottleneck -> per-site identity classifier.
+
+The module also declares the one rule that decides which state keys travel between a site and
+the server (SHARED) and which never leave the site (LOCAL): the identity classifier is LOCAL,
+because each site has its own identities; BatchNorm running statistics are SHARED or LOCAL by
+policy; ``num_batches_tracked`` counters are bookkeeping and stay LOCAL.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models.resnet import BasicBlock, ResNet
+
+log = logging.getLogger(__name__)
+
+CLASSIFIER_PREFIX = "classifier."
+BN_STATS_SUFFIXES = ("running_mean", "running_var")
+BN_COUNTER_SUFFIX = "num_batches_tracked"
+BN_STATS_POLICIES = ("average", "local")
+
+
+def _resnet10() -> ResNet:
+    """torchvision's ResNet with one BasicBlock per stage: a quick CPU backbone for tests and demos."""
+    return ResNet(BasicBlock, [1, 1, 1, 1])
+
+
+BACKBONES: dict[str, tuple[Callable[[], ResNet], int]] = {
+    "resnet10": (_resnet10, 512),
+    "resnet18": (lambda: tvm.resnet18(weights=None), 512),
+    "resnet34": (lambda: tvm.resnet34(weights=None), 512),
+    "resnet50": (lambda: tvm.resnet50(weights=None), 2048),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the same network on the server and on every site."""
+
+    backbone: str = "resnet50"
+    last_stride: int = 2
+    bottleneck_dim: int = 512
+    dropout: float = 0.5
+    height: int = 256
+    width: int = 128
+
+
+def _set_last_stride(net: ResNet, stride: int) -> None:
+    """Stride of layer4's first block (stride 1 doubles the final feature map, as in BoT)."""
+    block = net.layer4[0]
+    conv = block.conv2 if hasattr(block, "conv3") else block.conv1  # Bottleneck strides conv2
+    conv.stride = (stride, stride)
+    if block.downsample is not None:
+        block.downsample[0].stride = (stride, stride)
+
+
+class ReIDNet(nn.Module):
+    """Backbone -> global average pool -> Linear+BN1d+Dropout bottleneck -> optional classifier."""
+
+    def __init__(self, spec: ModelSpec, num_classes: int = 0) -> None:
+        super().__init__()
+        if spec.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {spec.backbone!r}; choose one of {sorted(BACKBONES)}")
+        build, feat_dim = BACKBONES[spec.backbone]
+        self.spec = spec
+        self.backbone = build()
+        self.backbone.fc = nn.Identity()
+        _set_last_stride(self.backbone, spec.last_stride)
+        self.bottleneck = nn.Sequential(
+            nn.Linear(feat_dim, spec.bottleneck_dim),
+            nn.BatchNorm1d(spec.bottleneck_dim),
+            nn.Dropout(spec.dropout),
+        )
+        nn.init.kaiming_normal_(self.bottleneck[0].weight, a=0, mode="fan_out")
+        nn.init.zeros_(self.bottleneck[0].bias)
+        nn.init.normal_(self.bottleneck[1].weight, 1.0, 0.02)
+        nn.init.zeros_(self.bottleneck[1].bias)
+        self.classifier: nn.Module | None = None
+        if num_classes > 0:
+            self.classifier = self.make_classifier(spec.bottleneck_dim, num_classes)
+
+    @staticmethod
+    def make_classifier(dim: int, num_classes: int) -> nn.Linear:
+        """A fresh identity classifier, initialised as in the reference (N(0, 0.001), zero bias)."""
+        classifier = nn.Linear(dim, num_classes)
+        nn.init.normal_(classifier.weight, std=0.001)
+        nn.init.zeros_(classifier.bias)
+        return classifier
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The 512-d bottleneck output (after BN; dropout acts only in train mode)."""
+        return self.bottleneck(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity logits when a classifier is attached, else the bottleneck feature."""
+        feats = self.features(x)
+        return self.classifier(feats) if self.classifier is not None else feats
+
+
+def build_model(spec: ModelSpec, num_classes: int = 0, pretrained: str | Path | None = None) -> ReIDNet:
+    """Build a ReIDNet; ``pretrained`` is a local ImageNet state_dict file for the backbone."""
+    model = ReIDNet(spec, num_classes)
+    if pretrained:
+        load_backbone_weights(model, pretrained)
+    return model
+
+
+def load_backbone_weights(model: ReIDNet, path: str | Path) -> None:
+    """Load torchvision ImageNet weights from a local file (nothing can be downloaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file {path} not found (downloads are not possible; "
+                                f"give the path of a torchvision {model.spec.backbone} state_dict)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
+    own = model.backbone.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(f"{path} does not fit backbone {model.spec.backbone}: shape mismatch at {mismatched[:3]}")
+    result = model.backbone.load_state_dict(state, strict=False)
+    loaded = len(own) - len(result.missing_keys)
+    if loaded == 0:
+        raise ValueError(f"{path} holds no weights for backbone {model.spec.backbone}")
+    log.info("loaded %d/%d backbone tensors from %s", loaded, len(own), path)
+
+
+def is_local_key(key: str, bn_stats: str = "average") -> bool:
+    """The SHARED/LOCAL rule: True for state keys that must never leave the site."""
+    if bn_stats not in BN_STATS_POLICIES:
+        raise ValueError(f"bn_stats must be one of {BN_STATS_POLICIES}, got {bn_stats!r}")
+    if key.startswith(CLASSIFIER_PREFIX) or key.endswith(BN_COUNTER_SUFFIX):
+        return True
+    return bn_stats == "local" and key.endswith(BN_STATS_SUFFIXES)
+
+
+def split_state(
+    state: dict[str, torch.Tensor], bn_stats: str = "average"
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split a state_dict into (SHARED, LOCAL) by the rule above."""
+    shared = {k: v for k, v in state.items() if not is_local_key(k, bn_stats)}
+    local = {k: v for k, v in state.items() if is_local_key(k, bn_stats)}
+    return shared, local
+
+
+def shared_state(model: ReIDNet, bn_stats: str = "average") -> dict[str, torch.Tensor]:
+    """The tensors that travel, detached and on the CPU."""
+    return {k: v.detach().cpu() for k, v in split_state(model.state_dict(), bn_stats)[0].items()}
+
+
+def load_shared_state(model: ReIDNet, shared: dict[str, torch.Tensor], bn_stats: str = "average") -> None:
+    """Load received SHARED tensors; refuse anything that is not exactly the model's SHARED key set."""
+    expected = set(split_state(model.state_dict(), bn_stats)[0])
+    received = set(shared)
+    if received != expected:
+        missing, extra = sorted(expected - received), sorted(received - expected)
+        raise ValueError(f"received state does not match the SHARED keys of {model.spec.backbone}: "
+                         f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    model.load_state_dict(shared, strict=False)

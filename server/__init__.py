@@ -1,0 +1,1 @@
+"""Flower ServerApp: composes the configuration, runs and evaluates rounds, writes the results."""

@@ -1,0 +1,79 @@
+"""The ServerApp: compose the configuration, build the global model, run the rounds, write results."""
+
+from __future__ import annotations
+
+import logging
+import time
+from logging import INFO
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+from omegaconf import DictConfig
+
+from reid.models import build_model, shared_state
+from server.config import compose_config, federation_settings, site_run_spec
+from server.outputs import CHECKPOINT_FILE, PLOT_FILE, RunOutputs, make_run_dir
+from server.plots import plot_site_metrics
+from server.rounds import FederationRunner
+from strategies.fedpav import FedPav
+
+app = ServerApp()
+
+
+def build_strategy(cfg: DictConfig) -> FedPav:
+    """The aggregation named by ``algorithm.name``."""
+    settings = federation_settings(cfg)
+    name = str(cfg.algorithm.name)
+    if name != "fedpav":
+        raise ValueError(f"unknown algorithm {name!r}; available: fedpav")
+    return FedPav(min_sites=settings.min_sites, fraction_train=settings.fraction_train,
+                  fraction_evaluate=settings.fraction_evaluate)
+
+
+def initial_arrays(cfg: DictConfig) -> ArrayRecord:
+    """The seeded global model's SHARED arrays (ImageNet backbone when a local file is given)."""
+    spec = site_run_spec(cfg)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, num_classes=0, pretrained=cfg.model.pretrained)
+    return ArrayRecord(shared_state(model, spec.bn_stats))
+
+
+def _site_info(outputs: RunOutputs) -> dict[str, dict[str, float]]:
+    """Latest training-set facts each site reported (for the table)."""
+    info: dict[str, dict[str, float]] = {}
+    for record in outputs.rounds:
+        if record.get("train"):
+            info.update(record["train"]["sites"])
+    return info
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run a whole federation as configured by conf/ plus this run's run config."""
+    logging.getLogger("reid").setLevel(logging.INFO)
+    cfg = compose_config(context.run_config)
+    spec = site_run_spec(cfg)
+    settings = federation_settings(cfg)
+    outputs = RunOutputs(make_run_dir(cfg.output.dir, str(cfg.algorithm.name), context.run_id))
+    outputs.write_config(cfg)
+    log(INFO, "fedreid run %s: %s, %s at %dx%d, %d rounds, outputs in %s", context.run_id, cfg.algorithm.name,
+        spec.model.backbone, spec.model.height, spec.model.width, settings.rounds, outputs.folder)
+    started = time.time()
+
+    def on_round(server_round: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:
+        outputs.append_round({**record, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                              "elapsed_s": time.time() - started})
+        outputs.save_checkpoint(arrays, server_round, spec.model, {"bn_stats": spec.bn_stats,
+                                                                    "algorithm": str(cfg.algorithm.name)})
+        if record.get("evaluate"):
+            plot_site_metrics(outputs.rounds, outputs.folder / PLOT_FILE, title=f"{cfg.algorithm.name}")
+
+    runner = FederationRunner(grid, build_strategy(cfg), settings, ConfigRecord(spec.to_flat()), on_round)
+    runner.run(initial_arrays(cfg))
+    table = outputs.write_table(_site_info(outputs))
+    log(INFO, "\n%s", table)
+    log(INFO, "run finished in %.0f s; results, %s and %s are in %s", time.time() - started, CHECKPOINT_FILE,
+        PLOT_FILE, outputs.folder)

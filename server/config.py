@@ -1,0 +1,96 @@
+"""Compose the run's configuration with Hydra from ``conf/``, steered by Flower's run config.
+
+Run-config keys (``[tool.flwr.app.config]`` in pyproject.toml, overridable with ``flwr run
+--run-config``) map onto Hydra as follows:
+
+* ``algorithm``  -> config group ``algorithm=<name>``  (conf/algorithm/<name>.yaml)
+* ``profile``    -> config group ``profile=<name>``    (conf/profile/<name>.yaml)
+* ``overrides``  -> space-separated Hydra overrides, e.g. ``"federation.rounds=20 model=small"``
+* ``output-dir`` -> ``output.dir`` when not empty
+
+``sites-root`` is read by the simulated sites themselves (see clients/site.py).
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+import conf
+from reid.config import SiteRunSpec
+from reid.data.transforms import AugmentSpec
+from reid.models import ModelSpec
+from reid.train import TrainConfig
+
+CONF_DIR = Path(conf.__file__).resolve().parent
+
+
+def hydra_overrides(run_config: Mapping[str, Any]) -> list[str]:
+    """Translate Flower run-config values into Hydra override strings."""
+    overrides = []
+    if run_config.get("algorithm"):
+        overrides.append(f"algorithm={run_config['algorithm']}")
+    if run_config.get("profile"):
+        overrides.append(f"profile={run_config['profile']}")
+    if run_config.get("output-dir"):
+        overrides.append(f"output.dir={run_config['output-dir']}")
+    overrides += shlex.split(str(run_config.get("overrides", "")))
+    return overrides
+
+
+def compose_config(run_config: Mapping[str, Any]) -> DictConfig:
+    """The composed, resolved configuration for this run."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=hydra_overrides(run_config))
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def _section(cfg: DictConfig, name: str, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    values = OmegaConf.to_container(cfg[name], resolve=True)
+    assert isinstance(values, dict)
+    return {k: v for k, v in values.items() if k not in drop}
+
+
+def site_run_spec(cfg: DictConfig) -> SiteRunSpec:
+    """The part of the configuration every site receives each round."""
+    return SiteRunSpec(
+        model=ModelSpec(**_section(cfg, "model", drop=("pretrained",))),
+        train=TrainConfig(**_section(cfg, "train")),
+        augment=AugmentSpec(**_section(cfg, "augment")),
+        bn_stats=str(cfg.algorithm.bn_stats),
+        seed=int(cfg.seed),
+        verify_images=bool(cfg.data.verify_images),
+        eval_batch_size=int(cfg.data.eval_batch_size),
+    )
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """How the server runs the rounds."""
+
+    rounds: int
+    eval_every: int
+    eval_at_start: bool
+    min_sites: int
+    fraction_train: float
+    fraction_evaluate: float
+    round_timeout_s: float
+
+    def evaluates_after(self, server_round: int) -> bool:
+        """Federated evaluation every k rounds and always after the last one."""
+        return self.eval_every > 0 and (server_round % self.eval_every == 0 or server_round == self.rounds)
+
+
+def federation_settings(cfg: DictConfig) -> FederationSettings:
+    settings = FederationSettings(**_section(cfg, "federation"))
+    if settings.rounds < 1 or settings.min_sites < 1:
+        raise ValueError(f"federation.rounds and federation.min_sites must be >= 1, got {settings}")
+    return settings

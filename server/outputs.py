@@ -1,0 +1,100 @@
+"""Everything a run leaves behind, in one folder per run.
+
+``metrics.jsonl``  one JSON line per round (round 0 = the untrained model, when evaluated)
+``results.md``     the final per-site table
+``global_model.pt`` the latest global SHARED state with its round and model settings
+``metrics.png``    Rank-1 and mAP per site over rounds
+``config.yaml``    the composed configuration
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+from omegaconf import DictConfig, OmegaConf
+
+from reid.models import ModelSpec
+
+METRICS_FILE = "metrics.jsonl"
+TABLE_FILE = "results.md"
+CHECKPOINT_FILE = "global_model.pt"
+PLOT_FILE = "metrics.png"
+CONFIG_FILE = "config.yaml"
+
+
+def make_run_dir(base: str | Path, algorithm: str, run_id: int) -> Path:
+    """``<base>/<timestamp>-<algorithm>-run<id>``, created; ``base`` made absolute first."""
+    folder = Path(base).expanduser().resolve() / f"{time.strftime('%Y%m%d-%H%M%S')}-{algorithm}-run{run_id}"
+    folder.mkdir(parents=True, exist_ok=False)
+    return folder
+
+
+class RunOutputs:
+    """Writes a run's files as rounds complete, so an interrupted run keeps what it finished."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.rounds: list[dict[str, Any]] = []
+
+    def write_config(self, cfg: DictConfig) -> None:
+        (self.folder / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg))
+
+    def append_round(self, record: dict[str, Any]) -> None:
+        """Append one line to metrics.jsonl and flush it to disk."""
+        self.rounds.append(record)
+        with open(self.folder / METRICS_FILE, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def save_checkpoint(self, arrays: ArrayRecord, server_round: int, spec: ModelSpec, extra: dict[str, Any]) -> Path:
+        """Write the global model atomically (temp file, then rename): a crash never leaves half a file."""
+        path = self.folder / CHECKPOINT_FILE
+        tmp = path.with_suffix(".tmp")
+        torch.save({"state_dict": arrays.to_torch_state_dict(), "round": server_round,
+                    "model": asdict(spec), **extra}, tmp)
+        tmp.replace(path)
+        return path
+
+    def latest_evaluation(self) -> tuple[int, dict[str, dict[str, float]]] | None:
+        """(round, per-site metrics) of the last evaluated round."""
+        for record in reversed(self.rounds):
+            if record.get("evaluate"):
+                return record["round"], record["evaluate"]["sites"]
+        return None
+
+    def write_table(self, site_info: dict[str, dict[str, float]]) -> str:
+        """The final per-site Markdown table (also returned, for the log)."""
+        latest = self.latest_evaluation()
+        if latest is None:
+            text = "No evaluation was completed.\n"
+        else:
+            text = format_table(latest[0], latest[1], site_info)
+        (self.folder / TABLE_FILE).write_text(text)
+        return text
+
+
+def format_table(server_round: int, sites: dict[str, dict[str, float]], site_info: dict[str, dict[str, float]]) -> str:
+    """Per-site Rank-1/5/10, mAP, mINP in percent, with training-set sizes and a mean row."""
+    lines = [
+        f"Per-site results after round {server_round} (global model, each site's own query/gallery)",
+        "",
+        "| site | train images | identities | Rank-1 | Rank-5 | Rank-10 | mAP | mINP |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    keys = ("rank1", "rank5", "rank10", "mAP", "mINP")
+    for name in sorted(sites):
+        info = site_info.get(name, {})
+        values = " | ".join(f"{100 * sites[name][k]:.1f}" for k in keys)
+        lines.append(f"| {name} | {int(info.get('num-examples', 0))} | {int(info.get('num-identities', 0))} "
+                     f"| {values} |")
+    means = " | ".join(f"{100 * sum(m[k] for m in sites.values()) / len(sites):.1f}" for k in keys)
+    lines.append(f"| **mean** | | | {means} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,218 @@
+"""``fedreid-sim``: one command for a whole simulated federation on this machine.
+
+It generates the synthetic camera sites when they are missing, starts a private simulation
+SuperLink (own port, own FLWR_HOME, no runtime dependency installation), submits the app with
+``flwr run`` on the Ray engine with one virtual SuperNode per site, streams the logs, checks that
+the run really completed (``flwr run`` exits 0 even when a run fails), prints the per-site table,
+and stops the SuperLink again, also on failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from reid.data.synthetic import generate_sites, site_names
+
+log = logging.getLogger("fedreid.sim")
+CONNECTION = "fedreid-sim"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SimulationError(RuntimeError):
+    """The simulated run did not complete."""
+
+
+@dataclass(frozen=True)
+class SimulationRequest:
+    """What to simulate and where to put it."""
+
+    sites: int
+    sites_root: Path
+    output_dir: Path
+    algorithm: str = "fedpav"
+    profile: str = "demo"
+    overrides: str = ""
+    seed: int = 0
+    cpus_per_site: int = 1
+    gpus_per_site: float = 0.0
+    app_dir: Path = REPO_ROOT
+    flwr_home: Path = REPO_ROOT / ".flwr"
+
+
+def ensure_synthetic_sites(root: Path, sites: int, seed: int) -> None:
+    """Generate the synthetic sites unless every expected site folder is already there."""
+    names = site_names(sites, seed)
+    if all((root / name / split).is_dir() for name in names for split in ("train", "query", "gallery")):
+        log.info("using the synthetic sites already in %s", root)
+        return
+    log.info("generating %d synthetic camera sites in %s (seed %d)", sites, root, seed)
+    generate_sites(root, sites, seed, overwrite=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    """A console script of the running interpreter's environment (works without an activated venv)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _environment(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # never `uv sync` (offline, and it swaps torch)
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    })
+    return env
+
+
+class PrivateSuperLink:
+    """A simulation SuperLink owned by this process: started on a free port, always stopped."""
+
+    def __init__(self, flwr_home: Path) -> None:
+        self.flwr_home = flwr_home
+        self.port = free_port()
+        self.log_file = flwr_home / "superlink.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> "PrivateSuperLink":
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        command = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                   "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation",
+                   "--log-file", str(self.log_file)]
+        self.process = subprocess.Popen(command, env=_environment(self.flwr_home), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        self._wait_healthy()
+        return self
+
+    def _wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise SimulationError(f"flower-superlink exited with code {self.process.returncode}; "
+                                      f"see {self.log_file}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise SimulationError(f"flower-superlink did not become healthy within {timeout:.0f} s; see {self.log_file}")
+
+    def __exit__(self, *_exc: object) -> None:
+        """Stop the SuperLink and everything it started (SuperExec, the simulation, Ray)."""
+        if self.process is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def _run_config(request: SimulationRequest) -> str:
+    values = {
+        "algorithm": request.algorithm,
+        "profile": request.profile,
+        "overrides": " ".join(filter(None, [f"seed={request.seed}", request.overrides])),
+        "sites-root": str(request.sites_root.resolve()),
+        "output-dir": str(request.output_dir.resolve()),
+    }
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
+
+
+def _flwr(args: list[str], env: dict[str, str], capture: bool = False) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_bin("flwr"), *args], env=env, text=True, check=False,
+                          stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None)
+
+
+def run_simulation(request: SimulationRequest) -> Path:
+    """Run the federation; return the run's output folder or raise SimulationError."""
+    env = _environment(request.flwr_home)
+    federation = (f"num-supernodes={request.sites} client-resources-num-cpus={request.cpus_per_site} "
+                  f"client-resources-num-gpus={float(request.gpus_per_site)}")
+    with PrivateSuperLink(request.flwr_home):
+        command = ["run", str(request.app_dir), CONNECTION, "--stream",
+                   "--federation-config", federation, "--run-config", _run_config(request)]
+        log.info("flwr %s", shlex.join(command))
+        _flwr(command, env)
+        listing = _flwr(["ls", CONNECTION, "--format", "json"], env, capture=True)
+    runs = json.loads(listing.stdout[listing.stdout.index("{"):]).get("runs", [])
+    if not runs:
+        raise SimulationError(f"no run was recorded; `flwr ls` said: {listing.stdout.strip()}")
+    run = runs[-1]
+    if run["status"] != "finished:completed":
+        raise SimulationError(f"run {run['run-id']} ended as {run['status']} ({run.get('status-details')}); "
+                              f"see the log above and {request.flwr_home / 'superlink.log'}")
+    folders = sorted(request.output_dir.resolve().glob(f"*-run{run['run-id']}"))
+    if not folders:
+        raise SimulationError(f"run {run['run-id']} completed but wrote no folder under {request.output_dir}")
+    return folders[-1]
+
+
+def parse_args(argv: list[str] | None = None) -> SimulationRequest:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sites", type=int, default=3, help="number of simulated camera sites (default 3)")
+    parser.add_argument("--sites-root", type=Path, default=REPO_ROOT / "data" / "synthetic",
+                        help="folder with one sub-folder per site; synthetic sites are generated here if missing")
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs", help="where run folders go")
+    parser.add_argument("--algorithm", default="fedpav", help="conf/algorithm/<name>.yaml")
+    parser.add_argument("--profile", default="demo", help="conf/profile/<name>.yaml (demo, test, none)")
+    parser.add_argument("--overrides", default="", help='extra Hydra overrides, e.g. "federation.rounds=20"')
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of the run")
+    parser.add_argument("--cpus-per-site", type=int, default=1, help="Ray CPUs reserved per simulated site")
+    parser.add_argument("--gpus-per-site", type=float, default=0.0, help="Ray GPUs per site, e.g. 0.25 = 4 per GPU")
+    parser.add_argument("--no-generate", action="store_true", help="never generate data; use --sites-root as is")
+    args = parser.parse_args(argv)
+    request = SimulationRequest(
+        sites=args.sites, sites_root=args.sites_root, output_dir=args.output_dir, algorithm=args.algorithm,
+        profile=args.profile, overrides=args.overrides, seed=args.seed, cpus_per_site=args.cpus_per_site,
+        gpus_per_site=args.gpus_per_site)
+    if not args.no_generate:
+        ensure_synthetic_sites(args.sites_root, args.sites, args.seed)
+    return request
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        request = parse_args(argv)
+        folder = run_simulation(request)
+    except (SimulationError, FileExistsError) as error:
+        log.error("%s", error)
+        return 1
+    print("\n" + (folder / "results.md").read_text())
+    print(f"outputs: {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

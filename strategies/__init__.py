@@ -1,0 +1,4 @@
+"""Aggregation on arrays: Flower Message-API strategies, their weighting math, reply checks.
+
+Knows nothing of images or datasets.
+"""
