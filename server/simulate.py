@@ -191,11 +191,13 @@ def parse_args(argv: list[str] | None = None) -> SimulationRequest:
     parser.add_argument("--cpus-per-site", type=int, default=1, help="Ray CPUs reserved per simulated site")
     parser.add_argument("--gpus-per-site", type=float, default=0.0, help="Ray GPUs per site, e.g. 0.25 = 4 per GPU")
     parser.add_argument("--no-generate", action="store_true", help="never generate data; use --sites-root as is")
+    parser.add_argument("--flwr-home", type=Path, default=REPO_ROOT / ".flwr",
+                        help="Flower's home for this simulation (config, installed app, SuperLink log)")
     args = parser.parse_args(argv)
     request = SimulationRequest(
         sites=args.sites, sites_root=args.sites_root, output_dir=args.output_dir, algorithm=args.algorithm,
         profile=args.profile, overrides=args.overrides, seed=args.seed, cpus_per_site=args.cpus_per_site,
-        gpus_per_site=args.gpus_per_site)
+        gpus_per_site=args.gpus_per_site, flwr_home=args.flwr_home.resolve())
     if not args.no_generate:
         ensure_synthetic_sites(args.sites_root, args.sites, args.seed)
     return request

@@ -1,0 +1,48 @@
+"""Hydra composition steered by Flower's run config, and the flat spec shipped to the sites."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from reid.config import SiteRunSpec
+from server.config import compose_config, federation_settings, hydra_overrides, site_run_spec
+
+
+def test_defaults_are_the_gpu_setup_of_the_reference() -> None:
+    cfg = compose_config({})
+    spec = site_run_spec(cfg)
+    assert (spec.model.backbone, spec.model.height, spec.model.width) == ("resnet50", 256, 128)
+    assert spec.train.lr == 0.05 and spec.train.backbone_lr_mult == 0.1 and spec.train.batch_size == 32
+    assert spec.bn_stats == "local" and cfg.algorithm.name == "fedpav"
+
+
+def test_run_config_selects_profile_and_overrides_win() -> None:
+    run_config = {"algorithm": "fedpav", "profile": "demo", "output-dir": "/tmp/x",
+                  "overrides": "federation.rounds=7 train.local_epochs=2 algorithm.bn_stats=average"}
+    assert hydra_overrides(run_config)[:3] == ["algorithm=fedpav", "profile=demo", "output.dir=/tmp/x"]
+    cfg = compose_config(run_config)
+    settings = federation_settings(cfg)
+    assert cfg.model.backbone == "resnet10" and settings.rounds == 7 and settings.eval_every == 2
+    assert site_run_spec(cfg).train.local_epochs == 2 and site_run_spec(cfg).bn_stats == "average"
+    assert cfg.output.dir == "/tmp/x"
+
+
+def test_evaluation_schedule_every_k_rounds_and_after_the_last() -> None:
+    settings = federation_settings(compose_config({"overrides": "federation.rounds=7 federation.eval_every=3"}))
+    assert [r for r in range(1, 8) if settings.evaluates_after(r)] == [3, 6, 7]
+
+
+def test_unknown_names_fail_loudly() -> None:
+    with pytest.raises(ConfigCompositionException):
+        compose_config({"algorithm": "fedmagic"})
+    with pytest.raises(ValueError, match="bn_stats"):
+        site_run_spec(compose_config({"overrides": "algorithm.bn_stats=median"}))
+
+
+def test_flat_spec_round_trips_including_unset_fields() -> None:
+    spec = site_run_spec(compose_config({"profile": "demo"}))
+    flat = spec.to_flat()
+    assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())
+    assert flat["augment.pad"] == ""
+    assert SiteRunSpec.from_flat({**flat, "server-round": 4}) == spec

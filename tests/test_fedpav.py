@@ -1,0 +1,142 @@
+"""FedPav aggregation arithmetic and the screening of malformed replies, on hand-built messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from strategies.averaging import normalise_weights, weighted_average
+from strategies.fedpav import FedPav
+
+
+
+class NodeList:
+    """The one Grid call FedAvg's sampling makes: which nodes are connected."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return self.node_ids
+
+
+def _arrays(w: list[float], b: float) -> ArrayRecord:
+    return ArrayRecord({"layer.weight": Array(np.array(w, dtype=np.float32)),
+                        "layer.bias": Array(np.array([b], dtype=np.float32))})
+
+
+def _started(strategy: FedPav, nodes: list[int]) -> list[Message]:
+    config = ConfigRecord({"lr": 0.1})
+    return list(strategy.configure_train(3, _arrays([0.0, 0.0], 0.0), config, NodeList(nodes)))
+
+
+def _reply(to: Message, arrays: ArrayRecord | None, metrics: dict, site: str, **extra) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site}), **extra})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=to)
+
+
+def test_configure_train_sends_the_global_arrays_and_the_round_to_every_node() -> None:
+    strategy = FedPav(min_sites=3)
+    messages = _started(strategy, [11, 12, 13])
+    assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12, 13]
+    assert all(m.metadata.message_type == "train" for m in messages)
+    assert messages[0].content["config"]["server-round"] == 3
+    assert set(messages[0].content["arrays"].keys()) == {"layer.weight", "layer.bias"}
+
+
+def test_weights_are_training_set_sizes_and_the_average_is_exact() -> None:
+    strategy = FedPav(min_sites=3)
+    sent = _started(strategy, [1, 2, 3])
+    replies = [
+        _reply(sent[0], _arrays([1, 2], 10), {"num-examples": 100, "train-loss": 1.0}, "mall"),
+        _reply(sent[1], _arrays([3, 4], 20), {"num-examples": 100, "train-loss": 2.0}, "station"),
+        _reply(sent[2], _arrays([5, 6], 40), {"num-examples": 200, "train-loss": 4.0}, "campus"),
+    ]
+    arrays, metrics = strategy.aggregate_train(3, replies)
+    np.testing.assert_allclose(arrays["layer.weight"].numpy(), [(1 + 3 + 2 * 5) / 4, (2 + 4 + 2 * 6) / 4])
+    np.testing.assert_allclose(arrays["layer.bias"].numpy(), [(10 + 20 + 2 * 40) / 4])
+    assert arrays["layer.weight"].numpy().dtype == np.float32
+    assert strategy.last_train.accepted == {"mall": 0.25, "station": 0.25, "campus": 0.5}
+    assert metrics["train-loss"] == pytest.approx(0.25 * 1 + 0.25 * 2 + 0.5 * 4)
+    assert metrics["sites-accepted"] == 3 and metrics["sites-rejected"] == 0
+
+
+BAD_REPLIES = {
+    "missing": (lambda: ArrayRecord({"layer.weight": Array(np.ones(2, np.float32))}), {}, "missing arrays: layer.bias"),
+    "extra": (lambda: ArrayRecord({**{k: v for k, v in _arrays([1, 1], 1).items()},
+                                   "classifier.weight": Array(np.ones((5, 2), np.float32))}), {},
+              "unexpected arrays: classifier.weight"),
+    "shape": (lambda: ArrayRecord({"layer.weight": Array(np.ones(3, np.float32)),
+                                   "layer.bias": Array(np.ones(1, np.float32))}), {}, "has shape (3,)"),
+    "nan": (lambda: _arrays([np.nan, 1], 1), {}, "non-finite"),
+    "dtype": (lambda: ArrayRecord({"layer.weight": Array(np.ones(2, np.float64)),
+                                   "layer.bias": Array(np.ones(1, np.float32))}), {}, "dtype float64"),
+    "no-count": (lambda: _arrays([1, 1], 1), {"num-examples": None}, "'num-examples' missing"),
+    "zero-count": (lambda: _arrays([1, 1], 1), {"num-examples": 0}, "must be positive"),
+    "inf-count": (lambda: _arrays([1, 1], 1), {"num-examples": float("inf")}, "not a finite scalar"),
+    "no-arrays": (lambda: None, {}, "lacks records: arrays"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REPLIES))
+def test_a_malformed_reply_is_rejected_with_its_reason_and_the_round_goes_on(
+        case: str, caplog: pytest.LogCaptureFixture) -> None:
+    make_arrays, metric_patch, reason = BAD_REPLIES[case]
+    strategy = FedPav(min_sites=2)
+    sent = _started(strategy, [1, 2])
+    metrics = {"num-examples": 10, **metric_patch}
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    good = _reply(sent[0], _arrays([2, 4], 6), {"num-examples": 10}, "good")
+    bad = _reply(sent[1], make_arrays(), metrics, "bad")
+    arrays, result = strategy.aggregate_train(3, [good, bad])
+    assert reason in strategy.last_train.rejected["bad"]
+    assert any("rejected reply from bad" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
+    assert list(strategy.last_train.accepted) == ["good"]
+    np.testing.assert_allclose(arrays["layer.weight"].numpy(), [2, 4])  # the good update alone
+    assert result["sites-rejected"] == 1
+
+
+def test_error_replies_and_unknown_records_are_rejected() -> None:
+    strategy = FedPav(min_sites=3)
+    sent = _started(strategy, [1, 2, 3])
+    failed = Message(Error(code=0, reason="CUDA out of memory"), reply_to=sent[0])
+    smuggler = _reply(sent[1], _arrays([1, 1], 1), {"num-examples": 5}, "smuggler",
+                      images=ArrayRecord({"x": Array(np.zeros((2, 2), np.uint8))}))
+    good = _reply(sent[2], _arrays([1, 3], 5), {"num-examples": 5}, "good")
+    arrays, _ = strategy.aggregate_train(3, [failed, smuggler, good])
+    assert "CUDA out of memory" in strategy.last_train.rejected[f"node-{sent[0].metadata.dst_node_id}"]
+    assert "unexpected records in reply: images" in strategy.last_train.rejected["smuggler"]
+    np.testing.assert_allclose(arrays["layer.weight"].numpy(), [1, 3])
+
+
+def test_no_acceptable_reply_leaves_nothing_to_aggregate() -> None:
+    strategy = FedPav(min_sites=1)
+    sent = _started(strategy, [1])
+    assert strategy.aggregate_train(3, [_reply(sent[0], _arrays([np.inf, 0], 0), {"num-examples": 3}, "x")]) == (None, None)
+
+
+def test_evaluation_keeps_each_site_and_averages_them_plainly() -> None:
+    strategy = FedPav(min_sites=2)
+    sent = list(strategy.configure_evaluate(4, _arrays([0, 0], 0), ConfigRecord(), NodeList([1, 2, 3])))
+    keys = {"rank5": 0.9, "rank10": 1.0, "mINP": 0.1}
+    replies = [
+        _reply(sent[0], None, {"rank1": 0.5, "mAP": 0.4, **keys}, "mall"),
+        _reply(sent[1], None, {"rank1": 0.3, "mAP": 0.2, **keys}, "campus"),
+        _reply(sent[2], None, {"rank1": 0.9}, "broken"),
+    ]
+    mean = strategy.aggregate_evaluate(4, replies)
+    assert mean["rank1"] == pytest.approx(0.4) and mean["mAP"] == pytest.approx(0.3)
+    assert set(strategy.last_evaluate.site_metrics) == {"mall", "campus"}
+    assert "metric 'rank5' missing" in strategy.last_evaluate.rejected["broken"]
+
+
+def test_weight_arithmetic_helpers() -> None:
+    np.testing.assert_allclose(normalise_weights([1, 3]), [0.25, 0.75])
+    for bad in ([0, 0], [1, -1], [np.nan, 1], []):
+        with pytest.raises(ValueError):
+            normalise_weights(bad)
+    out = weighted_average([{"a": np.array([0.0, 4.0])}, {"a": np.array([2.0, 0.0])}], [3, 1])
+    np.testing.assert_allclose(out["a"], [0.5, 3.0])

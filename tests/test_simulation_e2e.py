@@ -1,0 +1,91 @@
+"""End to end: ``fedreid-sim`` runs `flwr run` on the Ray engine with real processes and files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reid.models import ModelSpec, build_model, shared_state
+
+SIM = [sys.executable, "-m", "server.simulate"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _simulate(sites_root: Path, tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    command = [*SIM, "--profile", "test", "--sites", "3", "--sites-root", str(sites_root), "--no-generate",
+               "--output-dir", str(tmp / "outputs"), "--flwr-home", str(tmp / "flwr-home"), *extra]
+    return subprocess.run(command, cwd=REPO, text=True, capture_output=True, timeout=600)
+
+
+def _port_is_closed(flwr_home: Path) -> bool:
+    address = next(line for line in (flwr_home / "config.toml").read_text().splitlines() if "address" in line)
+    port = int(address.split(":")[-1].strip('"'))
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _run_folder(tmp: Path) -> Path:
+    folders = list((tmp / "outputs").iterdir())
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def test_three_sites_two_rounds_write_every_output(tiny_sites: Path, tmp_path: Path) -> None:
+    sites = tmp_path / "sites"
+    shutil.copytree(tiny_sites, sites)
+    (sites / "2-campus" / "train" / "0003_c1s1_999999_01.jpg").write_bytes(b"\xff\xd8 broken jpeg")
+    result = _simulate(sites, tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    folder = _run_folder(tmp_path)
+    assert f"outputs: {folder}" in result.stdout
+
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2]
+    names = {"0-mall", "1-station", "2-campus"}
+    for line in lines[1:]:
+        assert set(line["train"]["sites"]) == names and not line["train"]["rejected"]
+        assert set(line["evaluate"]["sites"]) == names
+        assert set(line["train"]["bytes_per_site"]) == names
+        assert line["train"]["bytes"]["received"] > 3 * 4 * 4_000_000  # three resnet10 backbones, fp32
+        assert line["train"]["seconds"] > 0 and line["seconds"] > 0
+        weights = [s["weight"] for s in line["train"]["sites"].values()]
+        assert sum(weights) == pytest.approx(1.0)
+    assert lines[1]["train"]["sites"]["2-campus"]["corrupt-images"] == 1
+    assert lines[1]["train"]["sites"]["0-mall"]["corrupt-images"] == 0
+    for metrics in lines[2]["evaluate"]["sites"].values():
+        assert 0 <= metrics["rank1"] <= 1 and 0 < metrics["mAP"] <= 1
+
+    table = (folder / "results.md").read_text()
+    assert "after round 2" in table and all(f"| {name} |" in table for name in names) and "**mean**" in table
+    assert table in result.stdout
+
+    checkpoint = torch.load(folder / "global_model.pt", weights_only=False)
+    assert checkpoint["round"] == 2 and checkpoint["bn_stats"] == "local"
+    spec = ModelSpec(**checkpoint["model"])
+    expected = shared_state(build_model(spec), "local")
+    assert checkpoint["state_dict"].keys() == expected.keys()
+    assert not torch.equal(checkpoint["state_dict"]["bottleneck.0.weight"], expected["bottleneck.0.weight"])
+
+    assert (folder / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "model:" in (folder / "config.yaml").read_text()
+    assert _port_is_closed(tmp_path / "flwr-home")
+
+
+def test_a_site_that_fails_is_left_out_and_the_run_goes_on(tiny_sites: Path, tmp_path: Path) -> None:
+    sites = tmp_path / "sites"
+    shutil.copytree(tiny_sites, sites)
+    shutil.rmtree(sites / "1-station" / "gallery")
+    result = _simulate(sites, tmp_path, "--overrides", "federation.rounds=1 federation.eval_at_start=false")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    line = json.loads((_run_folder(tmp_path) / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(line["train"]["sites"]) == {"0-mall", "2-campus"}
+    (reason,) = line["train"]["rejected"].values()
+    assert "missing gallery folder" in reason and "1-station" in reason
+    assert set(line["evaluate"]["sites"]) == {"0-mall", "2-campus"}
