@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import zlib
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -22,6 +21,7 @@ from reid.data.transforms import train_transform
 from reid.device import pick_device
 from reid.evaluate import evaluate_model
 from reid.models import ReIDNet, build_model, load_shared_state, split_state
+from reid.seeding import stable_seed
 from reid.train import train_local
 
 LOCAL_STATE_KEY = "local-state"  # classifier head (+ BN statistics under bn_stats=local)
@@ -42,11 +42,6 @@ def _configure_logging() -> None:
 
 _configure_logging()
 app = ClientApp()
-
-
-def _stable_seed(*parts: object) -> int:
-    """A seed that is the same in every process for the same inputs (unlike hash())."""
-    return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
 
 
 def _prepare(msg: Message, context: Context) -> tuple[SiteRunSpec, SiteLocation, ReIDData, torch.device]:
@@ -79,12 +74,12 @@ def train(msg: Message, context: Context) -> Message:
     """Load the global SHARED arrays and this site's head, train locally, send back SHARED arrays."""
     spec, location, data, device = _prepare(msg, context)
     server_round = int(msg.content["config"]["server-round"])
-    torch.manual_seed(_stable_seed(spec.seed, location.name))  # a fresh head is the same in every run
+    torch.manual_seed(stable_seed(spec.seed, location.name))  # a fresh head is the same in every run
     model = build_model(spec.model, num_classes=data.num_train_ids)
     load_shared_state(model, msg.content["arrays"].to_torch_state_dict(), spec.bn_stats)
     _restore_local_state(model, context, location.name)
     dataset = ImageDataset.for_training(data, train_transform(spec.augment, spec.model.height, spec.model.width))
-    stats = train_local(model, dataset, spec.train, device, seed=_stable_seed(spec.seed, location.name, server_round),
+    stats = train_local(model, dataset, spec.train, device, seed=stable_seed(spec.seed, location.name, server_round),
                         label=f"[{location.name} round {server_round}]")
     shared, local = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, spec.bn_stats)
     context.state[LOCAL_STATE_KEY] = ArrayRecord(local)
