@@ -65,7 +65,8 @@ def _no_valid_query() -> ValueError:
 def _count_before_in_row(rows: np.ndarray, flags: np.ndarray, num_rows: int) -> np.ndarray:
     """For entries grouped by row (rows ascending), how many flagged entries precede each one in its row."""
     exclusive = np.cumsum(flags) - flags
-    row_start = np.cumsum(np.bincount(rows, minlength=num_rows)) - np.bincount(rows, minlength=num_rows)
+    counts = np.bincount(rows, minlength=num_rows)
+    row_start = np.cumsum(counts) - counts
     return exclusive - exclusive[row_start[rows]]
 
 
