@@ -82,6 +82,7 @@ def _environment(flwr_home: Path) -> dict[str, str]:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "RAY_DEDUP_LOGS": "0",  # every site's progress lines, not "[repeated 3x]"
     })
     return env
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from reid.config import SiteRunSpec
-from server.config import compose_config, federation_settings, hydra_overrides, site_run_spec
+from server.config import CONF_DIR, compose_config, federation_settings, hydra_overrides, site_run_spec
 
 
 def test_defaults_are_the_gpu_setup_of_the_reference() -> None:
@@ -23,7 +24,9 @@ def test_run_config_selects_profile_and_overrides_win() -> None:
     assert hydra_overrides(run_config)[:3] == ["algorithm=fedpav", "profile=demo", "output.dir=/tmp/x"]
     cfg = compose_config(run_config)
     settings = federation_settings(cfg)
-    assert cfg.model.backbone == "resnet10" and settings.rounds == 7 and settings.eval_every == 2
+    demo = OmegaConf.load(CONF_DIR / "profile" / "demo.yaml")
+    assert cfg.model.backbone == "resnet10" and settings.rounds == 7  # override beats the profile
+    assert settings.eval_every == demo.federation.eval_every  # the profile beats config.yaml
     assert site_run_spec(cfg).train.local_epochs == 2 and site_run_spec(cfg).bn_stats == "average"
     assert cfg.output.dir == "/tmp/x"
 
