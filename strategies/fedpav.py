@@ -116,6 +116,7 @@ class FedPav(FedAvg):
         log(INFO, "round %d: aggregating %d of %d replies", server_round, len(accepted), len(replies))
         if not accepted:
             return None, None
+        accepted.sort(key=site_name)  # replies arrive in any order; a fixed summation order makes runs repeatable
         weights = normalise_weights(self.aggregation_weights(accepted))
         updates = [{k: a.numpy() for k, a in m.content[ARRAYS_KEY].items()} for m in accepted]
         averaged = weighted_average(updates, weights)

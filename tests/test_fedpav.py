@@ -140,3 +140,16 @@ def test_weight_arithmetic_helpers() -> None:
             normalise_weights(bad)
     out = weighted_average([{"a": np.array([0.0, 4.0])}, {"a": np.array([2.0, 0.0])}], [3, 1])
     np.testing.assert_allclose(out["a"], [0.5, 3.0])
+
+
+def test_the_average_does_not_depend_on_the_order_replies_arrive_in() -> None:
+    rng = np.random.default_rng(0)
+    values = [rng.normal(size=2).astype(np.float32) for _ in range(5)]
+    results = []
+    for order in ([0, 1, 2, 3, 4], [4, 2, 0, 3, 1]):
+        strategy = FedPav(min_sites=5)
+        sent = _started(strategy, [1, 2, 3, 4, 5])
+        replies = [_reply(sent[i], _arrays(list(values[i]), float(i)), {"num-examples": 3 + i}, f"site{i}")
+                   for i in order]
+        results.append(strategy.aggregate_train(3, replies)[0]["layer.weight"].numpy())
+    assert results[0].tobytes() == results[1].tobytes()
