@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -54,7 +54,7 @@ class RoundLog:
     site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def screen(replies: Iterable[Message], check) -> tuple[list[Message], dict[str, str]]:
+def screen(replies: Iterable[Message], check: Callable[[Message], str | None]) -> tuple[list[Message], dict[str, str]]:
     """Split replies into acceptable ones and {site: reason} for the rest, logging each rejection."""
     accepted, rejected = [], {}
     for message in replies:

@@ -98,6 +98,8 @@ class ReIDData:
 
 def _load_split(root: Path, split: str, verify: bool) -> tuple[list[Sample], SplitReport]:
     scan: SplitScan = scan_split(root, split)
+    if verify and len(scan.samples) > 2000:
+        log.info("checking %d images in %s for corruption ...", len(scan.samples), scan.folder)
     samples, corrupt = drop_unreadable(scan.samples) if verify else (scan.samples, [])
     for path in corrupt:
         log.warning("skipping unreadable image %s", path)
