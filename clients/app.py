@@ -17,14 +17,16 @@ from flwr.clientapp import ClientApp
 from clients.site import SiteLocation, load_site, locate_site
 from reid.config import SiteRunSpec
 from reid.data.dataset import ImageDataset, ReIDData
-from reid.data.transforms import train_transform
+from reid.data.transforms import test_transform, train_transform
 from reid.device import pick_device
+from reid.divergence import cosine_logit_distance, eval_logits, fixed_batch
 from reid.evaluate import evaluate_model
 from reid.models import ReIDNet, build_model, load_shared_state, split_state
 from reid.seeding import stable_seed
 from reid.train import train_local
 
 LOCAL_STATE_KEY = "local-state"  # classifier head (+ BN statistics under bn_stats=local)
+PROBE_BATCH = 32  # images of the fixed per-round batch on which the model's change (CDW) is measured
 log = logging.getLogger("clients")
 
 
@@ -79,8 +81,12 @@ def train(msg: Message, context: Context) -> Message:
     load_shared_state(model, msg.content["arrays"].to_torch_state_dict(), spec.bn_stats)
     _restore_local_state(model, context, location.name)
     dataset = ImageDataset.for_training(data, train_transform(spec.augment, spec.model.height, spec.model.width))
+    probe = fixed_batch(ImageDataset.for_training(data, test_transform(spec.model.height, spec.model.width)),
+                        PROBE_BATCH, seed=stable_seed(spec.seed, location.name, server_round, "probe"))
+    before = eval_logits(model, probe, device)  # received backbone with this site's previous head
     stats = train_local(model, dataset, spec.train, device, seed=stable_seed(spec.seed, location.name, server_round),
                         label=f"[{location.name} round {server_round}]")
+    cdw = cosine_logit_distance(before, eval_logits(model, probe, device))
     shared, local = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, spec.bn_stats)
     context.state[LOCAL_STATE_KEY] = ArrayRecord(local)
     metrics = MetricRecord({
@@ -91,6 +97,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-seconds": stats.seconds,
         "images-per-second": stats.images_per_second,
         "corrupt-images": data.num_corrupt,
+        "cdw-distance": cdw,
     })
     content = RecordDict({"arrays": ArrayRecord(shared), "metrics": metrics, "site": _site_record(location)})
     return Message(content=content, reply_to=msg)

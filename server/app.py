@@ -13,24 +13,38 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from omegaconf import DictConfig
 
+from reid.distill import DistillConfig
 from reid.models import build_model, shared_state
 from server.config import compose_config, federation_settings, site_run_spec
 from server.outputs import CHECKPOINT_FILE, PLOT_FILE, RunOutputs, make_run_dir
 from server.plots import plot_site_metrics
+from server.public_steps import PublicSteps
 from server.rounds import FederationRunner
-from strategies.fedpav import FedPav
+from strategies.fedpav import ClusteringSpec, FedPav
 
 app = ServerApp()
 
 
 def build_strategy(cfg: DictConfig) -> FedPav:
-    """The aggregation named by ``algorithm.name``."""
+    """The aggregation the ``algorithm`` preset describes, with its server-side steps wired in."""
     settings = federation_settings(cfg)
-    name = str(cfg.algorithm.name)
-    if name != "fedpav":
-        raise ValueError(f"unknown algorithm {name!r}; available: fedpav")
-    return FedPav(min_sites=settings.min_sites, fraction_train=settings.fraction_train,
-                  fraction_evaluate=settings.fraction_evaluate)
+    algo = cfg.algorithm
+    clustering = ClusteringSpec(method=str(algo.clustering.method), max_distance=float(algo.clustering.max_distance),
+                                k=int(algo.clustering.k), seed=int(cfg.seed))
+    public = None
+    if algo.kd.enabled or clustering.needs_embeddings:
+        kd = DistillConfig(lr=float(algo.kd.lr), epochs=int(algo.kd.epochs), batch_size=int(algo.kd.batch_size))
+        public = PublicSteps(cfg.public.root, site_run_spec(cfg), kd, embed_batch=int(cfg.public.embed_batch))
+    return FedPav(
+        min_sites=settings.min_sites,
+        fraction_train=settings.fraction_train,
+        fraction_evaluate=settings.fraction_evaluate,
+        weighting=str(algo.weighting),
+        refine=public.refine if public is not None and algo.kd.enabled else None,
+        refine_every=int(algo.kd.every),
+        clustering=clustering,
+        embed=public.embed if public is not None and clustering.needs_embeddings else None,
+    )
 
 
 def initial_arrays(cfg: DictConfig) -> ArrayRecord:
@@ -63,15 +77,19 @@ def main(grid: Grid, context: Context) -> None:
         spec.model.backbone, spec.model.height, spec.model.width, settings.rounds, outputs.folder)
     started = time.time()
 
+    strategy = build_strategy(cfg)
+
     def on_round(server_round: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:
         outputs.append_round({**record, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                               "elapsed_s": time.time() - started})
-        outputs.save_checkpoint(arrays, server_round, spec.model, {"bn_stats": spec.bn_stats,
-                                                                    "algorithm": str(cfg.algorithm.name)})
+        extra = {"bn_stats": spec.bn_stats, "algorithm": str(cfg.algorithm.name)}
+        outputs.save_checkpoint(arrays, server_round, spec.model, extra)
+        if strategy.site_models:
+            outputs.save_site_models(strategy.site_models, server_round, spec.model, extra)
         if record.get("evaluate"):
             plot_site_metrics(outputs.rounds, outputs.folder / PLOT_FILE, title=f"{cfg.algorithm.name}")
 
-    runner = FederationRunner(grid, build_strategy(cfg), settings, ConfigRecord(spec.to_flat()), on_round)
+    runner = FederationRunner(grid, strategy, settings, ConfigRecord(spec.to_flat()), on_round)
     runner.run(initial_arrays(cfg))
     table = outputs.write_table(_site_info(outputs))
     log(INFO, "\n%s", table)

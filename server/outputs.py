@@ -3,6 +3,7 @@
 ``metrics.jsonl``  one JSON line per round (round 0 = the untrained model, when evaluated)
 ``results.md``     the final per-site table
 ``global_model.pt`` the latest global SHARED state with its round and model settings
+``site_models.pt`` with clustering: the model each site trains from next
 ``metrics.png``    Rank-1 and mAP per site over rounds
 ``config.yaml``    the composed configuration
 """
@@ -25,6 +26,7 @@ from reid.models import ModelSpec
 METRICS_FILE = "metrics.jsonl"
 TABLE_FILE = "results.md"
 CHECKPOINT_FILE = "global_model.pt"
+SITE_MODELS_FILE = "site_models.pt"
 PLOT_FILE = "metrics.png"
 CONFIG_FILE = "config.yaml"
 
@@ -54,14 +56,25 @@ class RunOutputs:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def save_checkpoint(self, arrays: ArrayRecord, server_round: int, spec: ModelSpec, extra: dict[str, Any]) -> Path:
-        """Write the global model atomically (temp file, then rename): a crash never leaves half a file."""
-        path = self.folder / CHECKPOINT_FILE
+    def _save_atomically(self, name: str, payload: dict[str, Any]) -> Path:
+        """torch.save to a temp file, then rename: a crash never leaves half a file."""
+        path = self.folder / name
         tmp = path.with_suffix(".tmp")
-        torch.save({"state_dict": arrays.to_torch_state_dict(), "round": server_round,
-                    "model": asdict(spec), **extra}, tmp)
+        torch.save(payload, tmp)
         tmp.replace(path)
         return path
+
+    def save_checkpoint(self, arrays: ArrayRecord, server_round: int, spec: ModelSpec, extra: dict[str, Any]) -> Path:
+        """The global model with its round and model settings."""
+        return self._save_atomically(CHECKPOINT_FILE, {"state_dict": arrays.to_torch_state_dict(),
+                                                       "round": server_round, "model": asdict(spec), **extra})
+
+    def save_site_models(self, models: dict[str, ArrayRecord], server_round: int, spec: ModelSpec,
+                         extra: dict[str, Any]) -> Path:
+        """The model each site trains from next (its cluster's), when sites do not share one."""
+        state = {site: arrays.to_torch_state_dict() for site, arrays in models.items()}
+        return self._save_atomically(SITE_MODELS_FILE, {"state_dicts": state, "round": server_round,
+                                                        "model": asdict(spec), **extra})
 
     def latest_evaluation(self) -> tuple[int, dict[str, dict[str, float]]] | None:
         """(round, per-site metrics) of the last evaluated round."""

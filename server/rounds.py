@@ -99,6 +99,8 @@ class FederationRunner:
             "sites": {name: {**m, "weight": self.strategy.last_train.accepted[name]}
                       for name, m in self.strategy.last_train.site_metrics.items()},
             "rejected": self.strategy.last_train.rejected,
+            "clusters": self.strategy.last_train.clusters or None,
+            "refined": self.strategy.last_train.refined,
             "aggregate": dict(metrics) if metrics else None,
             "bytes": result.totals(),
             "bytes_per_site": result.bytes_per_site,

@@ -23,6 +23,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from reid.data.public import generate_public_set
 from reid.data.synthetic import generate_sites, site_names
 
 log = logging.getLogger("fedreid.sim")
@@ -41,6 +42,7 @@ class SimulationRequest:
     sites: int
     sites_root: Path
     output_dir: Path
+    public_root: Path | None = None
     algorithm: str = "fedpav"
     profile: str = "demo"
     overrides: str = ""
@@ -59,6 +61,14 @@ def ensure_synthetic_sites(root: Path, sites: int, seed: int) -> None:
         return
     log.info("generating %d synthetic camera sites in %s (seed %d)", sites, root, seed)
     generate_sites(root, sites, seed, overwrite=True)
+
+
+def ensure_public_set(root: Path, seed: int) -> None:
+    """Generate the synthetic public image set (server-side KD and clustering) unless present."""
+    if (root / "train").is_dir() and any((root / "train").iterdir()):
+        return
+    log.info("generating the synthetic public image set in %s", root)
+    generate_public_set(root, seed, overwrite=True)
 
 
 def free_port() -> int:
@@ -140,10 +150,11 @@ class PrivateSuperLink:
 
 
 def _run_config(request: SimulationRequest) -> str:
+    public = f"public.root={request.public_root.resolve()}" if request.public_root else ""
     values = {
         "algorithm": request.algorithm,
         "profile": request.profile,
-        "overrides": " ".join(filter(None, [f"seed={request.seed}", request.overrides])),
+        "overrides": " ".join(filter(None, [f"seed={request.seed}", public, request.overrides])),
         "sites-root": str(request.sites_root.resolve()),
         "output-dir": str(request.output_dir.resolve()),
     }
@@ -185,6 +196,8 @@ def parse_args(argv: list[str] | None = None) -> SimulationRequest:
     parser.add_argument("--sites-root", type=Path, default=REPO_ROOT / "data" / "synthetic",
                         help="folder with one sub-folder per site; synthetic sites are generated here if missing")
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs", help="where run folders go")
+    parser.add_argument("--public-root", type=Path, default=REPO_ROOT / "data" / "synthetic-public",
+                        help="unlabeled images for server-side KD and clustering; generated here if missing")
     parser.add_argument("--algorithm", default="fedpav", help="conf/algorithm/<name>.yaml")
     parser.add_argument("--profile", default="demo", help="conf/profile/<name>.yaml (demo, test, none)")
     parser.add_argument("--overrides", default="", help='extra Hydra overrides, e.g. "federation.rounds=20"')
@@ -195,12 +208,14 @@ def parse_args(argv: list[str] | None = None) -> SimulationRequest:
     parser.add_argument("--flwr-home", type=Path, default=REPO_ROOT / ".flwr",
                         help="Flower's home for this simulation (config, installed app, SuperLink log)")
     args = parser.parse_args(argv)
-    request = SimulationRequest(
-        sites=args.sites, sites_root=args.sites_root, output_dir=args.output_dir, algorithm=args.algorithm,
-        profile=args.profile, overrides=args.overrides, seed=args.seed, cpus_per_site=args.cpus_per_site,
-        gpus_per_site=args.gpus_per_site, flwr_home=args.flwr_home.resolve())
     if not args.no_generate:
         ensure_synthetic_sites(args.sites_root, args.sites, args.seed)
+        ensure_public_set(args.public_root, args.seed)
+    request = SimulationRequest(
+        sites=args.sites, sites_root=args.sites_root, output_dir=args.output_dir,
+        public_root=args.public_root if args.public_root.is_dir() else None, algorithm=args.algorithm,
+        profile=args.profile, overrides=args.overrides, seed=args.seed, cpus_per_site=args.cpus_per_site,
+        gpus_per_site=args.gpus_per_site, flwr_home=args.flwr_home.resolve())
     return request
 
 

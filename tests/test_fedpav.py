@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from strategies.averaging import normalise_weights, weighted_average
-from strategies.fedpav import FedPav
+from strategies.fedpav import ClusteringSpec, FedPav
 
 
 
@@ -153,3 +153,69 @@ def test_the_average_does_not_depend_on_the_order_replies_arrive_in() -> None:
                    for i in order]
         results.append(strategy.aggregate_train(3, replies)[0]["layer.weight"].numpy())
     assert results[0].tobytes() == results[1].tobytes()
+
+
+def test_cdw_weights_are_the_normalised_cosine_distances_and_ignore_data_size() -> None:
+    strategy = FedPav(min_sites=2, weighting="cdw")
+    sent = _started(strategy, [1, 2])
+    replies = [
+        _reply(sent[0], _arrays([4, 0], 0), {"num-examples": 1000, "cdw-distance": 0.2}, "big"),
+        _reply(sent[1], _arrays([0, 8], 4), {"num-examples": 10, "cdw-distance": 0.6}, "small"),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert strategy.last_train.accepted == {"big": pytest.approx(0.25), "small": pytest.approx(0.75)}
+    np.testing.assert_allclose(arrays["layer.weight"].numpy(), [0.25 * 4, 0.75 * 8])
+    np.testing.assert_allclose(arrays["layer.bias"].numpy(), [3.0])
+
+
+def test_cdw_needs_the_distance_metric() -> None:
+    strategy = FedPav(min_sites=2, weighting="cdw")
+    sent = _started(strategy, [1, 2])
+    replies = [_reply(sent[0], _arrays([1, 1], 1), {"num-examples": 5, "cdw-distance": 0.5}, "ok"),
+               _reply(sent[1], _arrays([2, 2], 2), {"num-examples": 5}, "silent")]
+    strategy.aggregate_train(1, replies)
+    assert "'cdw-distance' missing" in strategy.last_train.rejected["silent"]
+    assert list(strategy.last_train.accepted) == ["ok"]
+
+
+def test_refinement_sees_the_aggregate_and_the_uploads_and_only_on_its_rounds() -> None:
+    calls = []
+
+    def refine(server_round: int, aggregated: ArrayRecord, uploads: list[ArrayRecord]) -> ArrayRecord:
+        calls.append((server_round, aggregated["layer.weight"].numpy().tolist(), len(uploads)))
+        return _arrays([9, 9], 9)
+
+    strategy = FedPav(min_sites=2, refine=refine, refine_every=2)
+    for server_round, expect in ((1, [1.0, 1.0]), (2, [9.0, 9.0])):
+        sent = _started(strategy, [1, 2])
+        replies = [_reply(sent[0], _arrays([0, 0], 0), {"num-examples": 1}, "a"),
+                   _reply(sent[1], _arrays([2, 2], 2), {"num-examples": 1}, "b")]
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        np.testing.assert_allclose(arrays["layer.weight"].numpy(), expect)
+    assert calls == [(2, [1.0, 1.0], 2)]
+
+
+def test_clusters_are_aggregated_apart_and_each_site_gets_its_own_clusters_model() -> None:
+    # each upload is recognised by its bias value; a* and b* point in clearly different directions
+    directions = {1.0: [1.0, 0.0, 0.0], 3.0: [0.98, 0.1, 0.0], 10.0: [0.0, 1.0, 0.1], 30.0: [0.0, 0.97, 0.0]}
+    strategy = FedPav(min_sites=4, clustering=ClusteringSpec(method="threshold", max_distance=0.5),
+                      embed=lambda ups: np.array([directions[float(u["layer.bias"].numpy()[0])] for u in ups]))
+    sent = {m.metadata.dst_node_id: m for m in _started(strategy, [1, 2, 3, 4])}
+    sites = {1: ("a1", 1.0), 2: ("a2", 3.0), 3: ("b1", 10.0), 4: ("b2", 30.0)}
+    replies = [_reply(sent[n], _arrays([v, v], v), {"num-examples": 1}, name) for n, (name, v) in sites.items()]
+    global_arrays, _ = strategy.aggregate_train(3, replies)
+    assert strategy.last_train.clusters == [["a1", "a2"], ["b1", "b2"]]
+    np.testing.assert_allclose(global_arrays["layer.weight"].numpy(), [11.0, 11.0])  # all four, equal weights
+    following = strategy.configure_train(4, global_arrays, ConfigRecord(), NodeList([1, 2, 3, 4]))
+    received = {m.metadata.dst_node_id: float(m.content["arrays"]["layer.weight"].numpy()[0]) for m in following}
+    assert received == {1: 2.0, 2: 2.0, 3: 20.0, 4: 20.0}
+    assert float(strategy.site_models["b2"]["layer.bias"].numpy()[0]) == 20.0
+
+
+def test_singletons_give_every_site_back_its_own_model() -> None:
+    strategy = FedPav(min_sites=2, clustering=ClusteringSpec(method="singletons"))
+    sent = {m.metadata.dst_node_id: m for m in _started(strategy, [1, 2])}
+    strategy.aggregate_train(1, [_reply(sent[1], _arrays([1, 1], 1), {"num-examples": 9}, "x"),
+                                 _reply(sent[2], _arrays([5, 5], 5), {"num-examples": 1}, "y")])
+    following = strategy.configure_evaluate(1, _arrays([0, 0], 0), ConfigRecord(), NodeList([1, 2]))
+    assert {m.metadata.dst_node_id: float(m.content["arrays"]["layer.bias"].numpy()[0]) for m in following} == {1: 1.0, 2: 5.0}

@@ -57,6 +57,7 @@ class SiteStyle:
     lookalike_share: float = 0.4  # share of people who dress like an earlier person, bar one or two items
     num_distractors: int = 10
     num_junk: int = 4
+    infrared: bool = False  # night-time infrared cameras: grey images, colour cues gone
 
 
 DEFAULT_STYLES = (
@@ -159,6 +160,7 @@ class Camera:
     tiles: int
     view_probs: tuple[float, float, float]
     light_slope: float
+    infrared: bool = False
 
 
 def make_camera(rng: np.random.Generator, style: SiteStyle) -> Camera:
@@ -182,6 +184,7 @@ def make_camera(rng: np.random.Generator, style: SiteStyle) -> Camera:
         tiles=int(rng.integers(0, 4)),
         view_probs=tuple(float(v) for v in views),  # type: ignore[arg-type]
         light_slope=rng.uniform(-0.25, 0.25),
+        infrared=style.infrared,
     )
 
 
@@ -329,6 +332,8 @@ def _apply_camera(image: Image.Image, rng: np.random.Generator, cam: Camera) -> 
     ramp = 1 + cam.light_slope * np.linspace(-1, 1, OUT_WIDTH, dtype=np.float32)[None, :, None]
     gain = cam.gain * rng.uniform(0.92, 1.08)
     pixels = np.clip(pixels * gain * np.asarray(cam.cast, np.float32) * ramp, 0, 1) ** cam.gamma
+    if cam.infrared:
+        pixels = np.repeat(pixels @ np.array([[0.299], [0.587], [0.114]], np.float32), 3, axis=2)
     pixels = pixels + rng.normal(0, cam.noise, pixels.shape).astype(np.float32)
     return Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
 
