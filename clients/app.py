@@ -84,6 +84,7 @@ def train(msg: Message, context: Context) -> Message:
     probe = fixed_batch(ImageDataset.for_training(data, test_transform(spec.model.height, spec.model.width)),
                         PROBE_BATCH, seed=stable_seed(spec.seed, location.name, server_round, "probe"))
     before = eval_logits(model, probe, device)  # received backbone with this site's previous head
+    torch.manual_seed(stable_seed(spec.seed, location.name, server_round, "train"))  # augmentation, dropout
     stats = train_local(model, dataset, spec.train, device, seed=stable_seed(spec.seed, location.name, server_round),
                         label=f"[{location.name} round {server_round}]")
     cdw = cosine_logit_distance(before, eval_logits(model, probe, device))

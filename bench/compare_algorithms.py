@@ -1,0 +1,157 @@
+"""Compare every FedReID preset with the `local` and `central` baselines on the same synthetic sites.
+
+Same sites, seed, rounds and local epochs for all. Federated presets and `local` run through
+`fedreid-sim` (real Flower simulations); `central` trains one model on the union of all sites'
+training images with the same training code, outside Flower, and is evaluated on each site's own
+query/gallery at the same rounds. Writes a Markdown table (per-site Rank-1/mAP, means, upload bytes
+per round) and a PNG of mean mAP over rounds per method.
+
+    python bench/compare_algorithms.py                 # demo profile: 20 rounds, 3 sites
+    python bench/compare_algorithms.py --methods fedpav local central
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from reid.data.dataset import ImageDataset, load_reid_data  # noqa: E402
+from reid.data.layout import Sample  # noqa: E402
+from reid.data.transforms import train_transform  # noqa: E402
+from reid.device import pick_device  # noqa: E402
+from reid.evaluate import evaluate_model  # noqa: E402
+from reid.models import build_model, load_shared_state, shared_state  # noqa: E402
+from reid.seeding import stable_seed  # noqa: E402
+from reid.train import train_local  # noqa: E402
+from server import simulate  # noqa: E402
+from server.config import compose_config, federation_settings, site_run_spec  # noqa: E402
+
+METHODS = ["fedpav", "fedpav_cdw", "fedpav_kd", "fedpav_cdw_kd", "fedpav_cluster", "local", "central"]
+
+
+def run_federated(method: str, args: argparse.Namespace, out: Path) -> list[dict]:
+    """One fedreid-sim run; returns its metrics.jsonl lines."""
+    run_dir = out / "runs" / method
+    argv = ["--algorithm", method, "--profile", args.profile, "--seed", str(args.seed), "--sites", str(args.sites),
+            "--sites-root", str(args.sites_root), "--public-root", str(args.public_root),
+            "--output-dir", str(run_dir), "--flwr-home", str(out / "flwr-home")]
+    if args.overrides:
+        argv += ["--overrides", args.overrides]
+    if simulate.main(argv) != 0:
+        raise RuntimeError(f"{method} failed; see the log above")
+    folder = sorted(run_dir.iterdir())[-1]
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_central(args: argparse.Namespace) -> list[dict]:
+    """One model on the union of all sites' training images, evaluated per site at the eval rounds."""
+    cfg = compose_config({"profile": args.profile, "overrides": f"seed={args.seed} {args.overrides}"})
+    spec, settings = site_run_spec(cfg), federation_settings(cfg)
+    device = pick_device()
+    sites = [load_reid_data(p) for p in sorted(args.sites_root.iterdir()) if p.is_dir()][: args.sites]
+    labels = {(d.name, pid): i for i, (d, pid) in enumerate((d, pid) for d in sites for pid in d.train_pids)}
+    samples: list[Sample] = [s for d in sites for s in d.train]
+    targets = [labels[(d.name, s.pid)] for d in sites for s in d.train]
+    union = ImageDataset(samples, train_transform(spec.augment, spec.model.height, spec.model.width), targets)
+    torch.manual_seed(spec.seed)
+    start_state = shared_state(build_model(spec.model), spec.bn_stats)  # the federated runs' initial model
+    model = build_model(spec.model, num_classes=len(labels))
+    load_shared_state(model, {k: v.clone() for k, v in start_state.items()}, spec.bn_stats)
+    lines = []
+    for server_round in range(1, settings.rounds + 1):
+        stats = train_local(model, union, spec.train, device, seed=stable_seed(spec.seed, "central", server_round))
+        line: dict = {"round": server_round, "train": {"bytes": {"received": 0}}, "evaluate": None}
+        if settings.evaluates_after(server_round):
+            per_site = {}
+            for data in sites:
+                result = evaluate_model(model, data, device, spec.eval_batch_size)
+                per_site[data.name] = {"rank1": result.rank(1), "mAP": result.mAP}
+            mean = {k: sum(m[k] for m in per_site.values()) / len(per_site) for k in ("rank1", "mAP")}
+            line["evaluate"] = {"sites": per_site, "mean": mean}
+            print(f"central round {server_round}: loss {stats.loss:.3f}, mean mAP {100 * mean['mAP']:.1f}", flush=True)
+        lines.append(line)
+    return lines
+
+
+def summarise(method: str, lines: list[dict]) -> dict:
+    evaluated = [line for line in lines if line.get("evaluate") and line["round"] > 0]
+    final = evaluated[-1]["evaluate"]
+    uploads = [line["train"]["bytes"]["received"] for line in lines if line.get("train")]
+    last3 = [line["evaluate"]["mean"]["mAP"] for line in evaluated[-3:]]
+    return {"method": method, "sites": final["sites"], "mean": final["mean"], "last3_mAP": sum(last3) / len(last3),
+            "upload_mb": sum(uploads) / len(uploads) / 1e6,
+            "curve": [(line["round"], line["evaluate"]["mean"]["mAP"]) for line in lines if line.get("evaluate")]}
+
+
+def table(results: list[dict], caption: str) -> str:
+    sites = sorted(results[0]["sites"])
+    head = "| method | " + " | ".join(f"{s} R1 / mAP" for s in sites) + \
+        " | mean R1 | mean mAP | mean mAP, last 3 evals | upload MB / round |"
+    lines = [caption, "", head, "|---|" + "---:|" * (len(sites) + 4)]
+    for r in results:
+        cells = " | ".join(f"{100 * r['sites'][s]['rank1']:.1f} / {100 * r['sites'][s]['mAP']:.1f}" for s in sites)
+        upload = "0 (outside Flower)" if r["method"] == "central" else f"{r['upload_mb']:.1f}"
+        lines.append(f"| {r['method']} | {cells} | {100 * r['mean']['rank1']:.1f} | {100 * r['mean']['mAP']:.1f} "
+                     f"| {100 * r['last3_mAP']:.1f} | {upload} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        axis.plot(*zip(*[(x, 100 * y) for x, y in r["curve"]]), marker="o", label=r["method"])
+    axis.set_xlabel("round")
+    axis.set_ylabel("mean mAP over sites (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--sites-root", type=Path, default=REPO / "data" / "synthetic")
+    parser.add_argument("--public-root", type=Path, default=REPO / "data" / "synthetic-public")
+    parser.add_argument("--profile", default="demo")
+    parser.add_argument("--overrides", default="")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    args.sites_root, args.public_root = args.sites_root.resolve(), args.public_root.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    simulate.ensure_synthetic_sites(args.sites_root, args.sites, args.seed)
+    simulate.ensure_public_set(args.public_root, args.seed)
+    results = []
+    for method in args.methods:
+        start = time.perf_counter()
+        lines = run_central(args) if method == "central" else run_federated(method, args, args.out)
+        results.append(summarise(method, lines))
+        print(f"== {method}: {time.perf_counter() - start:.0f} s, final mean mAP "
+              f"{100 * results[-1]['mean']['mAP']:.1f}", flush=True)
+    cfg = compose_config({"profile": args.profile, "overrides": args.overrides})
+    caption = (f"Synthetic sites (seed {args.seed}), profile `{args.profile}`: {cfg.model.backbone} at "
+               f"{cfg.model.height}x{cfg.model.width}, {cfg.federation.rounds} rounds x {cfg.train.local_epochs} "
+               f"local epoch(s); Rank-1 / mAP (%) after the last round.")
+    text = table(results, caption)
+    (args.out / "compare_algorithms.md").write_text(text)
+    plot(results, args.out / "compare_algorithms.png")
+    print("\n" + text)
+    print(f"written: {args.out / 'compare_algorithms.md'}, {args.out / 'compare_algorithms.png'}")
+
+
+if __name__ == "__main__":
+    main()
