@@ -1,8 +1,9 @@
-"""The ClientApp a camera site runs: local FedPav training and on-site evaluation.
+"""The ClientApp a camera site runs: local training (FedPav / FedReID / FedKLPR) and on-site evaluation.
 
-What leaves the site: the SHARED arrays of its model, a few numbers (image count, loss, timings,
-Rank-k/mAP) and its name. What stays: images, the identity classifier and, under the FedBN-style
-policy, BatchNorm running statistics; those live in ``context.state`` between rounds.
+What leaves the site: the SHARED arrays of its model (pruned tensors in the sparse encoding), a
+few numbers (image count, loss, timings, model-change measures, Rank-k/mAP) and its name. What
+stays: images, the identity classifier, under the FedBN-style policy the BatchNorm running
+statistics, and the pruning masks; those live in ``context.state`` between rounds.
 """
 
 from __future__ import annotations
@@ -14,19 +15,31 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.prune_state import load_prune_state, save_prune_state
 from clients.site import SiteLocation, load_site, locate_site
 from reid.config import SiteRunSpec
 from reid.data.dataset import ImageDataset, ReIDData
 from reid.data.transforms import test_transform, train_transform
 from reid.device import pick_device
-from reid.divergence import cosine_logit_distance, eval_logits, fixed_batch
+from reid.divergence import (
+    accuracy,
+    cosine_logit_distance,
+    eval_features,
+    eval_logits,
+    feature_kl,
+    fixed_batch,
+    kl_regulariser,
+)
 from reid.evaluate import evaluate_model
 from reid.models import ReIDNet, build_model, load_shared_state, split_state
+from reid.pruning import PruneState, apply_masks, cross_round_check, kept_fraction, prune_step
 from reid.seeding import stable_seed
 from reid.train import train_local
+from strategies.sparse_records import decode_record, encode_record  # the wire format (pure NumPy)
 
 LOCAL_STATE_KEY = "local-state"  # classifier head (+ BN statistics under bn_stats=local)
-PROBE_BATCH = 32  # images of the fixed per-round batch on which the model's change (CDW) is measured
+PROBE_BATCH = 32  # images of the fixed per-round batch on which the model's change (CDW, KL) is measured
+VALIDATION_BATCH = 256  # images of the fixed batch whose accuracy is Cross-Round Recovery's signal (noise ~0.03)
 log = logging.getLogger("clients")
 
 
@@ -71,26 +84,58 @@ def _site_record(location: SiteLocation) -> ConfigRecord:
     return ConfigRecord({"name": location.name})
 
 
+def _load_received(model: ReIDNet, msg: Message, bn_stats: str) -> dict[str, torch.Tensor]:
+    """Decode the received global arrays (dense or sparse-encoded) into ``model``; return them."""
+    expected = split_state(model.state_dict(), bn_stats)[0]
+    record = msg.content["arrays"]
+    shapes = {k: tuple(expected[k].shape) for k in record.keys() if k in expected}
+    received = {k: torch.from_numpy(t.values) for k, t in decode_record(record, shapes).items()}
+    received.update({k: torch.from_numpy(record[k].numpy()) for k in record.keys() if k not in expected})
+    load_shared_state(model, received, bn_stats)  # refuses unexpected or missing keys
+    return received
+
+
+def _prune(model: ReIDNet, prune: PruneState, spec: SiteRunSpec, signal: float, server_round: int,
+           received: dict[str, torch.Tensor], site: str) -> None:
+    """Cross-Round Recovery check of the last pruning step, then the scheduled pruning step."""
+    reopened = cross_round_check(prune, signal, server_round, spec.crr, site)
+    if reopened:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for key, positions in reopened.items():  # re-opened weights start from the global model
+                params[key][positions.to(params[key].device)] = received[key].to(params[key].device)[positions]
+    shared = split_state(model.state_dict(), spec.bn_stats)[0]
+    if prune_step(prune, shared, signal, server_round, spec.pruning):
+        apply_masks(model, prune.masks)
+        log.info("%s round %d: pruned to ratio %.2f", site, server_round, prune.ratio)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Load the global SHARED arrays and this site's head, train locally, send back SHARED arrays."""
+    """Load the global SHARED arrays and this site's head, train locally, send back SHARED arrays
+    (pruned ones in the sparse encoding)."""
     spec, location, data, device = _prepare(msg, context)
-    server_round = int(msg.content["config"]["server-round"])
-    torch.manual_seed(stable_seed(spec.seed, location.name))  # a fresh head is the same in every run
+    site, server_round = location.name, int(msg.content["config"]["server-round"])
+    torch.manual_seed(stable_seed(spec.seed, site))  # a fresh head is the same in every run
     model = build_model(spec.model, num_classes=data.num_train_ids)
-    load_shared_state(model, msg.content["arrays"].to_torch_state_dict(), spec.bn_stats)
-    _restore_local_state(model, context, location.name)
+    received = _load_received(model, msg, spec.bn_stats)
+    _restore_local_state(model, context, site)
+    prune = load_prune_state(context.state) if spec.pruning.enabled else PruneState()
+    if prune.masks:
+        apply_masks(model, prune.masks)
     dataset = ImageDataset.for_training(data, train_transform(spec.augment, spec.model.height, spec.model.width))
-    probe = fixed_batch(ImageDataset.for_training(data, test_transform(spec.model.height, spec.model.width)),
-                        PROBE_BATCH, seed=stable_seed(spec.seed, location.name, server_round, "probe"))
+    plain = ImageDataset.for_training(data, test_transform(spec.model.height, spec.model.width))
+    probe, _ = fixed_batch(plain, PROBE_BATCH, seed=stable_seed(spec.seed, site, server_round, "probe"))
     before = eval_logits(model, probe, device)  # received backbone with this site's previous head
-    torch.manual_seed(stable_seed(spec.seed, location.name, server_round, "train"))  # augmentation, dropout
-    stats = train_local(model, dataset, spec.train, device, seed=stable_seed(spec.seed, location.name, server_round),
-                        label=f"[{location.name} round {server_round}]")
-    cdw = cosine_logit_distance(before, eval_logits(model, probe, device))
-    shared, local = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, spec.bn_stats)
-    context.state[LOCAL_STATE_KEY] = ArrayRecord(local)
-    metrics = MetricRecord({
+    before_features = eval_features(model, probe, device)
+    regulariser = kl_regulariser(model, spec.kll) if spec.kll.enabled and server_round >= spec.kll.start_round else None
+    torch.manual_seed(stable_seed(spec.seed, site, server_round, "train"))  # augmentation, dropout
+    stats = train_local(model, dataset, spec.train, device, seed=stable_seed(spec.seed, site, server_round),
+                        extra_loss=regulariser,
+                        after_step=(lambda: apply_masks(model, prune.masks)) if prune.masks else None,
+                        label=f"[{site} round {server_round}]")
+    after = eval_logits(model, probe, device)
+    metrics = {
         "num-examples": len(dataset),
         "num-identities": data.num_train_ids,
         "train-loss": stats.loss,
@@ -98,9 +143,22 @@ def train(msg: Message, context: Context) -> Message:
         "train-seconds": stats.seconds,
         "images-per-second": stats.images_per_second,
         "corrupt-images": data.num_corrupt,
-        "cdw-distance": cdw,
-    })
-    content = RecordDict({"arrays": ArrayRecord(shared), "metrics": metrics, "site": _site_record(location)})
+        "cdw-distance": cosine_logit_distance(before, after),
+        "kl-divergence": feature_kl(before_features, eval_features(model, probe, device)),
+    }
+    if spec.pruning.enabled:
+        images, targets = fixed_batch(plain, VALIDATION_BATCH, seed=stable_seed(spec.seed, site, "validation"))
+        signal = accuracy(eval_logits(model, images, device), targets)
+        _prune(model, prune, spec, signal, server_round, received, site)
+        save_prune_state(context.state, prune)
+        metrics.update({"validation-accuracy": signal, "pruning-ratio": prune.ratio,
+                        "crr-recoveries": prune.recoveries})
+    metrics["kept-fraction"] = kept_fraction(prune.masks)
+    shared, local = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, spec.bn_stats)
+    context.state[LOCAL_STATE_KEY] = ArrayRecord(local)
+    arrays = encode_record({k: v.numpy() for k, v in shared.items()}, {k: m.numpy() for k, m in prune.masks.items()},
+                           spec.pruning.value_dtype)
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "site": _site_record(location)})
     return Message(content=content, reply_to=msg)
 
 
@@ -109,7 +167,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Rank this site's gallery for its own queries with the global backbone; only numbers leave."""
     spec, location, data, device = _prepare(msg, context)
     model = build_model(spec.model, num_classes=0)
-    load_shared_state(model, msg.content["arrays"].to_torch_state_dict(), spec.bn_stats)
+    _load_received(model, msg, spec.bn_stats)
     _restore_local_state(model, context, location.name)
     result = evaluate_model(model, data, device, spec.eval_batch_size, spec.train.num_workers)
     log.info("[%s] Rank-1 %.3f mAP %.3f over %d queries", location.name, result.rank(1), result.mAP,

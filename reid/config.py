@@ -10,7 +10,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from reid.data.transforms import AugmentSpec
+from reid.divergence import KLLConfig
 from reid.models import BN_STATS_POLICIES, ModelSpec
+from reid.pruning import CRRConfig, PruningConfig
 from reid.train import TrainConfig
 
 Scalar = int | float | str | bool
@@ -24,6 +26,9 @@ class SiteRunSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+    kll: KLLConfig = field(default_factory=KLLConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    crr: CRRConfig = field(default_factory=CRRConfig)
     bn_stats: str = "local"
     seed: int = 0
     verify_images: bool = True
@@ -61,4 +66,5 @@ class SiteRunSpec:
         return cls(**sections, **top)
 
 
-_SECTIONS: dict[str, type] = {"model": ModelSpec, "train": TrainConfig, "augment": AugmentSpec}
+_SECTIONS: dict[str, type] = {"model": ModelSpec, "train": TrainConfig, "augment": AugmentSpec, "kll": KLLConfig,
+                              "pruning": PruningConfig, "crr": CRRConfig}

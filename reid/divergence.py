@@ -1,4 +1,4 @@
-"""How far a site's model moved in one round, measured on a batch of its own images.
+"""How far a site's model moved in one round, and FedKLPR's KL regulariser.
 
 ``cosine_logit_distance`` is FedReID's Cosine Distance Weight (CDW): the mean over a batch of
 1 - cos(logits of the received global model with the site's previous head, logits of the trained
@@ -11,6 +11,10 @@ statistics make it noisy; here it is computed in eval mode on a batch fixed per 
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -19,11 +23,12 @@ from torch.utils.data import Dataset
 from reid.models import ReIDNet
 
 
-def fixed_batch(dataset: Dataset, size: int, seed: int) -> torch.Tensor:
-    """``size`` images of ``dataset`` chosen by ``seed`` (without replacement), stacked."""
+def fixed_batch(dataset: Dataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, targets) of ``size`` samples of ``dataset`` chosen by ``seed`` (without replacement)."""
     rng = np.random.default_rng(seed)
-    indices = rng.choice(len(dataset), size=min(size, len(dataset)), replace=False)
-    return torch.stack([dataset[int(i)][0] for i in sorted(indices)])
+    indices = sorted(int(i) for i in rng.choice(len(dataset), size=min(size, len(dataset)), replace=False))
+    items = [dataset[i] for i in indices]
+    return torch.stack([item[0] for item in items]), torch.tensor([item[1] for item in items])
 
 
 @torch.no_grad()
@@ -33,6 +38,68 @@ def eval_logits(model: ReIDNet, images: torch.Tensor, device: torch.device) -> t
     return model(images.to(device)).float().cpu()
 
 
+def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Share of rows whose arg-max is the target."""
+    return float((logits.argmax(dim=1) == targets).float().mean())
+
+
 def cosine_logit_distance(before: torch.Tensor, after: torch.Tensor) -> float:
     """mean_x [1 - cos(before(x), after(x))]; in [0, 2]."""
     return float((1.0 - F.cosine_similarity(before, after, dim=1)).mean())
+
+
+FEATURE_TAU = 0.1  # temperature of the softmax over the 512 L2-normalised feature dimensions (KLAW)
+
+
+@torch.no_grad()
+def eval_features(model: ReIDNet, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """L2-normalised bottleneck features in eval mode, on the CPU."""
+    model.to(device).eval()
+    return F.normalize(model.features(images.to(device)).float(), dim=1).cpu()
+
+
+def feature_kl(reference: torch.Tensor, features: torch.Tensor, tau: float = FEATURE_TAU) -> float:
+    """KL(softmax(reference/tau) || softmax(features/tau)) over feature dimensions, batch mean.
+
+    FedKLPR's KLAW: how far a site's model moved from the global one, on features rather than
+    logits, because features are shared by every site while heads (and their sizes) are not; a
+    logit-based value grows with a site's number of identities and would swamp the weights.
+    """
+    return float(F.kl_div(F.log_softmax(features / tau, dim=1), F.log_softmax(reference / tau, dim=1),
+                          log_target=True, reduction="batchmean"))
+
+
+def softened_kl(reference_logits: torch.Tensor, logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """tau^2 KL(softmax(reference/tau) || softmax(logits/tau)), averaged over the batch (Hinton scaling)."""
+    return F.kl_div(F.log_softmax(logits / tau, dim=1), F.log_softmax(reference_logits / tau, dim=1),
+                    log_target=True, reduction="batchmean") * tau * tau
+
+
+@dataclass(frozen=True)
+class KLLConfig:
+    """FedKLPR's KL regularisation: loss += weight * softened_kl(global model, local model) at tau.
+
+    Head pairing: the "global" side is the received global backbone with the site's previous head
+    (a frozen copy taken before local training, in eval mode); the local side is the model being
+    trained with its current head. Both see the same augmented batch of local images. In the first
+    rounds the previous head is untrained, so the term starts at ``start_round``.
+    """
+
+    enabled: bool = False
+    weight: float = 0.5
+    tau: float = 2.0
+    start_round: int = 2
+
+
+def kl_regulariser(model: ReIDNet, cfg: KLLConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """An extra-loss hook for ``train_local``: freezes a copy of ``model`` as it is now."""
+    reference = copy.deepcopy(model).eval()
+    for parameter in reference.parameters():
+        parameter.requires_grad_(False)
+
+    def loss(images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            reference_logits = reference(images)
+        return cfg.weight * softened_kl(reference_logits.float(), logits.float(), cfg.tau)
+
+    return loss

@@ -87,9 +87,13 @@ def train_local(
     device: torch.device,
     seed: int = 0,
     extra_loss: ExtraLoss | None = None,
+    after_step: Callable[[], None] | None = None,
     label: str = "",
 ) -> TrainStats:
-    """Train ``model`` in place for ``cfg.local_epochs`` epochs; logs progress about five times an epoch."""
+    """Train ``model`` in place for ``cfg.local_epochs`` epochs; logs progress about five times an epoch.
+
+    ``extra_loss(images, logits)`` is added to the cross-entropy; ``after_step()`` runs after every
+    optimiser step."""
     if model.classifier is None:
         raise ValueError("train_local needs a model with an identity classifier")
     model.to(device).train()
@@ -115,6 +119,8 @@ def train_local(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if after_step is not None:  # e.g. re-apply pruning masks, so pruned weights stay zero
+                after_step()
             total_loss += loss.item() * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)

@@ -21,6 +21,7 @@ from server.plots import plot_site_metrics
 from server.public_steps import PublicSteps
 from server.rounds import FederationRunner
 from strategies.fedpav import ClusteringSpec, FedPav
+from strategies.weighting import KLPWASpec
 
 app = ServerApp()
 
@@ -35,6 +36,9 @@ def build_strategy(cfg: DictConfig) -> FedPav:
     if algo.kd.enabled or clustering.needs_embeddings:
         kd = DistillConfig(lr=float(algo.kd.lr), epochs=int(algo.kd.epochs), batch_size=int(algo.kd.batch_size))
         public = PublicSteps(cfg.public.root, site_run_spec(cfg), kd, embed_batch=int(cfg.public.embed_batch))
+    def mode(value: object) -> str:  # YAML reads an unquoted `off` as False
+        return "off" if value is False else str(value)
+
     return FedPav(
         min_sites=settings.min_sites,
         fraction_train=settings.fraction_train,
@@ -44,6 +48,8 @@ def build_strategy(cfg: DictConfig) -> FedPav:
         refine_every=int(algo.kd.every),
         clustering=clustering,
         embed=public.embed if public is not None and clustering.needs_embeddings else None,
+        klpwa=KLPWASpec(klaw=mode(algo.klpwa.klaw), praw=mode(algo.klpwa.praw)),
+        sparse_downlink=bool(algo.sparse_downlink),
     )
 
 

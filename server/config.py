@@ -25,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 import conf
 from reid.config import SiteRunSpec
 from reid.data.transforms import AugmentSpec
+from reid.divergence import KLLConfig
 from reid.models import ModelSpec
+from reid.pruning import CRRConfig, PruningConfig
 from reid.train import TrainConfig
 
 CONF_DIR = Path(conf.__file__).resolve().parent
@@ -65,6 +67,9 @@ def site_run_spec(cfg: DictConfig) -> SiteRunSpec:
         model=ModelSpec(**_section(cfg, "model", drop=("pretrained",))),
         train=TrainConfig(**_section(cfg, "train")),
         augment=AugmentSpec(**_section(cfg, "augment")),
+        kll=KLLConfig(**_section(cfg.algorithm, "kll")),
+        pruning=PruningConfig(**_section(cfg.algorithm, "pruning")),
+        crr=CRRConfig(**_section(cfg.algorithm, "crr")),
         bn_stats=str(cfg.algorithm.bn_stats),
         seed=int(cfg.seed),
         verify_images=bool(cfg.data.verify_images),

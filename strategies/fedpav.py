@@ -30,8 +30,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from strategies.averaging import normalise_weights, weighted_average
+from strategies.averaging import masked_weighted_average, normalise_weights
 from strategies.clustering import CLUSTER_METHODS, cluster_sites, named_partition
+from strategies.sparse_records import Tensor, dense_record, encode_record
 from strategies.validation import (
     ARRAYS_KEY,
     METRICS_KEY,
@@ -41,11 +42,14 @@ from strategies.validation import (
     check_train_reply,
     expected_specs,
 )
+from strategies.weighting import WEIGHTINGS, KLPWASpec, klpwa_weights
 
 NUM_EXAMPLES = "num-examples"
 CDW_DISTANCE = "cdw-distance"
+KL_DIVERGENCE = "kl-divergence"
+KEPT_FRACTION = "kept-fraction"
 EVAL_METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
-WEIGHTINGS = ("size", "cdw")
+REQUIRED_METRICS = {"size": (), "cdw": (CDW_DISTANCE,), "klpwa": (KL_DIVERGENCE, KEPT_FRACTION)}
 
 Refiner = Callable[[int, ArrayRecord, list[ArrayRecord]], ArrayRecord]
 """(round, aggregated arrays, the uploads aggregated into it) -> refined arrays."""
@@ -90,13 +94,33 @@ class RoundLog:
     refined: bool = False
 
 
-def screen(replies: Iterable[Message], check: Callable[[Message], str | None]) -> tuple[list[Message], dict[str, str]]:
-    """Split replies into acceptable ones and {site: reason} for the rest, logging each rejection."""
+@dataclass(frozen=True)
+class Upload:
+    """An accepted training reply: who sent it, the message, and its decoded tensors."""
+
+    site: str
+    message: Message
+    tensors: dict[str, Tensor]
+
+    @property
+    def node(self) -> int:
+        return self.message.metadata.src_node_id
+
+    @property
+    def arrays(self) -> ArrayRecord:
+        """The tensors as a dense ArrayRecord (what server-side model steps load)."""
+        return dense_record(self.tensors)
+
+
+def screen(replies: Iterable[Message], check: Callable[[Message], tuple[object, str | None]]
+           ) -> tuple[list[tuple[Message, object]], dict[str, str]]:
+    """Split replies into (message, checked payload) pairs and {site: reason} for the rest, logging
+    each rejection."""
     accepted, rejected = [], {}
     for message in replies:
-        reason = check(message)
+        payload, reason = check(message)
         if reason is None:
-            accepted.append(message)
+            accepted.append((message, payload))
         else:
             name = site_name(message)
             rejected[name] = reason
@@ -109,9 +133,9 @@ def metric_dict(message: Message) -> dict[str, float]:
     return {k: float(v) for k, v in message.content[METRICS_KEY].items() if not isinstance(v, list)}
 
 
-def _average(replies: list[Message], weights: np.ndarray) -> ArrayRecord:
-    updates = [{k: a.numpy() for k, a in m.content[ARRAYS_KEY].items()} for m in replies]
-    return ArrayRecord({k: Array(v) for k, v in weighted_average(updates, weights).items()})
+def _average(uploads: list[Upload], weights: np.ndarray) -> ArrayRecord:
+    averaged = masked_weighted_average([u.tensors for u in uploads], weights)
+    return ArrayRecord({k: Array(v) for k, v in averaged.items()})
 
 
 class FedPav(FedAvg):
@@ -132,6 +156,8 @@ class FedPav(FedAvg):
         refine_every: int = 1,
         clustering: ClusteringSpec | None = None,
         embed: Embedder | None = None,
+        klpwa: KLPWASpec | None = None,
+        sparse_downlink: bool = False,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -150,7 +176,9 @@ class FedPav(FedAvg):
         if self.clustering.needs_embeddings and embed is None:
             raise ValueError(f"{self.clustering.method} clustering needs an embedder (public images on the server)")
         self.embed = embed
-        self.required_train_metrics = (CDW_DISTANCE,) if weighting == "cdw" else ()
+        self.klpwa = klpwa or KLPWASpec()
+        self.sparse_downlink = sparse_downlink
+        self.required_train_metrics = REQUIRED_METRICS[weighting]
         self._expected: dict[str, ArraySpec] = {}
         self.node_models: dict[int, ArrayRecord] = {}  # per-node models when clustering
         self.site_models: dict[str, ArrayRecord] = {}  # the same, by site name (for checkpoints)
@@ -160,13 +188,22 @@ class FedPav(FedAvg):
 
     # ----- sending -----------------------------------------------------------------------------
 
+    def _outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The arrays as they travel: pruned (zero-holding) tensors encoded when that is smaller."""
+        if not self.sparse_downlink:
+            return arrays
+        return encode_record({k: a.numpy() for k, a in arrays.items()}, sparse_zeros=True)
+
     def _personalise(self, messages: Iterable[Message]) -> list[Message]:
-        """Give each site its cluster's model instead of the global one, when it has one."""
-        out = []
+        """Give each site its cluster's model (when it has one), in its travelling form."""
+        out, encoded = [], {}
         for message in messages:
             node = message.metadata.dst_node_id
-            if node in self.node_models:
-                content = RecordDict({self.arrayrecord_key: self.node_models[node],
+            arrays = self.node_models.get(node, message.content[self.arrayrecord_key])
+            if id(arrays) not in encoded:
+                encoded[id(arrays)] = self._outgoing(arrays)
+            if encoded[id(arrays)] is not message.content[self.arrayrecord_key]:
+                content = RecordDict({self.arrayrecord_key: encoded[id(arrays)],
                                       self.configrecord_key: message.content[self.configrecord_key]})
                 message = Message(content=content, dst_node_id=node, message_type=message.metadata.message_type)
             out.append(message)
@@ -185,24 +222,29 @@ class FedPav(FedAvg):
 
     # ----- aggregating -------------------------------------------------------------------------
 
-    def aggregation_weights(self, replies: list[Message]) -> np.ndarray:
-        """Training-set sizes (FedPav) or reported cosine distances (CDW), not yet normalised."""
-        key = NUM_EXAMPLES if self.weighting == "size" else CDW_DISTANCE
-        weights = np.array([float(m.content[METRICS_KEY][key]) for m in replies])
-        if self.weighting == "cdw" and not (weights > 0).any():
+    def aggregation_weights(self, uploads: list[Upload]) -> np.ndarray:
+        """Training-set sizes (FedPav), cosine distances (CDW) or KLAW x PRAW (KLPWA), not yet normalised."""
+        def metric(key: str) -> np.ndarray:
+            return np.array([float(u.message.content[METRICS_KEY][key]) for u in uploads])
+
+        if self.weighting == "klpwa":
+            return klpwa_weights(metric(KL_DIVERGENCE), metric(KEPT_FRACTION), self.klpwa)
+        if self.weighting == "cdw":
+            weights = metric(CDW_DISTANCE)
+            if (weights > 0).any():
+                return weights
             log(WARNING, "every site reported a zero cosine distance; weighting by training-set size instead")
-            return np.array([float(m.content[METRICS_KEY][NUM_EXAMPLES]) for m in replies])
-        return weights
+        return metric(NUM_EXAMPLES)
 
-    def _groups(self, replies: list[Message]) -> list[list[int]]:
-        embeddings = self.embed([m.content[ARRAYS_KEY] for m in replies]) if self.clustering.needs_embeddings else None
+    def _groups(self, uploads: list[Upload]) -> list[list[int]]:
+        embeddings = self.embed([u.arrays for u in uploads]) if self.clustering.needs_embeddings else None
         spec = self.clustering
-        return cluster_sites(spec.method, embeddings, len(replies), spec.max_distance, spec.k, spec.seed)
+        return cluster_sites(spec.method, embeddings, len(uploads), spec.max_distance, spec.k, spec.seed)
 
-    def _aggregate_group(self, server_round: int, replies: list[Message], weights: np.ndarray) -> ArrayRecord:
-        arrays = _average(replies, weights)
+    def _aggregate_group(self, server_round: int, uploads: list[Upload], weights: np.ndarray) -> ArrayRecord:
+        arrays = _average(uploads, weights)
         if self.refine is not None and server_round % self.refine_every == 0:
-            arrays = self.refine(server_round, arrays, [m.content[ARRAYS_KEY] for m in replies])
+            arrays = self.refine(server_round, arrays, [u.arrays for u in uploads])
             self.last_train.refined = True
         return arrays
 
@@ -210,42 +252,41 @@ class FedPav(FedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen, weight and average (per cluster when clustering); None when no reply was acceptable."""
         replies = list(replies)
-        accepted, rejected = screen(replies, lambda m: check_train_reply(
+        checked, rejected = screen(replies, lambda m: check_train_reply(
             m, self._expected, NUM_EXAMPLES, self.required_train_metrics))
         self.last_train = RoundLog(rejected=rejected)
-        log(INFO, "round %d: aggregating %d of %d replies", server_round, len(accepted), len(replies))
-        if not accepted:
+        log(INFO, "round %d: aggregating %d of %d replies", server_round, len(checked), len(replies))
+        if not checked:
             return None, None
-        accepted.sort(key=site_name)  # replies arrive in any order; a fixed summation order makes runs repeatable
-        names = [site_name(m) for m in accepted]
-        weights = normalise_weights(self.aggregation_weights(accepted))
-        for name, message, weight in zip(names, accepted, weights):
-            self.last_train.accepted[name] = float(weight)
-            self.last_train.site_metrics[name] = metric_dict(message)
+        # replies arrive in any order; a fixed summation order makes runs repeatable
+        uploads = sorted((Upload(site_name(m), m, tensors) for m, tensors in checked), key=lambda u: u.site)
+        weights = normalise_weights(self.aggregation_weights(uploads))
+        for upload, weight in zip(uploads, weights):
+            self.last_train.accepted[upload.site] = float(weight)
+            self.last_train.site_metrics[upload.site] = metric_dict(upload.message)
         if self.clustering.method == "none":
-            global_arrays = self._aggregate_group(server_round, accepted, weights)
+            global_arrays = self._aggregate_group(server_round, uploads, weights)
         else:
-            global_arrays = _average(accepted, weights)  # for the checkpoint and for sites never seen
-            self._aggregate_clusters(server_round, accepted, names, weights)
+            global_arrays = _average(uploads, weights)  # for the checkpoint and for sites never seen
+            self._aggregate_clusters(server_round, uploads, weights)
         metrics = MetricRecord({
-            "sites-accepted": len(accepted),
+            "sites-accepted": len(uploads),
             "sites-rejected": len(rejected),
-            "train-loss": float(np.average([metric_dict(m).get("train-loss", np.nan) for m in accepted],
+            "train-loss": float(np.average([metric_dict(u.message).get("train-loss", np.nan) for u in uploads],
                                            weights=weights)),
         })
         return global_arrays, metrics
 
-    def _aggregate_clusters(self, server_round: int, accepted: list[Message], names: list[str],
-                            weights: np.ndarray) -> None:
-        groups = self._groups(accepted)
+    def _aggregate_clusters(self, server_round: int, uploads: list[Upload], weights: np.ndarray) -> None:
+        groups = self._groups(uploads)
         previous = self.last_clusters
         for group in groups:
-            members = [accepted[i] for i in group]
+            members = [uploads[i] for i in group]
             model = self._aggregate_group(server_round, members, weights[group] / weights[group].sum())
-            for message in members:
-                self.node_models[message.metadata.src_node_id] = model
-                self.site_models[site_name(message)] = model
-        self.last_train.clusters = named_partition(groups, names)
+            for upload in members:
+                self.node_models[upload.node] = model
+                self.site_models[upload.site] = model
+        self.last_train.clusters = named_partition(groups, [u.site for u in uploads])
         if self.clustering.method != "singletons":
             change = "" if previous in ([], self.last_train.clusters) else f" (was {previous})"
             log(INFO, "round %d clusters: %s%s", server_round, self.last_train.clusters, change)
@@ -253,11 +294,11 @@ class FedPav(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Keep every site's own Rank-k/mAP/mINP and return their plain mean, as EasyFL reports."""
-        accepted, rejected = screen(replies, lambda m: check_evaluate_reply(m, EVAL_METRICS))
+        accepted, rejected = screen(replies, lambda m: (None, check_evaluate_reply(m, EVAL_METRICS)))
         self.last_evaluate = RoundLog(rejected=rejected)
         if not accepted:
             return None
-        for message in accepted:
+        for message, _ in accepted:
             self.last_evaluate.site_metrics[site_name(message)] = metric_dict(message)
         per_site = self.last_evaluate.site_metrics.values()
         return MetricRecord({key: float(np.mean([m[key] for m in per_site])) for key in EVAL_METRICS})

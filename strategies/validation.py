@@ -1,8 +1,8 @@
 """Checks on what a site sends back, so one bad update is rejected with a reason, not aggregated.
 
-A reply is checked against the arrays the server sent that round: same keys, same shapes, a
-floating dtype, finite values, plus the records the protocol expects. The first problem found is
-returned as a sentence for the log; None means the reply is acceptable.
+A reply is checked against the arrays the server sent that round: same keys, same shapes, the same
+dtype (or a well-formed sparse encoding), finite values, plus the records the protocol expects.
+The first problem found is returned as a sentence for the log.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from typing import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from strategies.sparse_codec import SparseFormatError
+from strategies.sparse_records import Tensor, decode_record
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -36,27 +39,33 @@ def _describe(keys: Iterable[str]) -> str:
     return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
 
 
-def check_arrays(arrays: ArrayRecord, expected: dict[str, ArraySpec]) -> str | None:
-    """Reason the arrays differ from ``expected`` (keys, shapes, dtypes, finiteness), or None."""
+def check_arrays(arrays: ArrayRecord, expected: dict[str, ArraySpec]) -> tuple[dict[str, Tensor] | None, str | None]:
+    """Decode the arrays and check them against ``expected`` (keys, shapes, dtypes, finiteness).
+
+    Returns (decoded tensors, None) or (None, the first problem as a sentence). A tensor may come
+    dense, or sparse-encoded (a uint8 blob) when it was pruned.
+    """
     missing = expected.keys() - arrays.keys()
     if missing:
-        return f"missing arrays: {_describe(missing)}"
+        return None, f"missing arrays: {_describe(missing)}"
     extra = arrays.keys() - expected.keys()
     if extra:
-        return f"unexpected arrays: {_describe(extra)}"
+        return None, f"unexpected arrays: {_describe(extra)}"
     for key, spec in expected.items():
         array = arrays[key]
-        if tuple(array.shape) != spec.shape:
-            return f"array {key} has shape {tuple(array.shape)}, expected {spec.shape}"
-        try:
-            values = array.numpy()
-        except Exception as error:  # undecodable bytes
-            return f"array {key} cannot be decoded: {error}"
-        if values.dtype != spec.dtype:
-            return f"array {key} has dtype {values.dtype}, expected {spec.dtype}"
+        if np.dtype(array.dtype) != np.uint8 and tuple(array.shape) != spec.shape:
+            return None, f"array {key} has shape {tuple(array.shape)}, expected {spec.shape}"
+    try:
+        tensors = decode_record(arrays, {key: spec.shape for key, spec in expected.items()})
+    except (SparseFormatError, ValueError) as error:
+        return None, f"undecodable arrays: {error}"
+    for key, spec in expected.items():
+        values = tensors[key].values
+        if tensors[key].mask is None and values.dtype != spec.dtype:
+            return None, f"array {key} has dtype {values.dtype}, expected {spec.dtype}"
         if values.dtype.kind == "f" and not np.isfinite(values).all():
-            return f"array {key} holds non-finite values"
-    return None
+            return None, f"array {key} holds non-finite values"
+    return tensors, None
 
 
 def check_metrics(metrics: MetricRecord, required: Iterable[str], positive: Iterable[str] = ()) -> str | None:
@@ -86,18 +95,20 @@ def check_record_names(content: RecordDict, allowed: set[str], required: set[str
 
 def check_train_reply(
     message: Message, expected: dict[str, ArraySpec], weight_key: str, required_metrics: Iterable[str] = ()
-) -> str | None:
-    """Everything a FedPav training reply must satisfy; the first violation as a sentence."""
+) -> tuple[dict[str, Tensor] | None, str | None]:
+    """Everything a training reply must satisfy: (decoded tensors, None) or (None, the first violation)."""
     if message.has_error():
-        return f"the site reported an error: {message.error.reason}"
+        return None, f"the site reported an error: {message.error.reason}"
     content = message.content
     reason = check_record_names(content, {ARRAYS_KEY, METRICS_KEY, SITE_KEY}, {ARRAYS_KEY, METRICS_KEY})
     if reason:
-        return reason
+        return None, reason
     if not isinstance(content[ARRAYS_KEY], ArrayRecord) or not isinstance(content[METRICS_KEY], MetricRecord):
-        return "records 'arrays'/'metrics' have the wrong record types"
-    return (check_metrics(content[METRICS_KEY], [weight_key, *required_metrics], positive=[weight_key])
-            or check_arrays(content[ARRAYS_KEY], expected))
+        return None, "records 'arrays'/'metrics' have the wrong record types"
+    reason = check_metrics(content[METRICS_KEY], [weight_key, *required_metrics], positive=[weight_key])
+    if reason:
+        return None, reason
+    return check_arrays(content[ARRAYS_KEY], expected)
 
 
 def check_evaluate_reply(message: Message, required_metrics: Iterable[str]) -> str | None:

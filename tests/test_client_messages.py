@@ -107,3 +107,37 @@ def test_simulated_sites_are_picked_by_partition_id(tiny_sites: Path) -> None:
         locate_site(node, {"sites-root": ""})
     with pytest.raises(SiteConfigError, match="--node-config"):
         locate_site({}, {})
+
+
+def test_a_pruning_site_uploads_encoded_tensors_and_keeps_its_masks(tiny_site: Path) -> None:
+    from clients.prune_state import MASKS_KEY
+    from reid.divergence import KLLConfig
+    from reid.pruning import PruningConfig
+    from strategies.sparse_records import decode_record
+
+    spec = SiteRunSpec(model=SPEC.model, train=SPEC.train, bn_stats="local", kll=KLLConfig(enabled=True, start_round=1),
+                       pruning=PruningConfig(enabled=True, target=0.5, schedule="constant"))
+    context = _context(tiny_site)
+    global_arrays = _global(spec)
+    reply = app(_message("train", global_arrays, spec, 1), context)
+    arrays = reply.content["arrays"]
+    assert set(arrays.keys()) == set(global_arrays.keys())
+    encoded = [k for k in arrays.keys() if arrays[k].numpy().dtype == np.uint8]
+    assert "backbone.conv1.weight" in encoded and "bottleneck.0.weight" in encoded
+    assert not any(k.endswith(("bias", "running_mean")) or ".bn" in k for k in encoded)
+    shapes = {k: tuple(global_arrays[k].shape) for k in global_arrays.keys()}
+    decoded = decode_record(arrays, shapes)
+    conv = decoded["backbone.conv1.weight"]
+    assert conv.mask.mean() == pytest.approx(0.5, abs=0.01) and (conv.values[~conv.mask] == 0).all()
+    metrics = reply.content["metrics"]
+    assert metrics["kept-fraction"] == pytest.approx(0.5, abs=0.01) and metrics["pruning-ratio"] == 0.5
+    assert metrics["kl-divergence"] >= 0 and metrics["validation-accuracy"] >= 0
+    dense_bytes = sum(a.numpy().nbytes for a in global_arrays.values())
+    assert message_wire_bytes(reply) < 0.6 * dense_bytes
+    masks = context.state[MASKS_KEY]
+    np.testing.assert_array_equal(masks["backbone.conv1.weight"].numpy(), conv.mask)
+
+    # next round: a dense global model arrives, yet the site's pruned weights stay zero
+    second = app(_message("train", global_arrays, spec, 2), context)
+    again = decode_record(second.content["arrays"], shapes)["backbone.conv1.weight"]
+    assert (again.values[~conv.mask] == 0).all()

@@ -8,6 +8,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from strategies.averaging import normalise_weights, weighted_average
 from strategies.fedpav import ClusteringSpec, FedPav
+from strategies.validation import expected_specs
 
 
 
@@ -219,3 +220,71 @@ def test_singletons_give_every_site_back_its_own_model() -> None:
                                  _reply(sent[2], _arrays([5, 5], 5), {"num-examples": 1}, "y")])
     following = strategy.configure_evaluate(1, _arrays([0, 0], 0), ConfigRecord(), NodeList([1, 2]))
     assert {m.metadata.dst_node_id: float(m.content["arrays"]["layer.bias"].numpy()[0]) for m in following} == {1: 1.0, 2: 5.0}
+
+
+def test_mask_aware_average_counts_each_weight_over_the_sites_that_kept_it() -> None:
+    from strategies.averaging import masked_weighted_average
+    from strategies.sparse_records import Tensor
+
+    a = Tensor(np.array([1.0, 2.0, 0.0, 4.0], np.float32), np.array([True, True, False, True]))
+    b = Tensor(np.array([3.0, 0.0, 0.0, 8.0], np.float32), np.array([True, False, False, True]))
+    c = Tensor(np.array([5.0, 6.0, 7.0, 8.0], np.float32))  # dense: every weight kept
+    out = masked_weighted_average([{"w": a}, {"w": b}, {"w": c}], [1, 1, 2])["w"]
+    np.testing.assert_allclose(out, [(0.25 * 1 + 0.25 * 3 + 0.5 * 5) / 1.0, (0.25 * 2 + 0.5 * 6) / 0.75, 7.0,
+                                     (0.25 * 4 + 0.25 * 8 + 0.5 * 8) / 1.0], rtol=1e-6)
+    nobody = masked_weighted_average([{"w": a}, {"w": b}], [1, 3])["w"]
+    np.testing.assert_allclose(nobody, [(1 * 1 + 3 * 3) / 4, 2.0, 0.0, (4 + 3 * 8) / 4], rtol=1e-6)
+
+
+def _sparse(values: list[float], kept: list[bool], bias: float) -> ArrayRecord:
+    from strategies.sparse_records import encode_record
+
+    weight = np.array(values, np.float32)
+    return encode_record({"layer.weight": weight, "layer.bias": np.array([bias], np.float32)},
+                         {"layer.weight": np.array(kept)})
+
+
+def test_sparse_uploads_are_decoded_and_aggregated_mask_aware() -> None:
+    strategy = FedPav(min_sites=2)
+    sent = _started(strategy, [1, 2])
+    big = [0.0] * 200
+    first = _sparse([2.0, 0.0] + big, [True, False] + [False] * 200, 1.0)
+    second = _sparse([4.0, 6.0] + big, [True, True] + [False] * 200, 3.0)
+    assert first["layer.weight"].numpy().dtype == np.uint8  # it really travelled encoded
+    strategy._expected = expected_specs(ArrayRecord({"layer.weight": Array(np.zeros(202, np.float32)),
+                                                     "layer.bias": Array(np.zeros(1, np.float32))}))
+    arrays, _ = strategy.aggregate_train(1, [_reply(sent[0], first, {"num-examples": 1}, "a"),
+                                             _reply(sent[1], second, {"num-examples": 1}, "b")])
+    weight = arrays["layer.weight"].numpy()
+    np.testing.assert_allclose(weight[:3], [3.0, 6.0, 0.0])
+    np.testing.assert_allclose(arrays["layer.bias"].numpy(), [2.0])
+
+
+def test_a_malformed_encoding_is_rejected_and_the_round_goes_on() -> None:
+    strategy = FedPav(min_sites=2)
+    sent = _started(strategy, [1, 2])
+    strategy._expected = expected_specs(ArrayRecord({"layer.weight": Array(np.zeros(202, np.float32)),
+                                                     "layer.bias": Array(np.zeros(1, np.float32))}))
+    good = _sparse([1.0] * 2 + [0.0] * 200, [True] * 2 + [False] * 200, 1.0)
+    bad = _sparse([1.0] * 2 + [0.0] * 200, [True] * 2 + [False] * 200, 1.0)
+    bad["layer.weight"] = Array(bad["layer.weight"].numpy()[:-2])  # values cut short in transit
+    arrays, _ = strategy.aggregate_train(1, [_reply(sent[0], good, {"num-examples": 1}, "good"),
+                                             _reply(sent[1], bad, {"num-examples": 1}, "bad")])
+    assert "undecodable arrays" in strategy.last_train.rejected["bad"]
+    assert "value bytes" in strategy.last_train.rejected["bad"]
+    assert list(strategy.last_train.accepted) == ["good"] and arrays is not None
+
+
+def test_klpwa_weights_are_the_normalised_product_with_switchable_directions() -> None:
+    from strategies.weighting import KLPWASpec, klpwa_weights
+
+    kl, kept = np.array([0.2, 0.6]), np.array([0.5, 1.0])
+    np.testing.assert_allclose(klpwa_weights(kl, kept, KLPWASpec()), np.array([0.1, 0.6]) / 0.7)
+    np.testing.assert_allclose(klpwa_weights(kl, kept, KLPWASpec(klaw="off")), [1 / 3, 2 / 3])
+    np.testing.assert_allclose(klpwa_weights(kl, kept, KLPWASpec(praw="off")), [0.25, 0.75])
+    aligned = klpwa_weights(kl, kept, KLPWASpec(klaw="alignment", praw="off"))
+    assert aligned[0] > aligned[1]  # closer to the global model weighs more
+    compact = klpwa_weights(kl, kept, KLPWASpec(klaw="off", praw="sparsity"))
+    np.testing.assert_allclose(compact, [1.0, 0.0])
+    with pytest.raises(ValueError, match="klaw"):
+        KLPWASpec(klaw="sideways")

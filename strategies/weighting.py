@@ -1,0 +1,63 @@
+"""Aggregation weights from what the sites report: data size, CDW, and FedKLPR's KLPWA.
+
+KLPWA = KLAW x PRAW, normalised. FedKLPR's text is ambiguous about both directions, so each is a
+switch (the reconstruction in shared/reference/fedreid-algorithms.md, section 9.2):
+
+* KLAW from each site's KL divergence D_k to the received global model on a fixed batch:
+  ``gain`` a_k = D_k (more knowledge gained -> more weight, like CDW; default),
+  ``alignment`` a_k = exp(-D_k / mean D) (closer to the global model -> more weight), ``off`` a_k = 1.
+* PRAW from each site's kept fraction of prunable weights (1 - pruning ratio):
+  ``density`` b_k = kept_k (denser models carry more; default), ``sparsity`` b_k = 1 - kept_k
+  (rewards compact models), ``off`` b_k = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+WEIGHTINGS = ("size", "cdw", "klpwa")
+KLAW_MODES = ("gain", "alignment", "off")
+PRAW_MODES = ("density", "sparsity", "off")
+
+
+@dataclass(frozen=True)
+class KLPWASpec:
+    """Directions of the two KLPWA factors."""
+
+    klaw: str = "gain"
+    praw: str = "density"
+
+    def __post_init__(self) -> None:
+        if self.klaw not in KLAW_MODES:
+            raise ValueError(f"klaw must be one of {KLAW_MODES}, got {self.klaw!r}")
+        if self.praw not in PRAW_MODES:
+            raise ValueError(f"praw must be one of {PRAW_MODES}, got {self.praw!r}")
+
+
+def klaw_factors(kl: np.ndarray, mode: str) -> np.ndarray:
+    """a_k from the sites' KL divergences (all ones when every divergence is zero)."""
+    kl = np.asarray(kl, dtype=np.float64)
+    if mode == "off" or not (kl > 0).any():
+        return np.ones_like(kl)
+    if mode == "gain":
+        return kl
+    return np.exp(-kl / kl.mean())
+
+
+def praw_factors(kept: np.ndarray, mode: str) -> np.ndarray:
+    """b_k from the sites' kept fractions (all ones when nothing is pruned under ``sparsity``)."""
+    kept = np.asarray(kept, dtype=np.float64)
+    if mode == "off":
+        return np.ones_like(kept)
+    if mode == "density":
+        return kept
+    pruned = 1.0 - kept
+    return pruned if (pruned > 0).any() else np.ones_like(kept)
+
+
+def klpwa_weights(kl: np.ndarray, kept: np.ndarray, spec: KLPWASpec) -> np.ndarray:
+    """w_k = a_k b_k / sum_j a_j b_j."""
+    product = klaw_factors(kl, spec.klaw) * praw_factors(kept, spec.praw)
+    return product / product.sum()
