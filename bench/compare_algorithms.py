@@ -37,7 +37,8 @@ from reid.train import train_local  # noqa: E402
 from server import simulate  # noqa: E402
 from server.config import compose_config, federation_settings, site_run_spec  # noqa: E402
 
-METHODS = ["fedpav", "fedpav_cdw", "fedpav_kd", "fedpav_cdw_kd", "fedpav_cluster", "local", "central"]
+METHODS = ["fedpav", "fedpav_cdw", "fedpav_kd", "fedpav_cdw_kd", "fedpav_cluster", "local", "central",
+           "fedklpr", "fedklpr_no_kll", "fedklpr_no_klaw", "fedklpr_no_praw", "fedklpr_no_pruning", "fedklpr_no_crr"]
 
 
 def run_federated(method: str, args: argparse.Namespace, out: Path) -> list[dict]:
@@ -90,18 +91,19 @@ def summarise(method: str, lines: list[dict]) -> dict:
     uploads = [line["train"]["bytes"]["received"] for line in lines if line.get("train")]
     last3 = [line["evaluate"]["mean"]["mAP"] for line in evaluated[-3:]]
     return {"method": method, "sites": final["sites"], "mean": final["mean"], "last3_mAP": sum(last3) / len(last3),
-            "upload_mb": sum(uploads) / len(uploads) / 1e6,
+            "upload_mb": sum(uploads) / len(uploads) / 1e6, "last_upload_mb": uploads[-1] / 1e6,
             "curve": [(line["round"], line["evaluate"]["mean"]["mAP"]) for line in lines if line.get("evaluate")]}
 
 
 def table(results: list[dict], caption: str) -> str:
     sites = sorted(results[0]["sites"])
     head = "| method | " + " | ".join(f"{s} R1 / mAP" for s in sites) + \
-        " | mean R1 | mean mAP | mean mAP, last 3 evals | upload MB / round |"
+        " | mean R1 | mean mAP | mean mAP, last 3 evals | upload MB / round (mean, last) |"
     lines = [caption, "", head, "|---|" + "---:|" * (len(sites) + 4)]
     for r in results:
         cells = " | ".join(f"{100 * r['sites'][s]['rank1']:.1f} / {100 * r['sites'][s]['mAP']:.1f}" for s in sites)
-        upload = "0 (outside Flower)" if r["method"] == "central" else f"{r['upload_mb']:.1f}"
+        upload = ("0 (outside Flower)" if r["method"] == "central"
+                  else f"{r['upload_mb']:.1f}, {r['last_upload_mb']:.1f}")
         lines.append(f"| {r['method']} | {cells} | {100 * r['mean']['rank1']:.1f} | {100 * r['mean']['mAP']:.1f} "
                      f"| {100 * r['last3_mAP']:.1f} | {upload} |")
     return "\n".join(lines) + "\n"
