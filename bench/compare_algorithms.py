@@ -6,8 +6,12 @@ training images with the same training code, outside Flower, and is evaluated on
 query/gallery at the same rounds. Writes a Markdown table (per-site Rank-1/mAP, means, upload bytes
 per round) and a PNG of mean mAP over rounds per method.
 
-    python bench/compare_algorithms.py                 # demo profile: 20 rounds, 3 sites
+    python bench/compare_algorithms.py                      # demo profile: 20 rounds, 3 sites, seed 0
+    python bench/compare_algorithms.py --seeds 0 1 2        # three training seeds, averaged
     python bench/compare_algorithms.py --methods fedpav local central
+
+Results of each (method, seed) are saved under bench/results/runs/ and reused by later runs
+(``--rerun`` to recompute).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -38,13 +43,14 @@ from server import simulate  # noqa: E402
 from server.config import compose_config, federation_settings, site_run_spec  # noqa: E402
 
 METHODS = ["fedpav", "fedpav_cdw", "fedpav_kd", "fedpav_cdw_kd", "fedpav_cluster", "local", "central",
-           "fedklpr", "fedklpr_no_kll", "fedklpr_no_klaw", "fedklpr_no_praw", "fedklpr_no_pruning", "fedklpr_no_crr"]
+           "fedklpr", "fedklpr_fp16", "fedklpr_no_kll", "fedklpr_no_klaw", "fedklpr_no_praw", "fedklpr_no_pruning",
+           "fedklpr_no_crr"]
 
 
-def run_federated(method: str, args: argparse.Namespace, out: Path) -> list[dict]:
+def run_federated(method: str, seed: int, args: argparse.Namespace, out: Path) -> list[dict]:
     """One fedreid-sim run; returns its metrics.jsonl lines."""
-    run_dir = out / "runs" / method
-    argv = ["--algorithm", method, "--profile", args.profile, "--seed", str(args.seed), "--sites", str(args.sites),
+    run_dir = out / "runs" / method / f"seed{seed}"
+    argv = ["--algorithm", method, "--profile", args.profile, "--seed", str(seed), "--sites", str(args.sites),
             "--sites-root", str(args.sites_root), "--public-root", str(args.public_root),
             "--output-dir", str(run_dir), "--flwr-home", str(out / "flwr-home")]
     if args.overrides:
@@ -55,9 +61,20 @@ def run_federated(method: str, args: argparse.Namespace, out: Path) -> list[dict
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_central(args: argparse.Namespace) -> list[dict]:
+def cached_run(method: str, seed: int, args: argparse.Namespace) -> list[dict]:
+    """The metrics lines of (method, seed), run now unless an earlier run of this bench saved them."""
+    cache = args.out / "runs" / method / f"seed{seed}.jsonl"
+    if cache.exists() and not args.rerun:
+        return [json.loads(line) for line in cache.read_text().splitlines()]
+    lines = run_central(args, seed) if method == "central" else run_federated(method, seed, args, args.out)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return lines
+
+
+def run_central(args: argparse.Namespace, seed: int) -> list[dict]:
     """One model on the union of all sites' training images, evaluated per site at the eval rounds."""
-    cfg = compose_config({"profile": args.profile, "overrides": f"seed={args.seed} {args.overrides}"})
+    cfg = compose_config({"profile": args.profile, "overrides": f"seed={seed} {args.overrides}"})
     spec, settings = site_run_spec(cfg), federation_settings(cfg)
     device = pick_device()
     sites = [load_reid_data(p) for p in sorted(args.sites_root.iterdir()) if p.is_dir()][: args.sites]
@@ -85,27 +102,39 @@ def run_central(args: argparse.Namespace) -> list[dict]:
     return lines
 
 
-def summarise(method: str, lines: list[dict]) -> dict:
-    evaluated = [line for line in lines if line.get("evaluate") and line["round"] > 0]
-    final = evaluated[-1]["evaluate"]
-    uploads = [line["train"]["bytes"]["received"] for line in lines if line.get("train")]
-    last3 = [line["evaluate"]["mean"]["mAP"] for line in evaluated[-3:]]
-    return {"method": method, "sites": final["sites"], "mean": final["mean"], "last3_mAP": sum(last3) / len(last3),
-            "upload_mb": sum(uploads) / len(uploads) / 1e6, "last_upload_mb": uploads[-1] / 1e6,
-            "curve": [(line["round"], line["evaluate"]["mean"]["mAP"]) for line in lines if line.get("evaluate")]}
+def summarise(method: str, runs: list[list[dict]]) -> dict:
+    """Final per-site and mean Rank-1/mAP, averaged over seeds, with the spread of the mean mAP."""
+    finals, last3, uploads, last_uploads, curves = [], [], [], [], []
+    for lines in runs:
+        evaluated = [line for line in lines if line.get("evaluate") and line["round"] > 0]
+        finals.append(evaluated[-1]["evaluate"])
+        last3.append(np.mean([line["evaluate"]["mean"]["mAP"] for line in evaluated[-3:]]))
+        sizes = [line["train"]["bytes"]["received"] for line in lines if line.get("train")]
+        uploads.append(np.mean(sizes))
+        last_uploads.append(sizes[-1])
+        curves.append([(line["round"], line["evaluate"]["mean"]["mAP"]) for line in lines if line.get("evaluate")])
+    sites = sorted(finals[0]["sites"])
+    per_site = {s: {k: float(np.mean([f["sites"][s][k] for f in finals])) for k in ("rank1", "mAP")} for s in sites}
+    mean_maps = [f["mean"]["mAP"] for f in finals]
+    return {"method": method, "seeds": len(runs), "sites": per_site,
+            "mean": {k: float(np.mean([f["mean"][k] for f in finals])) for k in ("rank1", "mAP")},
+            "mAP_spread": (float(min(mean_maps)), float(max(mean_maps))), "last3_mAP": float(np.mean(last3)),
+            "upload_mb": float(np.mean(uploads)) / 1e6, "last_upload_mb": float(np.mean(last_uploads)) / 1e6,
+            "curve": [(r, float(np.mean([c[i][1] for c in curves]))) for i, (r, _) in enumerate(curves[0])]}
 
 
 def table(results: list[dict], caption: str) -> str:
     sites = sorted(results[0]["sites"])
     head = "| method | " + " | ".join(f"{s} R1 / mAP" for s in sites) + \
-        " | mean R1 | mean mAP | mean mAP, last 3 evals | upload MB / round (mean, last) |"
+        " | mean R1 | mean mAP (min-max over seeds) | mean mAP, last 3 evals | upload MB / round (mean, last) |"
     lines = [caption, "", head, "|---|" + "---:|" * (len(sites) + 4)]
     for r in results:
         cells = " | ".join(f"{100 * r['sites'][s]['rank1']:.1f} / {100 * r['sites'][s]['mAP']:.1f}" for s in sites)
+        low, high = r["mAP_spread"]
         upload = ("0 (outside Flower)" if r["method"] == "central"
                   else f"{r['upload_mb']:.1f}, {r['last_upload_mb']:.1f}")
         lines.append(f"| {r['method']} | {cells} | {100 * r['mean']['rank1']:.1f} | {100 * r['mean']['mAP']:.1f} "
-                     f"| {100 * r['last3_mAP']:.1f} | {upload} |")
+                     f"({100 * low:.1f}-{100 * high:.1f}) | {100 * r['last3_mAP']:.1f} | {upload} |")
     return "\n".join(lines) + "\n"
 
 
@@ -130,24 +159,27 @@ def main() -> None:
     parser.add_argument("--public-root", type=Path, default=REPO / "data" / "synthetic-public")
     parser.add_argument("--profile", default="demo")
     parser.add_argument("--overrides", default="")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; results are averaged")
+    parser.add_argument("--rerun", action="store_true", help="ignore results saved by earlier runs of this bench")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     args.sites_root, args.public_root = args.sites_root.resolve(), args.public_root.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    simulate.ensure_synthetic_sites(args.sites_root, args.sites, args.seed)
-    simulate.ensure_public_set(args.public_root, args.seed)
+    simulate.ensure_synthetic_sites(args.sites_root, args.sites, 0)
+    simulate.ensure_public_set(args.public_root, 0)
     results = []
     for method in args.methods:
-        start = time.perf_counter()
-        lines = run_central(args) if method == "central" else run_federated(method, args, args.out)
-        results.append(summarise(method, lines))
-        print(f"== {method}: {time.perf_counter() - start:.0f} s, final mean mAP "
-              f"{100 * results[-1]['mean']['mAP']:.1f}", flush=True)
+        runs = []
+        for seed in args.seeds:
+            start = time.perf_counter()
+            runs.append(cached_run(method, seed, args))
+            print(f"== {method} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+        results.append(summarise(method, runs))
     cfg = compose_config({"profile": args.profile, "overrides": args.overrides})
-    caption = (f"Synthetic sites (seed {args.seed}), profile `{args.profile}`: {cfg.model.backbone} at "
+    caption = (f"Synthetic sites (data seed 0), profile `{args.profile}`: {cfg.model.backbone} at "
                f"{cfg.model.height}x{cfg.model.width}, {cfg.federation.rounds} rounds x {cfg.train.local_epochs} "
-               f"local epoch(s); Rank-1 / mAP (%) after the last round.")
+               f"local epoch(s), training seeds {args.seeds}; Rank-1 / mAP (%) after the last round, "
+               f"averaged over seeds.")
     text = table(results, caption)
     (args.out / "compare_algorithms.md").write_text(text)
     plot(results, args.out / "compare_algorithms.png")
