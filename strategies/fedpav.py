@@ -13,6 +13,12 @@ and the server averages exactly the arrays it sent. Options, each combinable wit
 * ``clustering``: group the sites by an embedding of their uploads, aggregate within each group and
   send each site its group's model (FedReID journal version); ``singletons`` = every site alone,
   i.e. local training under the same runner.
+* ``weighting="klpwa"`` (FedKLPR): weights = KLAW x PRAW from each site's reported KL divergence
+  and kept fraction (see strategies/weighting.py).
+
+Uploads may carry pruned tensors in the sparse encoding; they are decoded while being checked,
+and every weight is averaged only over the sites that kept it (a weight nobody kept stays zero).
+With ``sparse_downlink`` the server sends zero-holding tensors encoded too, when that is smaller.
 
 Every reply is checked first (keys, shapes, dtypes, finite values, required metrics); a bad one
 is logged with its reason and left out while the round goes on.
