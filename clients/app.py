@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -17,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from clients.prune_state import load_prune_state, save_prune_state
 from clients.site import SiteLocation, load_site, locate_site
+from clients.site_state import RUN_TAG_KEY, persist_site_state, restore_site_state, state_file
 from reid.config import SiteRunSpec
 from reid.data.dataset import ImageDataset, ReIDData
 from reid.data.transforms import test_transform, train_transform
@@ -62,9 +64,14 @@ app = ClientApp()
 def _prepare(msg: Message, context: Context) -> tuple[SiteRunSpec, SiteLocation, ReIDData, torch.device]:
     spec = SiteRunSpec.from_flat(dict(msg.content["config"]))
     location = locate_site(context.node_config, context.run_config)
+    restore_site_state(context, _state_file(msg, context))  # a restarted SuperNode: head and masks from disk
     data = load_site(location, spec.verify_images)
     gpu = context.node_config.get("gpu")
     return spec, location, data, pick_device(None if gpu in (None, "") else int(gpu))
+
+
+def _state_file(msg: Message, context: Context) -> Path | None:
+    return state_file(context, str(msg.content["config"].get(RUN_TAG_KEY, "")))
 
 
 def _restore_local_state(model: ReIDNet, context: Context, site: str) -> None:
@@ -156,6 +163,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics["kept-fraction"] = kept_fraction(prune.masks)
     shared, local = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, spec.bn_stats)
     context.state[LOCAL_STATE_KEY] = ArrayRecord(local)
+    persist_site_state(context, _state_file(msg, context))
     arrays = encode_record({k: v.numpy() for k, v in shared.items()}, {k: m.numpy() for k, m in prune.masks.items()},
                            spec.pruning.value_dtype)
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "site": _site_record(location)})

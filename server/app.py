@@ -4,26 +4,30 @@ from __future__ import annotations
 
 import logging
 import time
-from logging import INFO
+from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from reid.distill import DistillConfig
 from reid.models import build_model, shared_state
 from server.config import compose_config, federation_settings, site_run_spec
-from server.outputs import CHECKPOINT_FILE, PLOT_FILE, RunOutputs, make_run_dir
+from server.outputs import CHECKPOINT_FILE, CONFIG_FILE, PLOT_FILE, RunOutputs, make_run_dir
 from server.plots import plot_site_metrics
 from server.public_steps import PublicSteps
+from server.resume import ResumePoint, find_run_folder, load_resume_point
 from server.rounds import FederationRunner
+from server.telemetry import FederationGauges
 from strategies.fedpav import ClusteringSpec, FedPav
 from strategies.weighting import KLPWASpec
 
 app = ServerApp()
+RUN_TAG_KEY = "run-tag"  # names the run to the sites; they key their saved state by it (clients/site_state.py)
 
 
 def build_strategy(cfg: DictConfig) -> FedPav:
@@ -70,33 +74,66 @@ def _site_info(outputs: RunOutputs) -> dict[str, dict[str, float]]:
     return info
 
 
+def _start(context: Context) -> tuple[DictConfig, RunOutputs, ResumePoint | None]:
+    """A new run folder, or with run config ``resume`` the interrupted run's folder and its config."""
+    resume = str(context.run_config.get("resume", "") or "")
+    if not resume:
+        cfg = compose_config(context.run_config)
+        outputs = RunOutputs(make_run_dir(cfg.output.dir, str(cfg.algorithm.name), context.run_id))
+        outputs.write_config(cfg)
+        return cfg, outputs, None
+    output_dir = Path(compose_config(context.run_config).output.dir).expanduser().resolve()
+    point = load_resume_point(find_run_folder(output_dir, resume))
+    cfg = OmegaConf.load(point.folder / CONFIG_FILE)
+    assert isinstance(cfg, DictConfig)
+    outputs = RunOutputs(point.folder)
+    outputs.rounds = point.rounds
+    log(INFO, "resuming %s after round %d (run %s)", point.folder, point.next_round - 1, context.run_id)
+    return cfg, outputs, point
+
+
+def _gauges(cfg: DictConfig, outputs: RunOutputs) -> FederationGauges:
+    gauges = FederationGauges(outputs.folder, str(cfg.algorithm.name))
+    port = int(cfg.telemetry.prometheus_port)
+    if port > 0:
+        try:
+            gauges.serve(port, str(cfg.telemetry.host))
+        except OSError as error:  # a busy port must not cost the run
+            log(WARNING, "Prometheus endpoint on %s:%d not started: %s", cfg.telemetry.host, port, error)
+    return gauges
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run a whole federation as configured by conf/ plus this run's run config."""
+    """Run a whole federation as configured by conf/ plus this run's run config (or resume one)."""
     logging.getLogger("reid").setLevel(logging.INFO)
-    cfg = compose_config(context.run_config)
+    cfg, outputs, point = _start(context)
     spec = site_run_spec(cfg)
     settings = federation_settings(cfg)
-    outputs = RunOutputs(make_run_dir(cfg.output.dir, str(cfg.algorithm.name), context.run_id))
-    outputs.write_config(cfg)
     log(INFO, "fedreid run %s: %s, %s at %dx%d, %d rounds, outputs in %s", context.run_id, cfg.algorithm.name,
         spec.model.backbone, spec.model.height, spec.model.width, settings.rounds, outputs.folder)
-    started = time.time()
-
+    started = time.time() - (outputs.rounds[-1].get("elapsed_s", 0.0) if outputs.rounds else 0.0)
     strategy = build_strategy(cfg)
+    gauges = _gauges(cfg, outputs)
 
     def on_round(server_round: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:
-        outputs.append_round({**record, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                              "elapsed_s": time.time() - started})
+        record = {**record, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "elapsed_s": time.time() - started}
+        outputs.append_round(record)  # first the line, then the checkpoint: see server/resume.py
         extra = {"bn_stats": spec.bn_stats, "algorithm": str(cfg.algorithm.name)}
         outputs.save_checkpoint(arrays, server_round, spec.model, extra)
         if strategy.site_models:
-            outputs.save_site_models(strategy.site_models, server_round, spec.model, extra)
+            outputs.save_site_models(strategy.site_models, strategy.site_nodes, server_round, spec.model, extra)
         if record.get("evaluate"):
             plot_site_metrics(outputs.rounds, outputs.folder / PLOT_FILE, title=f"{cfg.algorithm.name}")
+        gauges.record_round(record)
 
-    runner = FederationRunner(grid, strategy, settings, ConfigRecord(spec.to_flat()), on_round)
-    runner.run(initial_arrays(cfg))
+    site_config = ConfigRecord({**spec.to_flat(), RUN_TAG_KEY: outputs.folder.name})
+    runner = FederationRunner(grid, strategy, settings, site_config, on_round)
+    if point is None:
+        runner.run(initial_arrays(cfg))
+    else:
+        strategy.restore_site_models(point.site_models, point.site_nodes)
+        runner.run(point.arrays, first_round=point.next_round)
     table = outputs.write_table(_site_info(outputs))
     log(INFO, "\n%s", table)
     log(INFO, "run finished in %.0f s; results, %s and %s are in %s", time.time() - started, CHECKPOINT_FILE,

@@ -7,6 +7,8 @@ Run-config keys (``[tool.flwr.app.config]`` in pyproject.toml, overridable with 
 * ``profile``    -> config group ``profile=<name>``    (conf/profile/<name>.yaml)
 * ``overrides``  -> space-separated Hydra overrides, e.g. ``"federation.rounds=20 model=small"``
 * ``output-dir`` -> ``output.dir`` when not empty
+* ``resume``     -> not Hydra: continue the run folder it names (or the ``latest`` one) with the
+  configuration saved there (server/resume.py)
 
 ``sites-root`` is read by the simulated sites themselves (see clients/site.py).
 """

@@ -69,12 +69,13 @@ class RunOutputs:
         return self._save_atomically(CHECKPOINT_FILE, {"state_dict": arrays.to_torch_state_dict(),
                                                        "round": server_round, "model": asdict(spec), **extra})
 
-    def save_site_models(self, models: dict[str, ArrayRecord], server_round: int, spec: ModelSpec,
-                         extra: dict[str, Any]) -> Path:
-        """The model each site trains from next (its cluster's), when sites do not share one."""
+    def save_site_models(self, models: dict[str, ArrayRecord], nodes: dict[str, int], server_round: int,
+                         spec: ModelSpec, extra: dict[str, Any]) -> Path:
+        """The model each site trains from next (its cluster's), when sites do not share one, and the
+        node id each site last replied from (so a resumed run can send them again)."""
         state = {site: arrays.to_torch_state_dict() for site, arrays in models.items()}
-        return self._save_atomically(SITE_MODELS_FILE, {"state_dicts": state, "round": server_round,
-                                                        "model": asdict(spec), **extra})
+        return self._save_atomically(SITE_MODELS_FILE, {"state_dicts": state, "nodes": dict(nodes),
+                                                        "round": server_round, "model": asdict(spec), **extra})
 
     def latest_evaluation(self) -> tuple[int, dict[str, dict[str, float]]] | None:
         """(round, per-site metrics) of the last evaluated round."""

@@ -30,26 +30,32 @@ class Exchange:
     replies: list[Message]
     bytes_per_site: dict[str, dict[str, int]]
     seconds: float
+    failed: list[str]  # sites that were asked but did not answer in time
 
     def totals(self) -> dict[str, int]:
         return {"sent": sum(b["sent"] for b in self.bytes_per_site.values()),
                 "received": sum(b["received"] for b in self.bytes_per_site.values())}
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float) -> Exchange:
-    """Send, wait for replies (up to ``timeout``), and measure every message's serialised size."""
+def exchange(grid: Grid, messages: list[Message], timeout: float, names: dict[int, str]) -> Exchange:
+    """Send, wait for replies (up to ``timeout``), and measure every message's serialised size.
+
+    ``names`` maps node ids to the site names they reported before; it is updated from the replies
+    so that a site that stops answering is still named.
+    """
     start = time.perf_counter()
     sent = {m.metadata.dst_node_id: message_wire_bytes(m) for m in messages}
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    names = {r.metadata.src_node_id: site_name(r) for r in replies}
+    names.update({r.metadata.src_node_id: site_name(r) for r in replies})
+    answered = {r.metadata.src_node_id for r in replies}
+    failed = sorted(names.get(node, f"node-{node}") for node in sent if node not in answered)
     per_site = {names.get(node, f"node-{node}"): {"sent": size, "received": 0} for node, size in sent.items()}
     for reply in replies:
         per_site.setdefault(names[reply.metadata.src_node_id], {"sent": 0, "received": 0})
         per_site[names[reply.metadata.src_node_id]]["received"] += message_wire_bytes(reply)
-    missing = len(messages) - len(replies)
-    if missing:
-        log(WARNING, "%d site(s) did not answer within %.0f s; going on without them", missing, timeout)
-    return Exchange(replies, per_site, time.perf_counter() - start)
+    if failed:
+        log(WARNING, "%s did not answer within %.0f s; going on without them", ", ".join(failed), timeout)
+    return Exchange(replies, per_site, time.perf_counter() - start, failed)
 
 
 def _megabytes(count: int) -> str:
@@ -66,6 +72,7 @@ class FederationRunner:
         self.settings = settings
         self.site_config = site_config
         self.on_round = on_round
+        self.site_names: dict[int, str] = {}  # node id -> site name, learnt from replies
 
     def _config(self) -> ConfigRecord:
         return ConfigRecord(dict(self.site_config))  # strategies write the round into it: fresh copy
@@ -75,7 +82,7 @@ class FederationRunner:
         messages = list(self.strategy.configure_evaluate(server_round, arrays, self._config(), self.grid))
         if not messages:
             return None
-        result = exchange(self.grid, messages, self.settings.round_timeout_s)
+        result = exchange(self.grid, messages, self.settings.round_timeout_s, self.site_names)
         mean = self.strategy.aggregate_evaluate(server_round, result.replies)
         if mean is not None:
             log(INFO, "round %d evaluation: mean Rank-1 %.1f%%, mAP %.1f%% over %d sites", server_round,
@@ -87,11 +94,18 @@ class FederationRunner:
     def train_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
         """One training round; the global arrays stay as they were when no reply is usable."""
         messages = list(self.strategy.configure_train(server_round, arrays, self._config(), self.grid))
-        result = exchange(self.grid, messages, self.settings.round_timeout_s)
+        result = exchange(self.grid, messages, self.settings.round_timeout_s, self.site_names)
+        aggregation_start = time.perf_counter()
         new_arrays, metrics = self.strategy.aggregate_train(server_round, result.replies)
+        aggregation_seconds = time.perf_counter() - aggregation_start
+        usable = len(self.strategy.last_train.accepted)
         if new_arrays is None:
             log(WARNING, "round %d: no usable update; the global model is unchanged", server_round)
-            new_arrays = arrays
+        elif usable < self.settings.min_sites:
+            log(WARNING, "round %d: only %d usable update(s), fewer than federation.min_sites=%d; the global "
+                "model is unchanged", server_round, usable, self.settings.min_sites)
+            new_arrays = None
+        new_arrays = arrays if new_arrays is None else new_arrays
         log(INFO, "round %d/%d trained: %d sites, %s down, %s up, %.1f s", server_round, self.settings.rounds,
             len(self.strategy.last_train.accepted), _megabytes(result.totals()["sent"]),
             _megabytes(result.totals()["received"]), result.seconds)
@@ -99,6 +113,9 @@ class FederationRunner:
             "sites": {name: {**m, "weight": self.strategy.last_train.accepted[name]}
                       for name, m in self.strategy.last_train.site_metrics.items()},
             "rejected": self.strategy.last_train.rejected,
+            "failed": result.failed,
+            "aggregated": new_arrays is not arrays,
+            "aggregation_seconds": aggregation_seconds,
             "clusters": self.strategy.last_train.clusters or None,
             "refined": self.strategy.last_train.refined,
             "aggregate": dict(metrics) if metrics else None,

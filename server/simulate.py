@@ -12,19 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from reid.data.public import generate_public_set
 from reid.data.synthetic import generate_sites, site_names
+from server.flower_cli import console_script, flwr_environment, free_port, list_runs, stop_process_group, wait_healthy
 
 log = logging.getLogger("fedreid.sim")
 CONNECTION = "fedreid-sim"
@@ -71,26 +67,9 @@ def ensure_public_set(root: Path, seed: int) -> None:
     generate_public_set(root, seed, overwrite=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _bin(name: str) -> str:
-    """A console script of the running interpreter's environment (works without an activated venv)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 def _environment(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = flwr_environment(flwr_home)
     env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # never `uv sync` (offline, and it swaps torch)
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        "PYTHONUNBUFFERED": "1",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "RAY_DEDUP_LOGS": "0",  # every site's progress lines, not "[repeated 3x]"
     })
@@ -111,7 +90,7 @@ class PrivateSuperLink:
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
-        command = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+        command = [console_script("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                    "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation",
                    "--log-file", str(self.log_file)]
         self.process = subprocess.Popen(command, env=_environment(self.flwr_home), stdout=subprocess.DEVNULL,
@@ -120,33 +99,14 @@ class PrivateSuperLink:
         return self
 
     def _wait_healthy(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise SimulationError(f"flower-superlink exited with code {self.process.returncode}; "
-                                      f"see {self.log_file}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise SimulationError(f"flower-superlink did not become healthy within {timeout:.0f} s; see {self.log_file}")
+        try:
+            wait_healthy(f"http://127.0.0.1:{self.port}/health", self.process, timeout, "flower-superlink")
+        except RuntimeError as error:
+            raise SimulationError(f"{error}; see {self.log_file}") from None
 
     def __exit__(self, *_exc: object) -> None:
         """Stop the SuperLink and everything it started (SuperExec, the simulation, Ray)."""
-        if self.process is None:
-            return
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.process.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(self.process)
 
 
 def _run_config(request: SimulationRequest) -> str:
@@ -161,9 +121,8 @@ def _run_config(request: SimulationRequest) -> str:
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
 
 
-def _flwr(args: list[str], env: dict[str, str], capture: bool = False) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([_bin("flwr"), *args], env=env, text=True, check=False,
-                          stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None)
+def _flwr(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([console_script("flwr"), *args], env=env, text=True, check=False)
 
 
 def run_simulation(request: SimulationRequest) -> Path:
@@ -176,10 +135,12 @@ def run_simulation(request: SimulationRequest) -> Path:
                    "--federation-config", federation, "--run-config", _run_config(request)]
         log.info("flwr %s", shlex.join(command))
         _flwr(command, env)
-        listing = _flwr(["ls", CONNECTION, "--format", "json"], env, capture=True)
-    runs = json.loads(listing.stdout[listing.stdout.index("{"):]).get("runs", [])
+        try:
+            runs = list_runs(CONNECTION, env)
+        except RuntimeError as error:
+            raise SimulationError(str(error)) from None
     if not runs:
-        raise SimulationError(f"no run was recorded; `flwr ls` said: {listing.stdout.strip()}")
+        raise SimulationError("no run was recorded by the SuperLink")
     run = runs[-1]
     if run["status"] != "finished:completed":
         raise SimulationError(f"run {run['run-id']} ended as {run['status']} ({run.get('status-details')}); "

@@ -188,9 +188,17 @@ class FedPav(FedAvg):
         self._expected: dict[str, ArraySpec] = {}
         self.node_models: dict[int, ArrayRecord] = {}  # per-node models when clustering
         self.site_models: dict[str, ArrayRecord] = {}  # the same, by site name (for checkpoints)
+        self.site_nodes: dict[str, int] = {}  # site name -> node id it last replied from
         self.last_clusters: list[list[str]] = []
         self.last_train = RoundLog()
         self.last_evaluate = RoundLog()
+
+    def restore_site_models(self, site_models: dict[str, ArrayRecord], site_nodes: dict[str, int]) -> None:
+        """Per-site models of a resumed run. Node ids survive a SuperLink restart when its database is
+        kept (registered keys keep their ids); a site whose node id changed gets the global model once."""
+        self.site_models = dict(site_models)
+        self.site_nodes = dict(site_nodes)
+        self.node_models = {node: site_models[site] for site, node in site_nodes.items() if site in site_models}
 
     # ----- sending -----------------------------------------------------------------------------
 
@@ -292,6 +300,7 @@ class FedPav(FedAvg):
             for upload in members:
                 self.node_models[upload.node] = model
                 self.site_models[upload.site] = model
+                self.site_nodes[upload.site] = upload.node
         self.last_train.clusters = named_partition(groups, [u.site for u in uploads])
         if self.clustering.method != "singletons":
             change = "" if previous in ([], self.last_train.clusters) else f" (was {previous})"

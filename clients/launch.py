@@ -1,0 +1,112 @@
+"""`fedreid-client`: one line to join a camera site to the federation from its edge box.
+
+    fedreid-client --server fl.example.org:9092 --dataset mall --data-root /data/mall \\
+        --ca certs/ca.crt --key certs/sites/mall [--gpu 0]
+
+A thin wrapper over Flower's `flower-supernode`: it first checks the site's data layout (and
+fails with the path and the expected layout if it is wrong, before any connection is made), then
+replaces itself with a SuperNode whose `node_config` carries the site's dataset name, data root,
+GPU and state folder. TLS (verified against `--ca`) and SuperNode authentication (`--key`, the
+site's private key from `fedreid-certs create`) are on unless `--insecure` (local trials only).
+
+The state folder (default `./fedreid-state/<dataset>`) keeps what must survive a restart of the
+box: the site's classifier head and pruning masks (written by the ClientApp after every round) and
+Flower's own home (the installed app).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from reid.data.dataset import load_reid_data
+from reid.data.layout import DatasetLayoutError
+
+log = logging.getLogger("fedreid.client")
+
+
+def console_script(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", required=True, help="HOST:PORT of the SuperLink's Fleet API (gRPC)")
+    parser.add_argument("--dataset", required=True, help="this site's name (reported in every result)")
+    parser.add_argument("--data-root", required=True, type=Path, help="folder with train/, query/, gallery/")
+    parser.add_argument("--gpu", type=int, default=None, help="CUDA device index (default: first GPU, else CPU)")
+    parser.add_argument("--ca", type=Path, default=None, help="CA certificate that signed the server's (ca.crt)")
+    parser.add_argument("--key", type=Path, default=None, help="this site's authentication private key")
+    parser.add_argument("--insecure", action="store_true", help="no TLS, no authentication: local trials only")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="site-local state: head, masks, Flower home (default ./fedreid-state/<dataset>)")
+    parser.add_argument("--runtime-port", type=int, default=9094,
+                        help="local port of the SuperNode's Runtime API (distinct per SuperNode on one host)")
+    parser.add_argument("--max-wait-time", type=float, default=None,
+                        help="give up after this many seconds without the SuperLink (default: retry forever)")
+    parser.add_argument("--check-only", action="store_true", help="check the data layout and the key files, then exit")
+    return parser.parse_args(argv)
+
+
+def check_site(args: argparse.Namespace) -> str:
+    """The data layout and the TLS files, checked before connecting; raise with what is wrong."""
+    data = load_reid_data(args.data_root.expanduser().resolve(), name=args.dataset, verify=False)
+    if not data.train:
+        raise DatasetLayoutError(f"{args.data_root}: the train split holds no usable images")
+    if not args.insecure:
+        for flag, path in (("--ca", args.ca), ("--key", args.key)):
+            if path is None:
+                raise ValueError(f"{flag} is required (or --insecure for a local trial without TLS)")
+            if not path.is_file():
+                raise FileNotFoundError(f"{flag} {path} does not exist (made by `fedreid-certs create`)")
+    return data.summary()
+
+
+def supernode_command(args: argparse.Namespace, state_dir: Path) -> list[str]:
+    root = args.data_root.expanduser().resolve()
+    node_config = f'dataset="{args.dataset}" data-root="{root}" state-dir="{state_dir}"'
+    if args.gpu is not None:
+        node_config += f" gpu={args.gpu}"
+    command = [console_script("flower-supernode"), "--superlink", args.server, "--node-config", node_config,
+               "--port", str(args.runtime_port)]
+    if args.insecure:
+        command.append("--insecure")
+    else:
+        command += ["--root-certificates", str(args.ca.resolve()),
+                    "--auth-supernode-private-key", str(args.key.resolve())]
+    if args.max_wait_time is not None:
+        command += ["--max-wait-time", str(args.max_wait_time)]
+    return command
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    try:
+        summary = check_site(args)
+    except (DatasetLayoutError, OSError, ValueError) as error:
+        log.error("cannot start site %s: %s", args.dataset, error)
+        return 2
+    log.info("data ok: %s", summary)
+    if args.check_only:
+        return 0
+    if args.insecure:
+        log.warning("--insecure: no TLS and no authentication; use this for local trials only")
+    state_dir = (args.state_dir or Path("fedreid-state") / args.dataset).expanduser().resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("FLWR_HOME", str(state_dir / "flwr-home"))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    command = supernode_command(args, state_dir)
+    log.info("starting %s", " ".join(command))
+    sys.stdout.flush()
+    os.execvpe(command[0], command, env)  # the SuperNode takes over this process (signals, exit code)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

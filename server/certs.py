@@ -1,0 +1,266 @@
+"""`fedreid-certs`: the deployment's TLS certificates and the sites' authentication keys.
+
+    fedreid-certs create certs/ --san server.example.org --san 10.0.0.5 --site mall --site station --site campus
+    fedreid-certs register certs/ --superlink server.example.org:9093
+
+`create` writes, with the `cryptography` library (no openssl command lines):
+
+    certs/ca.crt, ca.key             a private CA (EC P-384), valid 10 years
+    certs/server.pem, server.key     the SuperLink's certificate for the SANs given (DNS names or IPs)
+    certs/sites/<site>, <site>.pub   one SuperNode authentication key pair per site (EC P-384, OpenSSH format)
+
+Existing files are kept, so adding a site later reuses the CA and the server certificate; `--force`
+re-creates everything. Private keys are written with mode 0600. Copy `ca.crt` and `sites/<site>` (the
+private key) to the site's box; nothing else leaves the server.
+
+`register` adds the sites' public keys to a running SuperLink (Flower's `flwr supernode register`
+over the Control API, TLS-verified with ca.crt). A SuperLink started by `fedreid-server` refuses any
+SuperNode whose key is not registered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from server.flower_cli import flwr_environment, console_script
+
+log = logging.getLogger("fedreid.certs")
+
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+VALIDITY = datetime.timedelta(days=3650)
+
+
+@dataclass(frozen=True)
+class CertPaths:
+    """Where `create` writes each file inside one folder."""
+
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.root / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / "server.key"
+
+    def site_key(self, site: str) -> Path:
+        return self.root / "sites" / site
+
+    def site_public_key(self, site: str) -> Path:
+        return self.root / "sites" / f"{site}.pub"
+
+    def sites(self) -> list[str]:
+        """Sites with a public key in this folder, sorted."""
+        return sorted(p.stem for p in (self.root / "sites").glob("*.pub"))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedreid"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _subject_alt_names(sans: list[str]) -> x509.SubjectAlternativeName:
+    """DNS names and IP addresses, told apart by whether they parse as an IP."""
+    entries: list[x509.GeneralName] = []
+    for san in sans:
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(san)))
+        except ValueError:
+            entries.append(x509.DNSName(san))
+    return x509.SubjectAlternativeName(entries)
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + VALIDITY))
+
+
+def create_ca(paths: CertPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = _name("fedreid CA")
+    cert = (_builder(name, name, key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA384()))
+    _write_private(paths.ca_key, _pem_key(key))
+    paths.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert, key
+
+
+def load_ca(paths: CertPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{paths.ca_key} is not an EC private key")
+    return cert, key
+
+
+def create_server_cert(paths: CertPaths, sans: list[str], ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]) -> None:
+    ca_cert, ca_key = ca
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (_builder(_name(sans[0]), ca_cert.subject, key.public_key())
+            .add_extension(_subject_alt_names(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA384()))
+    _write_private(paths.server_key, _pem_key(key))
+    paths.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def create_site_key(paths: CertPaths, site: str) -> None:
+    """An EC P-384 key pair in OpenSSH format, the form `flower-supernode` and `flwr supernode register` read."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    _write_private(paths.site_key(site), private)
+    paths.site_public_key(site).write_bytes(public + f" fedreid-{site}\n".encode())
+
+
+def server_cert_sans(paths: CertPaths) -> list[str]:
+    cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(v) for v in names.get_values_for_type(x509.DNSName) + names.get_values_for_type(x509.IPAddress)]
+
+
+def create(root: Path, sans: list[str], sites: list[str], force: bool = False) -> list[Path]:
+    """Create what is missing (everything with `force`); return the files written."""
+    for site in sites:
+        if not SITE_NAME.match(site):
+            raise ValueError(f"site name {site!r}: use letters, digits, '.', '_' or '-'")
+    paths = CertPaths(root)
+    root.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if force or not (paths.ca_cert.exists() and paths.ca_key.exists()):
+        ca = create_ca(paths)
+        written += [paths.ca_cert, paths.ca_key]
+        force = True  # a new CA invalidates the old server certificate
+    else:
+        ca = load_ca(paths)
+    if force or not paths.server_cert.exists():
+        if not sans:
+            raise ValueError("the server certificate needs at least one --san (the name or IP sites connect to)")
+        create_server_cert(paths, sans, ca)
+        written += [paths.server_cert, paths.server_key]
+    elif sans and sorted(sans) != sorted(server_cert_sans(paths)):
+        raise ValueError(f"{paths.server_cert} exists for SANs {server_cert_sans(paths)}, not {sans}; "
+                         f"use --force to re-create all certificates")
+    for site in sites:
+        if force or not paths.site_key(site).exists():
+            create_site_key(paths, site)
+            written += [paths.site_key(site), paths.site_public_key(site)]
+    return written
+
+
+def register(root: Path, superlink: str, sites: list[str] | None = None) -> dict[str, str]:
+    """Register the sites' public keys with the SuperLink's Control API; return site -> result."""
+    paths = CertPaths(root)
+    chosen = sites or paths.sites()
+    if not chosen:
+        raise ValueError(f"no site keys under {root / 'sites'}; run `fedreid-certs create` first")
+    results: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="fedreid-flwr-") as home:
+        Path(home, "config.toml").write_text(
+            f'[superlink]\ndefault = "deployment"\n\n[superlink.deployment]\naddress = "{superlink}"\n'
+            f'root-certificates = "{paths.ca_cert.resolve()}"\n')
+        env = flwr_environment(Path(home))
+        for site in chosen:
+            public = paths.site_public_key(site)
+            if not public.exists():
+                raise FileNotFoundError(f"{public} does not exist; run `fedreid-certs create {root} --site {site}`")
+            done = subprocess.run([console_script("flwr"), "supernode", "register", str(public), "deployment",
+                                   "--name", site, "--format", "json"],
+                                  env=env, text=True, capture_output=True, check=False)
+            results[site] = _register_result(done.stdout + done.stderr)
+            log.info("site %s: %s", site, results[site])
+    return results
+
+
+def _register_result(output: str) -> str:
+    """'registered as node N' or Flower's own error message."""
+    start = output.find("{")
+    if start >= 0:
+        try:
+            reply = json.loads(output[start:output.rindex("}") + 1])
+        except ValueError:
+            reply = {}
+        if reply.get("success"):
+            return f"registered as node {reply['node-id']}"
+        if reply.get("error-message"):
+            return f"not registered: {reply['error-message']}"
+    return f"not registered: {output.strip()[-300:]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    make = commands.add_parser("create", help="CA, server certificate and site keys (missing ones only)")
+    make.add_argument("folder", type=Path)
+    make.add_argument("--san", action="append", default=[], help="DNS name or IP of the server (repeatable)")
+    make.add_argument("--site", action="append", default=[], help="site name (repeatable)")
+    make.add_argument("--force", action="store_true", help="re-create everything, including the CA")
+    enrol = commands.add_parser("register", help="register the sites' public keys with a running SuperLink")
+    enrol.add_argument("folder", type=Path)
+    enrol.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink's Control API")
+    enrol.add_argument("--site", action="append", default=None, help="only these sites (default: all)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "create":
+            for path in create(args.folder, args.san, args.site, args.force):
+                print(f"wrote {path}")
+            return 0
+        results = register(args.folder, args.superlink, args.site)
+    except (OSError, ValueError) as error:
+        log.error("%s", error)
+        return 1
+    for site, result in results.items():
+        print(f"{site}: {result}")
+    return 0 if all(r.startswith("registered") for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Deployment on loopback with real processes: fedreid-server (SuperLink, TLS + SuperNode auth),
+fedreid-client per site (SuperNode), fedreid-certs, and a run submitted with `flwr run`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.certs import create
+from tests.deployment import Deployment
+
+
+def _sites(tiny_sites: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(tiny_sites.iterdir()) if p.is_dir()}
+
+
+def _run_folder(outputs: Path) -> Path:
+    folders = [p for p in outputs.iterdir() if p.is_dir()]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def _logs(deployment: Deployment) -> str:
+    names = ["server.log", *[f"client-{s}.log" for s in deployment.sites]]
+    return "\n".join(f"--- {n}\n{deployment.log(n)[-2500:]}" for n in names)
+
+
+def test_tls_federation_of_three_sites_completes_and_refuses_an_unregistered_key(tiny_sites: Path,
+                                                                                  tmp_path: Path) -> None:
+    sites = _sites(tiny_sites)
+    deployment = Deployment(tmp_path, sites)
+    try:
+        deployment.start_server()
+        registered = deployment.register_sites()
+        assert all(result.startswith("registered as node") for result in registered.values()), registered
+
+        # a key the SuperLink does not know: the SuperNode is refused and exits
+        create(deployment.certs, [], ["intruder"])
+        intruder_sites = {**sites, "intruder": sites["0-mall"]}
+        deployment.sites = intruder_sites
+        intruder = deployment.start_client("intruder", None, "--max-wait-time", "60")
+        assert intruder.wait(timeout=120) != 0
+        assert "Failed to activate" in deployment.log("client-intruder.log") or \
+            "not registered" in deployment.log("client-intruder.log").lower(), deployment.log("client-intruder.log")
+        deployment.sites = sites
+
+        for site in sites:
+            deployment.start_client(site)
+        deployment.wait_for_nodes(3)
+        outputs = tmp_path / "outputs"
+        run_id = deployment.submit(f'profile="test" output-dir="{outputs}"')
+        status = deployment.wait_finished(run_id, timeout=600)
+        assert status == "finished:completed", _logs(deployment)
+    finally:
+        deployment.close()
+
+    folder = _run_folder(outputs)
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2]
+    for line in lines[1:]:
+        assert set(line["train"]["sites"]) == set(sites) and not line["train"]["rejected"]
+        assert set(line["evaluate"]["sites"]) == set(sites)
+    assert all(f"| {site} |" in (folder / "results.md").read_text() for site in sites)
+    assert (folder / "global_model.pt").stat().st_size > 1_000_000
+    for site in sites:  # each site saved its head where a restarted SuperNode will find it
+        saved = list((tmp_path / "site-state" / site).glob("*.state"))
+        assert [p.name for p in saved] == [f"{folder.name}.state"]
+
+
+def test_client_launcher_refuses_a_wrong_layout_before_connecting(tmp_path: Path, tiny_site: Path) -> None:
+    broken = tmp_path / "site"
+    shutil.copytree(tiny_site, broken)
+    shutil.rmtree(broken / "query")
+    done = subprocess.run([sys.executable, "-m", "clients.launch", "--server", "127.0.0.1:1", "--dataset", "x",
+                           "--data-root", str(broken), "--insecure"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert str(broken) in done.stderr and "query" in done.stderr
+
+    done = subprocess.run([sys.executable, "-m", "clients.launch", "--server", "127.0.0.1:1", "--dataset", "x",
+                           "--data-root", str(tiny_site), "--ca", str(tmp_path / "missing.crt"),
+                           "--key", str(tmp_path / "k")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "missing.crt" in done.stderr
+
+
+def test_server_launcher_names_missing_certificates(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "server.launch", "--certs", str(tmp_path / "nothing"),
+                           "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "fedreid-certs create" in done.stderr and str(tmp_path / "nothing" / "ca.crt") in done.stderr
+
+
+@pytest.mark.parametrize("sans", [["localhost", "127.0.0.1", "::1"]])
+def test_certs_are_signed_by_the_ca_and_site_keys_load_as_flower_reads_them(tmp_path: Path, sans: list[str]) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from server.certs import server_cert_sans
+
+    written = create(tmp_path, sans, ["mall", "station"])
+    assert len(written) == 8
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert sorted(server_cert_sans(tmp_path)) == sorted(sans)
+    key = load_ssh_private_key((tmp_path / "sites" / "mall").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    public = load_ssh_public_key((tmp_path / "sites" / "mall.pub").read_bytes())
+    assert public.public_numbers() == key.public_key().public_numbers()
+    assert (tmp_path / "sites" / "mall").stat().st_mode & 0o077 == 0
+    # a second call keeps everything and only adds the new site
+    before = (tmp_path / "ca.crt").read_bytes()
+    assert create(tmp_path, [], ["campus"]) == [tmp_path / "sites" / "campus", tmp_path / "sites" / "campus.pub"]
+    assert (tmp_path / "ca.crt").read_bytes() == before
+    with pytest.raises(ValueError, match="--force"):
+        create(tmp_path, ["elsewhere"], [])
+    with pytest.raises(ValueError, match="site name"):
+        create(tmp_path, [], ["../evil"])

@@ -1,0 +1,98 @@
+"""Nothing lost on failure: resume points, site state on disk, and the Prometheus gauges."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+
+from clients.site_state import persist_site_state, restore_site_state, state_file
+from server.flower_cli import free_port
+from server.outputs import RunOutputs
+from server.resume import ResumeError, find_run_folder, load_resume_point
+from server.telemetry import FederationGauges
+
+
+def _run_folder(root: Path, name: str, checkpoint_round: int, metric_rounds: list[int]) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("seed: 0\n")
+    outputs = RunOutputs(folder)
+    for r in metric_rounds:
+        outputs.append_round({"round": r, "train": None, "evaluate": None})
+    torch.save({"state_dict": {"w": torch.full((2, 2), float(checkpoint_round))}, "round": checkpoint_round},
+               folder / "global_model.pt")
+    return folder
+
+
+def test_resume_drops_the_line_of_a_round_whose_checkpoint_was_not_written(tmp_path: Path) -> None:
+    folder = _run_folder(tmp_path, "a", checkpoint_round=2, metric_rounds=[0, 1, 2, 3])
+    point = load_resume_point(folder)
+    assert point.next_round == 3
+    assert [r["round"] for r in point.rounds] == [0, 1, 2]
+    assert [json.loads(line)["round"] for line in (folder / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert np.array_equal(point.arrays["w"].numpy(), np.full((2, 2), 2.0, dtype=np.float32))
+
+
+def test_resume_latest_takes_the_newest_checkpoint_and_names_what_is_missing(tmp_path: Path) -> None:
+    old = _run_folder(tmp_path, "old", 1, [0, 1])
+    new = _run_folder(tmp_path, "new", 1, [0, 1])
+    os.utime(old / "global_model.pt", (time.time() - 100, time.time() - 100))
+    assert find_run_folder(tmp_path, "latest") == new.resolve()
+    assert find_run_folder(tmp_path, "old") == old.resolve()
+    with pytest.raises(ResumeError, match="no run folder with a global_model.pt"):
+        find_run_folder(tmp_path / "empty", "latest")
+    with pytest.raises(ResumeError, match="nothing: it holds no global_model.pt"):
+        find_run_folder(tmp_path, str(tmp_path / "nothing"))
+
+
+def test_site_state_survives_a_new_supernode_process(tmp_path: Path) -> None:
+    config = {"state-dir": str(tmp_path / "state"), "dataset": "mall"}
+    first = Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={})
+    head = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    first.state["local-state"] = ArrayRecord({"classifier.weight": Array(head)})
+    first.state["pruning-state"] = ConfigRecord({"ratio": 0.25, "pending": True})
+    path = state_file(first, "20261122-fedklpr-run3")
+    persist_site_state(first, path)
+    assert path.is_file() and not path.with_suffix(".tmp").exists()
+
+    restarted = Context(run_id=9, node_id=8, node_config=config, state=RecordDict(), run_config={})
+    assert restore_site_state(restarted, path)
+    assert np.array_equal(restarted.state["local-state"]["classifier.weight"].numpy(), head)
+    assert restarted.state["pruning-state"]["ratio"] == 0.25
+    # a SuperNode that already holds state keeps it; another run tag starts fresh; no state-dir = nothing
+    assert not restore_site_state(restarted, path)
+    assert not state_file(first, "other-run").exists()
+    assert state_file(Context(1, 1, {}, RecordDict(), {}), "x") is None
+    path.write_bytes(b"\x00garbage")
+    assert not restore_site_state(Context(1, 1, config, RecordDict(), {}), path)
+
+
+def test_prometheus_endpoint_serves_the_round_gauges(tmp_path: Path) -> None:
+    gauges = FederationGauges(tmp_path, "fedpav")
+    port = free_port()
+    gauges.serve(port, "127.0.0.1")
+    gauges.record_round({
+        "round": 3, "seconds": 12.5,
+        "train": {"sites": {"mall": {}, "station": {}}, "rejected": {"campus": "bad shape"}, "failed": ["lab"],
+                  "bytes": {"sent": 300, "received": 200}, "aggregation_seconds": 0.25},
+        "evaluate": {"sites": {"mall": {"rank1": 0.5, "mAP": 0.4}}, "bytes": {"sent": 30, "received": 2}},
+    })
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert "fedreid_round 3.0" in text
+    assert 'fedreid_round_sites{outcome="replied"} 2.0' in text
+    assert 'fedreid_round_sites{outcome="rejected"} 1.0' in text
+    assert 'fedreid_round_sites{outcome="failed"} 1.0' in text
+    assert 'fedreid_round_bytes{direction="up"} 200.0' in text
+    assert 'fedreid_bytes{direction="down"} 330.0' in text
+    assert "fedreid_aggregation_seconds 0.25" in text and "fedreid_round_seconds 12.5" in text
+    assert 'fedreid_site_rank1{site="mall"} 0.5' in text and 'fedreid_site_map{site="mall"} 0.4' in text
+    assert "fedreid_round 3.0" in (tmp_path / "metrics.prom").read_text()
