@@ -24,6 +24,7 @@ from pathlib import Path
 
 from reid.data.dataset import load_reid_data
 from reid.data.layout import DatasetLayoutError
+from reid.data.synthetic import generate_site
 
 log = logging.getLogger("fedreid.client")
 
@@ -48,8 +49,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="local port of the SuperNode's Runtime API (distinct per SuperNode on one host)")
     parser.add_argument("--max-wait-time", type=float, default=None,
                         help="give up after this many seconds without the SuperLink (default: retry forever)")
+    parser.add_argument("--synthetic-site", type=int, default=None, metavar="INDEX",
+                        help="demo boxes: if --data-root holds no images yet, first generate synthetic camera "
+                             "site INDEX there (a folder with real images is never touched)")
     parser.add_argument("--check-only", action="store_true", help="check the data layout and the key files, then exit")
     return parser.parse_args(argv)
+
+
+def ensure_synthetic_site(root: Path, index: int) -> bool:
+    """Generate synthetic site ``index`` into ``root`` unless it already holds images; True if generated.
+
+    A marker file makes an interrupted generation restart on the next launch instead of leaving a
+    half-written site, and keeps a folder with real images (no marker) safe from being overwritten.
+    """
+    marker = root / ".synthetic-incomplete"
+    has_images = any(p.suffix.lower() in {".jpg", ".jpeg", ".png"} for p in root.rglob("*") if p.is_file())
+    if has_images and not marker.exists():
+        return False
+    root.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    log.info("generating synthetic camera site %d in %s", index, root)
+    generate_site(root, index, seed=0, overwrite=True)
+    marker.unlink()
+    return True
 
 
 def check_site(args: argparse.Namespace) -> str:
@@ -86,6 +108,8 @@ def supernode_command(args: argparse.Namespace, state_dir: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
+    if args.synthetic_site is not None:
+        ensure_synthetic_site(args.data_root.expanduser().resolve(), args.synthetic_site)
     try:
         summary = check_site(args)
     except (DatasetLayoutError, OSError, ValueError) as error:

@@ -21,7 +21,7 @@ from flwr.app import Context
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-log = logging.getLogger("fedreid.client")
+log = logging.getLogger("clients.site_state")  # "clients" is the logger the ClientApp process shows
 
 RUN_TAG_KEY = "run-tag"
 

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from server.flower_cli import flwr_environment, console_script
+from server.flower_cli import SuperLinkConnection
 
 log = logging.getLogger("fedreid.certs")
 
@@ -203,17 +202,13 @@ def register(root: Path, superlink: str, sites: list[str] | None = None) -> dict
         raise ValueError(f"no site keys under {root / 'sites'}; run `fedreid-certs create` first")
     results: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="fedreid-flwr-") as home:
-        Path(home, "config.toml").write_text(
-            f'[superlink]\ndefault = "deployment"\n\n[superlink.deployment]\naddress = "{superlink}"\n'
-            f'root-certificates = "{paths.ca_cert.resolve()}"\n')
-        env = flwr_environment(Path(home))
+        connection = SuperLinkConnection(superlink, Path(home), paths.ca_cert)
         for site in chosen:
             public = paths.site_public_key(site)
             if not public.exists():
                 raise FileNotFoundError(f"{public} does not exist; run `fedreid-certs create {root} --site {site}`")
-            done = subprocess.run([console_script("flwr"), "supernode", "register", str(public), "deployment",
-                                   "--name", site, "--format", "json"],
-                                  env=env, text=True, capture_output=True, check=False)
+            done = connection.flwr("supernode", "register", str(public), connection.name, "--name", site,
+                                   "--format", "json")
             results[site] = _register_result(done.stdout + done.stderr)
             log.info("site %s: %s", site, results[site])
     return results

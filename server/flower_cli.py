@@ -88,3 +88,67 @@ def list_runs(connection: str, env: dict[str, str]) -> list[dict[str, object]]:
     if "{" not in text:
         raise RuntimeError(f"`flwr ls` gave no JSON: {(listing.stdout + listing.stderr).strip()[-500:]}")
     return list(json.loads(text[text.index("{"):]).get("runs", []))
+
+
+def _json_tail(text: str) -> dict[str, object]:
+    """The JSON object the flwr CLI prints with --format json (after any log lines)."""
+    if "{" not in text:
+        raise ValueError("no JSON in the output")
+    return dict(json.loads(text[text.index("{"):text.rindex("}") + 1]))
+
+
+class SuperLinkConnection:
+    """The flwr CLI pointed at one SuperLink's Control API, from its own FLWR_HOME."""
+
+    def __init__(self, address: str, home: Path, ca: Path | None = None, name: str = "fedreid") -> None:
+        self.address, self.home, self.ca, self.name = address, home, ca, name
+        home.mkdir(parents=True, exist_ok=True)
+        tls = f'root-certificates = "{ca.resolve()}"' if ca is not None else "insecure = true"
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
+                                          f'address = "{address}"\n{tls}\n')
+
+    def flwr(self, *args: str, timeout: float = 300, stream: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run `flwr ARGS` (output captured unless ``stream``)."""
+        return subprocess.run([console_script("flwr"), *args], env=flwr_environment(self.home), text=True,
+                              capture_output=not stream, timeout=timeout, check=False)
+
+    def online_nodes(self) -> int:
+        done = self.flwr("supernode", "list", self.name, "--format", "json", timeout=60)
+        try:
+            nodes = _json_tail(done.stdout).get("nodes", [])
+        except ValueError:
+            return 0
+        return sum(1 for n in nodes if str(n.get("status", "")).startswith("online"))  # type: ignore[union-attr]
+
+    def wait_for_nodes(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while (online := self.online_nodes()) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {online} of {count} sites online at {self.address} after {timeout:.0f} s")
+            time.sleep(2.0)
+
+    def submit(self, app: Path, run_config: str) -> int:
+        """`flwr run` without streaming; the new run's id."""
+        done = self.flwr("run", str(app), self.name, "--run-config", run_config, "--format", "json")
+        try:
+            reply = _json_tail(done.stdout)
+        except ValueError:
+            reply = {}
+        if not reply.get("success"):
+            raise RuntimeError(f"flwr run failed: {(done.stdout + done.stderr).strip()[-1500:]}")
+        return int(reply["run-id"])  # type: ignore[arg-type]
+
+    def status(self, run_id: int) -> str:
+        """e.g. 'running' or 'finished:completed' ('unknown ...' when the SuperLink does not answer)."""
+        done = self.flwr("ls", self.name, "--run-id", str(run_id), "--format", "json", timeout=60)
+        try:
+            runs = _json_tail(done.stdout).get("runs", [])
+        except ValueError:
+            return f"unknown ({(done.stdout + done.stderr).strip()[-300:]})"
+        return str(runs[0]["status"]) if runs else "unknown (no such run)"  # type: ignore[index]
+
+    def wait_finished(self, run_id: int, timeout: float, poll: float = 2.0) -> str:
+        deadline = time.monotonic() + timeout
+        while not (status := self.status(run_id)).startswith("finished") and time.monotonic() < deadline:
+            time.sleep(poll)
+        return status

@@ -7,17 +7,14 @@ Every piece is a separate OS process started through the project's own launchers
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from server.certs import create, register
-from server.flower_cli import console_script, flwr_environment, free_port, stop_process_group, wait_healthy
+from server.flower_cli import SuperLinkConnection, flwr_environment, free_port, stop_process_group, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
-CONNECTION = "fedreid"
 
 
 class Deployment:
@@ -35,11 +32,8 @@ class Deployment:
         self.runtime_ports: dict[str, int] = {}
         if not insecure:
             create(self.certs, ["localhost", "127.0.0.1"], list(sites))
-        self.cli_home.mkdir(parents=True, exist_ok=True)
-        tls = "insecure = true" if insecure else f'root-certificates = "{self.certs / "ca.crt"}"'
-        (self.cli_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.control_port}"\n{tls}\n')
+        self.connection = SuperLinkConnection(f"127.0.0.1:{self.control_port}", self.cli_home,
+                                              None if insecure else self.certs / "ca.crt")
 
     def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen[bytes]:
         log_file = open(self.root / log_name, "ab")  # noqa: SIM115 - the child owns it
@@ -77,50 +71,17 @@ class Deployment:
         self.clients[site] = self._spawn(self.client_command(site, key, *extra), f"client-{site}.log")
         return self.clients[site]
 
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([console_script("flwr"), *args], env=flwr_environment(self.cli_home), text=True,
-                              capture_output=True, timeout=timeout, check=False)
-
     def wait_for_nodes(self, count: int, timeout: float = 90.0) -> None:
-        """Until `flwr supernode list` shows `count` online SuperNodes."""
-        deadline = time.monotonic() + timeout
-        listing = None
-        while time.monotonic() < deadline:
-            listing = self.flwr("supernode", "list", CONNECTION, "--format", "json")
-            text = listing.stdout
-            if "{" in text:
-                nodes = json.loads(text[text.index("{"):]).get("nodes", [])
-                if sum(1 for n in nodes if str(n.get("status", "")).startswith("online")) >= count:
-                    return
-            time.sleep(1.0)
-        raise RuntimeError(f"fewer than {count} SuperNodes online after {timeout:.0f} s: "
-                           f"{listing.stdout if listing else ''}{listing.stderr if listing else ''}")
+        self.connection.wait_for_nodes(count, timeout)
 
     def submit(self, run_config: str) -> int:
-        done = self.flwr("run", str(REPO), CONNECTION, "--run-config", run_config, "--format", "json")
-        text = done.stdout
-        if "{" not in text:
-            raise RuntimeError(f"flwr run failed: {done.stdout}{done.stderr}")
-        reply = json.loads(text[text.index("{"):])
-        if not reply.get("success"):
-            raise RuntimeError(f"flwr run failed: {reply}")
-        return int(reply["run-id"])
+        return self.connection.submit(REPO, run_config)
 
     def status(self, run_id: int) -> str:
-        done = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
-        text = done.stdout
-        if "{" not in text:
-            return f"unknown ({done.stdout}{done.stderr})"
-        runs = json.loads(text[text.index("{"):]).get("runs", [])
-        return str(runs[0]["status"]) if runs else "unknown (no such run)"
+        return self.connection.status(run_id)
 
     def wait_finished(self, run_id: int, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        status = self.status(run_id)
-        while not status.startswith("finished") and time.monotonic() < deadline:
-            time.sleep(2.0)
-            status = self.status(run_id)
-        return status
+        return self.connection.wait_finished(run_id, timeout)
 
     def stop_client(self, site: str) -> None:
         stop_process_group(self.clients.pop(site, None))

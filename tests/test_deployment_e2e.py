@@ -7,11 +7,15 @@ import json
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.certs import create
+from server.flower_cli import free_port
 from tests.deployment import Deployment
 
 
@@ -100,14 +104,14 @@ def test_certs_are_signed_by_the_ca_and_site_keys_load_as_flower_reads_them(tmp_
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-    from server.certs import server_cert_sans
+    from server.certs import CertPaths, server_cert_sans
 
     written = create(tmp_path, sans, ["mall", "station"])
     assert len(written) == 8
     ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
     server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
     server.verify_directly_issued_by(ca)
-    assert sorted(server_cert_sans(tmp_path)) == sorted(sans)
+    assert sorted(server_cert_sans(CertPaths(tmp_path))) == sorted(sans)
     key = load_ssh_private_key((tmp_path / "sites" / "mall").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
     public = load_ssh_public_key((tmp_path / "sites" / "mall.pub").read_bytes())
@@ -121,3 +125,88 @@ def test_certs_are_signed_by_the_ca_and_site_keys_load_as_flower_reads_them(tmp_
         create(tmp_path, ["elsewhere"], [])
     with pytest.raises(ValueError, match="site name"):
         create(tmp_path, [], ["../evil"])
+
+
+def _wait_for_round(folder_parent: Path, server_round: int, deployment: Deployment, timeout: float = 300) -> Path:
+    """The run folder, once its metrics.jsonl holds a line for ``server_round``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for metrics in folder_parent.glob("*/metrics.jsonl"):
+            if any(json.loads(line)["round"] == server_round for line in metrics.read_text().splitlines()):
+                return metrics.parent
+        time.sleep(1.0)
+    raise AssertionError(f"round {server_round} never completed\n{_logs(deployment)}")
+
+
+def _rounds(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+FAST = "federation.eval_every=10 federation.eval_at_start=false federation.min_sites=2"
+
+
+def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins_with_its_head(tiny_sites: Path, tmp_path: Path) -> None:
+    sites = _sites(tiny_sites)
+    deployment = Deployment(tmp_path, sites)
+    outputs, port = tmp_path / "outputs", free_port()
+    overrides = f"{FAST} federation.rounds=4 federation.round_timeout_s=30 telemetry.prometheus_port={port}"
+    try:
+        deployment.start_server()
+        deployment.register_sites()
+        for site in sites:
+            deployment.start_client(site)
+        deployment.wait_for_nodes(3)
+        run_id = deployment.submit(f'profile="test" output-dir="{outputs}" overrides="{overrides}"')
+        folder = _wait_for_round(outputs, 1, deployment)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            scraped = response.read().decode()
+        deployment.stop_client("2-campus")  # dies while round 2 trains
+        _wait_for_round(outputs, 2, deployment)
+        deployment.start_client("2-campus")  # the box comes back
+        status = deployment.wait_finished(run_id, timeout=600)
+        assert status == "finished:completed", _logs(deployment)
+    finally:
+        deployment.close()
+
+    assert "fedreid_round 1.0" in scraped and 'fedreid_round_sites{outcome="replied"} 3.0' in scraped
+    rounds = _rounds(folder)
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert rounds[1]["train"]["failed"] == ["2-campus"] and set(rounds[1]["train"]["sites"]) == {"0-mall", "1-station"}
+    assert rounds[1]["train"]["aggregated"]
+    rejoined = [r["round"] for r in rounds[2:] if "2-campus" in r["train"]["sites"]]
+    assert rejoined, [r["train"]["failed"] for r in rounds]
+    assert "restored this site's head and masks" in deployment.log("client-2-campus.log")
+    assert set(rounds[-1]["evaluate"]["sites"]) <= set(sites) and rounds[-1]["evaluate"]["sites"]
+
+
+def test_a_killed_server_resumes_without_losing_or_repeating_a_round(tiny_sites: Path, tmp_path: Path) -> None:
+    sites = _sites(tiny_sites)
+    deployment = Deployment(tmp_path, sites)
+    outputs = tmp_path / "outputs"
+    run_config = f'profile="test" output-dir="{outputs}" overrides="{FAST} federation.rounds=3"'
+    try:
+        deployment.start_server()
+        deployment.register_sites()
+        for site in sites:
+            deployment.start_client(site)
+        deployment.wait_for_nodes(3)
+        first = deployment.submit(run_config)
+        folder = _wait_for_round(outputs, 1, deployment)
+        deployment.stop_server()  # SuperLink and its ServerApp die after round 1
+        deployment.start_server()  # same database: the sites' keys are still registered
+        deployment.wait_for_nodes(3)
+        second = deployment.submit(run_config + ' resume="latest"')
+        status = deployment.wait_finished(second, timeout=600)
+        assert status == "finished:completed", _logs(deployment)
+        assert deployment.status(first) != "finished:completed"
+    finally:
+        deployment.close()
+
+    assert [folder] == [p for p in outputs.iterdir() if p.is_dir()]
+    rounds = _rounds(folder)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert all(set(r["train"]["sites"]) == set(sites) for r in rounds)
+    assert rounds[-1]["elapsed_s"] > rounds[0]["elapsed_s"]
+    checkpoint = torch.load(folder / "global_model.pt", weights_only=False)
+    assert checkpoint["round"] == 3
+    assert all("restored this site's head" in deployment.log(f"client-{site}.log") for site in sites)
