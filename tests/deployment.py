@@ -71,6 +71,15 @@ class Deployment:
         self.clients[site] = self._spawn(self.client_command(site, key, *extra), f"client-{site}.log")
         return self.clients[site]
 
+    def start_all(self) -> None:
+        """SuperLink, the sites' keys registered, one SuperNode per site, all of them online."""
+        self.start_server()
+        results = self.register_sites()
+        assert all(r.startswith("registered") for r in results.values()), results
+        for site in self.sites:
+            self.start_client(site)
+        self.wait_for_nodes(len(self.sites))
+
     def wait_for_nodes(self, count: int, timeout: float = 90.0) -> None:
         self.connection.wait_for_nodes(count, timeout)
 

@@ -151,11 +151,7 @@ def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins_with_its_head(tiny_s
     outputs, port = tmp_path / "outputs", free_port()
     overrides = f"{FAST} federation.rounds=4 federation.round_timeout_s=30 telemetry.prometheus_port={port}"
     try:
-        deployment.start_server()
-        deployment.register_sites()
-        for site in sites:
-            deployment.start_client(site)
-        deployment.wait_for_nodes(3)
+        deployment.start_all()
         run_id = deployment.submit(f'profile="test" output-dir="{outputs}" overrides="{overrides}"')
         folder = _wait_for_round(outputs, 1, deployment)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
@@ -185,11 +181,7 @@ def test_a_killed_server_resumes_without_losing_or_repeating_a_round(tiny_sites:
     outputs = tmp_path / "outputs"
     run_config = f'profile="test" output-dir="{outputs}" overrides="{FAST} federation.rounds=3"'
     try:
-        deployment.start_server()
-        deployment.register_sites()
-        for site in sites:
-            deployment.start_client(site)
-        deployment.wait_for_nodes(3)
+        deployment.start_all()
         first = deployment.submit(run_config)
         folder = _wait_for_round(outputs, 1, deployment)
         deployment.stop_server()  # SuperLink and its ServerApp die after round 1
