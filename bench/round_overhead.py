@@ -73,8 +73,8 @@ def in_process_seconds(values: int, clients: int, repeats: int = 3) -> tuple[flo
 class LoopbackFederation:
     """An insecure SuperLink and ``clients`` SuperNodes on 127.0.0.1, all separate processes."""
 
-    def __init__(self, root: Path, clients: int) -> None:
-        self.root, self.clients = root, clients
+    def __init__(self, root: Path, clients: int, in_memory: bool) -> None:
+        self.root, self.clients, self.in_memory = root, clients, in_memory
         self.fleet, self.control = free_port(), free_port()
         self.processes: list[subprocess.Popen[bytes]] = []
 
@@ -88,7 +88,8 @@ class LoopbackFederation:
     def __enter__(self) -> SuperLinkConnection:
         server = self._spawn([sys.executable, "-m", "server.launch", "--insecure", "--host", "127.0.0.1",
                               "--fleet-port", str(self.fleet), "--control-port", str(self.control),
-                              "--state-dir", str(self.root / "superlink")], "superlink", self.root / "superlink")
+                              "--state-dir", str(self.root / "superlink")]
+                             + (["--in-memory-state"] if self.in_memory else []), "superlink", self.root / "superlink")
         wait_healthy(f"http://127.0.0.1:{self.control}/health", server, 90, "the SuperLink")
         for index in range(self.clients):
             self._spawn([console_script("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet}",
@@ -116,28 +117,32 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--values", type=int, default=RESNET50_SHARED_VALUES)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fedreid-overhead-") as scratch:
-        root = Path(scratch)
-        with LoopbackFederation(root, args.clients) as connection:
-            tiny = rounds_over_grpc(connection, 1, args.rounds, root / "tiny.json")
-            full = rounds_over_grpc(connection, args.values, args.rounds, root / "full.json")
+    measured: dict[str, tuple[list[dict], list[dict]]] = {}
+    for store in ("sqlite", "memory"):  # fedreid-server's default database, then --in-memory-state
+        with tempfile.TemporaryDirectory(prefix="fedreid-overhead-") as scratch:
+            root = Path(scratch)
+            with LoopbackFederation(root, args.clients, in_memory=store == "memory") as connection:
+                tiny = rounds_over_grpc(connection, 1, args.rounds, root / "tiny.json")
+                full = rounds_over_grpc(connection, args.values, args.rounds, root / "full.json")
+        assert all(r["echo_ok"] and r["clients"] == args.clients for r in tiny + full)
+        measured[store] = (tiny, full)
     local, message_bytes = in_process_seconds(args.values, args.clients)
-    assert all(r["echo_ok"] and r["clients"] == args.clients for r in tiny + full)
-    # the first round of a run also pays for the ClientApp's first import; report the median of the rest
-    tiny_s = statistics.median(r["seconds"] for r in tiny[1:])
-    full_s = statistics.median(r["seconds"] for r in full[1:])
     moved = 2 * args.clients * message_bytes
     print(f"payload: {args.values:,} float32 values, {message_bytes / 1e6:.1f} MB per message; "
-          f"{args.clients} clients; rounds {args.rounds} (median of rounds 2..{args.rounds})")
-    print(f"round over gRPC, full payload:    {full_s:6.2f} s   (all rounds: {[round(r['seconds'], 2) for r in full]})")
-    print(f"round over gRPC, 1-value payload: {tiny_s:6.2f} s   (all rounds: {[round(r['seconds'], 2) for r in tiny]})")
-    print(f"in-process serialise + deserialise + copy of the same {2 * args.clients} messages: {local:6.2f} s")
-    print(f"effective throughput: {moved / full_s / 1e6:.0f} MB/s over gRPC vs {moved / local / 1e6:.0f} MB/s in process")
-    print(f"ratio round / in-process: {full_s / local:.1f}x")
-    print(f"split of the full round: fixed (polling, process start-up) {tiny_s:.2f} s = {100 * tiny_s / full_s:.0f}%, "
-          f"per-byte {full_s - tiny_s:.2f} s = {100 * (full_s - tiny_s) / full_s:.0f}% "
-          f"(of which in-process serialisation {min(local, full_s - tiny_s):.2f} s)")
-
+          f"{args.clients} clients; {args.rounds} rounds per setting, median of rounds 2..{args.rounds}")
+    print(f"in-process serialise + re-inflate + copy of the round's {2 * args.clients} messages: {local:.2f} s "
+          f"({moved / local / 1e6:.0f} MB/s)")
+    for store, (tiny, full) in measured.items():
+        # the first round of a run also pays for the ClientApp's first import; report the median of the rest
+        tiny_s = statistics.median(r["seconds"] for r in tiny[1:])
+        full_s = statistics.median(r["seconds"] for r in full[1:])
+        label = "SuperLink database (default)" if store == "sqlite" else "SuperLink --in-memory-state"
+        print(f"\n{label}:")
+        print(f"  round, full payload:    {full_s:6.2f} s  (all: {[round(r['seconds'], 2) for r in full]})")
+        print(f"  round, 1-value payload: {tiny_s:6.2f} s  (all: {[round(r['seconds'], 2) for r in tiny]})")
+        print(f"  effective throughput {moved / full_s / 1e6:.0f} MB/s; round / in-process = {full_s / local:.1f}x")
+        print(f"  fixed part (polling, ClientApp start-up) {tiny_s:.2f} s = {100 * tiny_s / full_s:.0f}%, "
+              f"per-byte part {full_s - tiny_s:.2f} s = {100 * (full_s - tiny_s) / full_s:.0f}%")
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,8 @@ A thin wrapper over Flower's `flower-superlink`: it checks that the certificate 
   API of the ServerApp on `--control-port`,
 
 with TLS from `--certs`, `--enable-supernode-auth` (only registered site keys may join), a state
-database under `--state-dir` (runs and registered keys survive a restart), and no runtime
+database under `--state-dir` (runs and registered keys survive a restart; `--in-memory-state` trades
+that for faster transfers of big models), and no runtime
 dependency installation (the image or venv already holds everything). The ServerApp runs as the
 SuperLink's subprocess, so its output folder is relative to this process's working directory; give
 runs an absolute `output-dir`.
@@ -43,14 +44,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--control-port", type=int, default=9093, help="Control/Runtime API port (flwr CLI)")
     parser.add_argument("--state-dir", type=Path, default=Path("fedreid-state/superlink"),
                         help="SuperLink database and Flower home; keep it to survive restarts")
+    parser.add_argument("--in-memory-state", action="store_true",
+                        help="keep runs, registered keys and message objects in memory instead of the SQLite "
+                             "database: faster rounds with big models (see bench/round_overhead.py), but a "
+                             "restarted SuperLink has forgotten the sites' keys (register them again)")
     return parser.parse_args(argv)
 
 
 def superlink_command(args: argparse.Namespace) -> list[str]:
     state = args.state_dir.expanduser().resolve()
     command = [console_script("flower-superlink"), "--fleet-api-address", f"{args.host}:{args.fleet_port}",
-               "--host", args.host, "--port", str(args.control_port), "--database", str(state / "superlink.db"),
+               "--host", args.host, "--port", str(args.control_port),
                "--disable-runtime-dependency-installation", "--log-file", str(state / "superlink.log")]
+    if not args.in_memory_state:
+        command += ["--database", str(state / "superlink.db")]
     if args.insecure:
         return [*command, "--insecure"]
     paths = CertPaths(args.certs.expanduser().resolve())
