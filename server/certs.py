@@ -215,7 +215,9 @@ def register(root: Path, superlink: str, sites: list[str] | None = None) -> dict
 
 
 def _register_result(output: str) -> str:
-    """'registered as node N' or Flower's own error message."""
+    """'registered as node N', 'already registered', or Flower's own error message."""
+    if "Public key already in use" in output:  # a rerun (e.g. `docker compose up` again) is fine
+        return "already registered"
     start = output.find("{")
     if start >= 0:
         try:
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for site, result in results.items():
         print(f"{site}: {result}")
-    return 0 if all(r.startswith("registered") for r in results.values()) else 1
+    return 0 if all(r.startswith(("registered", "already registered")) for r in results.values()) else 1
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def test_tls_federation_of_three_sites_completes_and_refuses_an_unregistered_key
         deployment.start_server()
         registered = deployment.register_sites()
         assert all(result.startswith("registered as node") for result in registered.values()), registered
+        assert set(deployment.register_sites().values()) == {"already registered"}  # reruns are harmless
 
         # a key the SuperLink does not know: the SuperNode is refused and exits
         create(deployment.certs, [], ["intruder"])
