@@ -24,9 +24,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-## Benchmarks (slow; numbers go to stdout).
+## Benchmarks (slow; numbers go to stdout). The algorithm comparison is separate:
+## $(BIN)/python bench/compare_algorithms.py --seeds 0 1 2   (about 2 hours on 2 CPU cores)
 bench: $(STAMP)
 	$(BIN)/python bench/eval_speed.py
+	$(BIN)/python bench/sparse_codec.py
+	$(BIN)/python bench/round_overhead.py
 
 clean:
 	rm -rf .flwr outputs data/synthetic
