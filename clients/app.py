@@ -182,7 +182,7 @@ def evaluate(msg: Message, context: Context) -> Message:
              result.num_valid_queries)
     metrics = MetricRecord({
         "rank1": result.rank(1), "rank5": result.rank(5), "rank10": result.rank(10),
-        "mAP": result.mAP, "mINP": result.mINP,
+        "mAP": result.mAP, "mAP-market": result.mAP_market, "mINP": result.mINP,
         "num-queries": result.num_valid_queries, "num-gallery": len(data.gallery),
     })
     return Message(content=RecordDict({"metrics": metrics, "site": _site_record(location)}), reply_to=msg)

@@ -8,8 +8,10 @@ Protocol, per query:
   * CMC[k] = 1 from the rank of the first true match on; AP is the non-interpolated mean of
     precision@k over every remaining true match; INP = (#true matches) / (rank of the last one).
 
-Note: the FedReID paper's own evaluator uses a trapezoid AP and divides by all queries; this
-module follows torchreid, whose numbers most re-ID work reports.
+Both mAP conventions are reported: ``mAP`` is torchreid's (above; what most re-ID work reports)
+and ``mAP_market`` the original Market-1501 one that the FedReID code uses: per hit, recall step
+x (precision before the hit + precision at it) / 2 (a trapezoid), averaged over ALL queries, so a
+query without a true match counts as 0. It is usually about 1 point lower.
 
 Queries are processed in chunks, so the working memory beyond the distance matrix stays near
 ``chunk_elements`` x ~20 bytes whatever the gallery size. A gallery shorter than ``max_rank``
@@ -38,6 +40,7 @@ class RankResult:
     mINP: float
     num_valid_queries: int
     num_skipped_queries: int
+    mAP_market: float = float("nan")
 
     def rank(self, k: int) -> float:
         """Rank-k accuracy; beyond a short gallery the curve stays at its last value."""
@@ -93,7 +96,7 @@ def evaluate_rank(
     q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
     q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
     first_hits = np.zeros(max_rank + 1, dtype=np.int64)  # histogram of first-match ranks
-    ap_sum, inp_sum, num_valid = 0.0, 0.0, 0
+    ap_sum, inp_sum, trapezoid_sum, num_valid = 0.0, 0.0, 0.0, 0
     chunk = max(1, chunk_elements // num_g)
     for start in range(0, num_q, chunk):
         stop = min(start + chunk, num_q)
@@ -107,13 +110,17 @@ def evaluate_rank(
         rows, kept_rank = rows[hit], kept_rank[hit]
         hit_number = _count_before_in_row(rows, np.ones_like(rows), rows_here) + 1  # 1-based
         num_pos = np.bincount(rows, minlength=rows_here)
-        ap = np.bincount(rows, weights=hit_number / (kept_rank + 1), minlength=rows_here)
+        precision = hit_number / (kept_rank + 1)
+        ap = np.bincount(rows, weights=precision, minlength=rows_here)
+        before = np.where(kept_rank > 0, (hit_number - 1) / np.maximum(kept_rank, 1), 1.0)
+        trapezoid = np.bincount(rows, weights=(before + precision) / 2, minlength=rows_here)
         valid = num_pos > 0
         is_first = hit_number == 1
         is_last = hit_number == num_pos[rows]
         last_rank = np.zeros(rows_here, dtype=np.int64)
         last_rank[rows[is_last]] = kept_rank[is_last]
         ap_sum += float((ap[valid] / num_pos[valid]).sum())
+        trapezoid_sum += float((trapezoid[valid] / num_pos[valid]).sum())
         inp_sum += float((num_pos[valid] / (last_rank[valid] + 1)).sum())
         first_hits += np.bincount(np.minimum(kept_rank[is_first], max_rank), minlength=max_rank + 1)
         num_valid += int(valid.sum())
@@ -121,7 +128,8 @@ def evaluate_rank(
         raise _no_valid_query()
     cmc = (np.cumsum(first_hits[:max_rank]) / num_valid).astype(np.float32)
     return RankResult(cmc=cmc, mAP=ap_sum / num_valid, mINP=inp_sum / num_valid,
-                      num_valid_queries=num_valid, num_skipped_queries=num_q - num_valid)
+                      num_valid_queries=num_valid, num_skipped_queries=num_q - num_valid,
+                      mAP_market=trapezoid_sum / num_q)
 
 
 def evaluate_rank_reference(
@@ -137,7 +145,7 @@ def evaluate_rank_reference(
     _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids)
     num_q, num_g = distmat.shape
     max_rank = min(max_rank, num_g)
-    cmcs, aps, inps = [], [], []
+    cmcs, aps, inps, trapezoids = [], [], [], []
     for q in range(num_q):
         order = np.argsort(distmat[q])
         removed = (g_pids[order] == q_pids[q]) & (g_camids[order] == q_camids[q])
@@ -150,8 +158,14 @@ def evaluate_rank_reference(
         ranks = np.flatnonzero(hits)
         aps.append(np.mean(np.arange(1, len(ranks) + 1) / (ranks + 1)))
         inps.append(len(ranks) / (ranks[-1] + 1))
+        trapezoid = 0.0
+        for hit, rank in enumerate(ranks):  # Market-1501's compute_AP, literally
+            precision = (hit + 1) / (rank + 1)
+            old_precision = hit / rank if rank != 0 else 1.0
+            trapezoid += (1.0 / len(ranks)) * (old_precision + precision) / 2
+        trapezoids.append(trapezoid)
     if not cmcs:
         raise _no_valid_query()
     return RankResult(cmc=np.mean(cmcs, axis=0).astype(np.float32), mAP=float(np.mean(aps)),
                       mINP=float(np.mean(inps)), num_valid_queries=len(cmcs),
-                      num_skipped_queries=num_q - len(cmcs))
+                      num_skipped_queries=num_q - len(cmcs), mAP_market=float(np.sum(trapezoids) / num_q))

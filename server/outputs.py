@@ -96,19 +96,22 @@ class RunOutputs:
 
 
 def format_table(server_round: int, sites: dict[str, dict[str, float]], site_info: dict[str, dict[str, float]]) -> str:
-    """Per-site Rank-1/5/10, mAP, mINP in percent, with training-set sizes and a mean row."""
+    """Per-site Rank-1/5/10, mAP, mINP in percent, with training-set sizes and a mean row.
+
+    ``mAP`` is torchreid's (valid queries only); ``mAP (Market)`` is the original Market-1501
+    trapezoid AP over all queries, which the FedReID code reports (see reid/metrics.py)."""
     lines = [
         f"Per-site results after round {server_round} (global model, each site's own query/gallery)",
         "",
-        "| site | train images | identities | Rank-1 | Rank-5 | Rank-10 | mAP | mINP |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| site | train images | identities | Rank-1 | Rank-5 | Rank-10 | mAP | mINP | mAP (Market) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    keys = ("rank1", "rank5", "rank10", "mAP", "mINP")
+    keys = ("rank1", "rank5", "rank10", "mAP", "mINP", "mAP-market")
     for name in sorted(sites):
         info = site_info.get(name, {})
-        values = " | ".join(f"{100 * sites[name][k]:.1f}" for k in keys)
+        values = " | ".join(f"{100 * sites[name].get(k, float('nan')):.1f}" for k in keys)
         lines.append(f"| {name} | {int(info.get('num-examples', 0))} | {int(info.get('num-identities', 0))} "
                      f"| {values} |")
-    means = " | ".join(f"{100 * sum(m[k] for m in sites.values()) / len(sites):.1f}" for k in keys)
+    means = " | ".join(f"{100 * sum(m.get(k, float('nan')) for m in sites.values()) / len(sites):.1f}" for k in keys)
     lines.append(f"| **mean** | | | {means} |")
     return "\n".join(lines) + "\n"

@@ -55,6 +55,7 @@ CDW_DISTANCE = "cdw-distance"
 KL_DIVERGENCE = "kl-divergence"
 KEPT_FRACTION = "kept-fraction"
 EVAL_METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
+OPTIONAL_EVAL_METRICS = ("mAP-market",)  # Market-1501's trapezoid mAP over all queries
 REQUIRED_METRICS = {"size": (), "cdw": (CDW_DISTANCE,), "klpwa": (KL_DIVERGENCE, KEPT_FRACTION)}
 
 Refiner = Callable[[int, ArrayRecord, list[ArrayRecord]], ArrayRecord]
@@ -316,4 +317,5 @@ class FedPav(FedAvg):
         for message, _ in accepted:
             self.last_evaluate.site_metrics[site_name(message)] = metric_dict(message)
         per_site = self.last_evaluate.site_metrics.values()
-        return MetricRecord({key: float(np.mean([m[key] for m in per_site])) for key in EVAL_METRICS})
+        keys = [*EVAL_METRICS, *(k for k in OPTIONAL_EVAL_METRICS if all(k in m for m in per_site))]
+        return MetricRecord({key: float(np.mean([m[key] for m in per_site])) for key in keys})

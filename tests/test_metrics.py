@@ -21,6 +21,8 @@ def test_hand_worked_single_query(evaluate) -> None:
     assert result.rank(1) == 0.0 and result.rank(5) == 1.0 and result.rank(10) == 1.0
     assert result.mAP == pytest.approx((1 / 2 + 2 / 4) / 2)
     assert result.mINP == pytest.approx(2 / 4)
+    # Market-1501 trapezoid: each hit adds 1/2 x (precision before + precision at) / 2
+    assert result.mAP_market == pytest.approx(0.5 * (0 + 1 / 2) / 2 + 0.5 * (1 / 3 + 2 / 4) / 2)
 
 
 @BOTH
@@ -37,6 +39,7 @@ def test_cmc_and_map_average_over_valid_queries_only(evaluate) -> None:
     np.testing.assert_allclose(result.cmc, [0.5, 0.5, 1.0])
     assert result.mAP == pytest.approx((1.0 + 1 / 3) / 2)
     assert result.mINP == pytest.approx((1.0 + 1 / 3) / 2)
+    assert result.mAP_market == pytest.approx((1.0 + (0 + 1 / 3) / 2 + 0.0) / 3)  # the skipped query counts 0
 
 
 @BOTH
@@ -77,6 +80,7 @@ def test_vectorised_equals_loop_on_random_problems_with_ties(chunk_elements: int
     np.testing.assert_array_equal(fast.cmc, slow.cmc)
     assert fast.mAP == pytest.approx(slow.mAP, abs=1e-12)
     assert fast.mINP == pytest.approx(slow.mINP, abs=1e-12)
+    assert fast.mAP_market == pytest.approx(slow.mAP_market, abs=1e-12)
     assert fast.num_valid_queries == slow.num_valid_queries
 
 
