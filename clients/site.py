@@ -2,7 +2,8 @@
 
 Deployment: ``flower-supernode --node-config 'dataset="market" data-root="/data/market"'``.
 Simulation: every virtual SuperNode gets a ``partition-id``; the run config's ``sites-root``
-holds one folder per site and partition i takes the i-th folder in sorted order.
+holds one folder per site and partition i takes the i-th folder in sorted order, or the i-th of
+the run config's ``site-names`` when a benchmark preset names its sites.
 """
 
 from __future__ import annotations
@@ -40,7 +41,15 @@ def locate_site(node_config: Mapping[str, object], run_config: Mapping[str, obje
     if not str(run_config.get("sites-root", "")) or not sites_root.is_dir():
         raise SiteConfigError(f"simulation needs run config 'sites-root' to be a folder with one sub-folder "
                               f"per site; got {str(run_config.get('sites-root', ''))!r} (resolved {sites_root})")
-    sites = sorted(p for p in sites_root.iterdir() if p.is_dir())
+    names = str(run_config.get("site-names", "") or "").split()
+    if names:  # a benchmark preset names its sites: exactly those folders, in that order
+        missing = [n for n in names if not (sites_root / n).is_dir()]
+        if missing:
+            raise SiteConfigError(f"{sites_root} lacks the site folder(s) {missing}; prepare them with "
+                                  f"`fedreid-prepare <dataset> <raw dir> {sites_root}/<name>`")
+        sites = [sites_root / n for n in names]
+    else:
+        sites = sorted(p for p in sites_root.iterdir() if p.is_dir())
     partition = int(node_config["partition-id"])  # type: ignore[arg-type]
     wanted = int(node_config.get("num-partitions", len(sites)))  # type: ignore[arg-type]
     if wanted > len(sites):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from reid.data.public import generate_public_set
 from reid.data.synthetic import generate_sites, site_names
+from server.config import compose_config
 from server.flower_cli import console_script, flwr_environment, free_port, list_runs, stop_process_group, wait_healthy
 
 log = logging.getLogger("fedreid.sim")
@@ -47,6 +48,7 @@ class SimulationRequest:
     gpus_per_site: float = 0.0
     app_dir: Path = REPO_ROOT
     flwr_home: Path = REPO_ROOT / ".flwr"
+    site_names: tuple[str, ...] = ()  # a benchmark profile's sites (folders of sites_root), in order
 
 
 def ensure_synthetic_sites(root: Path, sites: int, seed: int) -> None:
@@ -116,6 +118,7 @@ def _run_config(request: SimulationRequest) -> str:
         "profile": request.profile,
         "overrides": " ".join(filter(None, [f"seed={request.seed}", public, request.overrides])),
         "sites-root": str(request.sites_root.resolve()),
+        "site-names": " ".join(request.site_names),
         "output-dir": str(request.output_dir.resolve()),
     }
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
@@ -169,6 +172,12 @@ def parse_args(argv: list[str] | None = None) -> SimulationRequest:
     parser.add_argument("--flwr-home", type=Path, default=REPO_ROOT / ".flwr",
                         help="Flower's home for this simulation (config, installed app, SuperLink log)")
     args = parser.parse_args(argv)
+    benchmark = compose_config({"profile": args.profile, "overrides": args.overrides}).benchmark
+    site_names = tuple(str(s) for s in benchmark.sites)
+    if site_names:  # a benchmark profile: its prepared datasets, never generated data
+        args.sites, args.no_generate = len(site_names), True
+        if args.sites_root == REPO_ROOT / "data" / "synthetic" and benchmark.root:
+            args.sites_root = Path(str(benchmark.root))
     if not args.no_generate:
         ensure_synthetic_sites(args.sites_root, args.sites, args.seed)
         ensure_public_set(args.public_root, args.seed)
@@ -176,7 +185,7 @@ def parse_args(argv: list[str] | None = None) -> SimulationRequest:
         sites=args.sites, sites_root=args.sites_root, output_dir=args.output_dir,
         public_root=args.public_root if args.public_root.is_dir() else None, algorithm=args.algorithm,
         profile=args.profile, overrides=args.overrides, seed=args.seed, cpus_per_site=args.cpus_per_site,
-        gpus_per_site=args.gpus_per_site, flwr_home=args.flwr_home.resolve())
+        gpus_per_site=args.gpus_per_site, flwr_home=args.flwr_home.resolve(), site_names=site_names)
     return request
 
 
