@@ -150,7 +150,7 @@ def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins_with_its_head(tiny_s
     sites = _sites(tiny_sites)
     deployment = Deployment(tmp_path, sites)
     outputs, port = tmp_path / "outputs", free_port()
-    overrides = f"{FAST} federation.rounds=4 federation.round_timeout_s=30 telemetry.prometheus_port={port}"
+    overrides = f"{FAST} federation.rounds=5 federation.round_timeout_s=30 telemetry.prometheus_port={port}"
     try:
         deployment.start_all()
         run_id = deployment.submit(f'profile="test" output-dir="{outputs}" overrides="{overrides}"')
@@ -167,7 +167,7 @@ def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins_with_its_head(tiny_s
 
     assert "fedreid_round 1.0" in scraped and 'fedreid_round_sites{outcome="replied"} 3.0' in scraped
     rounds = _rounds(folder)
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
     assert rounds[1]["train"]["failed"] == ["2-campus"] and set(rounds[1]["train"]["sites"]) == {"0-mall", "1-station"}
     assert rounds[1]["train"]["aggregated"]
     rejoined = [r["round"] for r in rounds[2:] if "2-campus" in r["train"]["sites"]]
