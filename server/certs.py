@@ -136,7 +136,10 @@ def load_ca(paths: CertPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     return cert, key
 
 
-def create_server_cert(paths: CertPaths, sans: list[str], ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]) -> None:
+CertificateAuthority = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
+
+
+def create_server_cert(paths: CertPaths, sans: list[str], ca: CertificateAuthority) -> None:
     ca_cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP384R1())
     cert = (_builder(_name(sans[0]), ca_cert.subject, key.public_key())

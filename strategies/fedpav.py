@@ -40,7 +40,6 @@ from strategies.averaging import masked_weighted_average, normalise_weights
 from strategies.clustering import CLUSTER_METHODS, cluster_sites, named_partition
 from strategies.sparse_records import Tensor, dense_record, encode_record
 from strategies.validation import (
-    ARRAYS_KEY,
     METRICS_KEY,
     SITE_KEY,
     ArraySpec,

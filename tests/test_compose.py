@@ -134,7 +134,8 @@ class LocalCompose:
         env = dict(os.environ)
         for key, value in _dockerfile_env().items():
             env[key] = str(self.root / "containers" / name / value.lstrip("/")) if value.startswith("/") else value
-        env.update({k: self.translate(name, str(v)) for k, v in self.spec["services"][name].get("environment", {}).items()})
+        service_env = self.spec["services"][name].get("environment", {})
+        env.update({key: self.translate(name, str(value)) for key, value in service_env.items()})
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
         return env
 
