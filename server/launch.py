@@ -7,9 +7,11 @@
 A thin wrapper over Flower's `flower-superlink`: it checks that the certificate files from
 `fedreid-certs create` exist, then replaces itself with a SuperLink that serves
 
-- the Fleet API (gRPC, where the sites' SuperNodes connect) on `--fleet-port`,
+- the Fleet API (gRPC, where the sites' SuperNodes connect) on `--host`:`--fleet-port` (all
+  interfaces by default),
 - the Control API (where `flwr run`, `flwr ls` and `fedreid-certs register` connect) and the Runtime
-  API of the ServerApp on `--control-port`,
+  API of the ServerApp on `--control-host`:`--control-port` (this machine only by default: the
+  open-source Control API authenticates no user),
 
 with TLS from `--certs`, `--enable-supernode-auth` (only registered site keys may join), a state
 database under `--state-dir` (runs and registered keys survive a restart; `--in-memory-state` trades
@@ -39,7 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--certs", type=Path, default=Path("certs"), help="folder made by `fedreid-certs create`")
     parser.add_argument("--insecure", action="store_true", help="no TLS, no authentication: local trials only")
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default all interfaces)")
+    parser.add_argument("--host", default="0.0.0.0", help="Fleet API address, where sites connect (default: all "
+                        "interfaces)")
+    parser.add_argument("--control-host", default="127.0.0.1",
+                        help="Control API address (default: this machine only). Flower's open-source Control API "
+                             "has no user authentication: whoever reaches it can submit runs and register keys, so "
+                             "open it (0.0.0.0) only behind a firewall")
     parser.add_argument("--fleet-port", type=int, default=9092, help="Fleet API (gRPC) port for the sites")
     parser.add_argument("--control-port", type=int, default=9093, help="Control/Runtime API port (flwr CLI)")
     parser.add_argument("--state-dir", type=Path, default=Path("fedreid-state/superlink"),
@@ -54,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def superlink_command(args: argparse.Namespace) -> list[str]:
     state = args.state_dir.expanduser().resolve()
     command = [console_script("flower-superlink"), "--fleet-api-address", f"{args.host}:{args.fleet_port}",
-               "--host", args.host, "--port", str(args.control_port),
+               "--host", args.control_host, "--port", str(args.control_port),
                "--disable-runtime-dependency-installation", "--log-file", str(state / "superlink.log")]
     if not args.in_memory_state:
         command += ["--database", str(state / "superlink.db")]
