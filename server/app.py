@@ -133,7 +133,8 @@ def main(grid: Grid, context: Context) -> None:
         runner.run(initial_arrays(cfg))
     else:
         strategy.restore_site_models(point.site_models, point.site_nodes)
-        runner.run(point.arrays, first_round=point.next_round)
+        arrays = point.arrays if point.arrays is not None else initial_arrays(cfg)
+        runner.run(arrays, first_round=point.next_round, start_evaluated=any(r["round"] == 0 for r in point.rounds))
     table = outputs.write_table(_site_info(outputs))
     log(INFO, "\n%s", table)
     log(INFO, "run finished in %.0f s; results, %s and %s are in %s", time.time() - started, CHECKPOINT_FILE,

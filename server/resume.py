@@ -2,7 +2,7 @@
 
 A run folder holds everything needed: ``config.yaml`` (the composed configuration, reused as is so
 the continued run is the same experiment), ``global_model.pt`` (the global model after the last
-checkpointed round), ``site_models.pt`` (per-site models when clustering) and ``metrics.jsonl``.
+checkpointed round; a run that died before its first checkpoint starts over in the same folder), ``site_models.pt`` (per-site models when clustering) and ``metrics.jsonl``.
 
 Each round appends its metrics line first and then replaces the checkpoint, so a crash between the
 two leaves one line more than the checkpoint holds; that line is dropped here and its round is
@@ -33,24 +33,24 @@ class ResumePoint:
 
     folder: Path
     next_round: int
-    arrays: ArrayRecord
+    arrays: ArrayRecord | None  # None: no round had finished; start from the initial model
     rounds: list[dict[str, Any]]
     site_models: dict[str, ArrayRecord] = field(default_factory=dict)
     site_nodes: dict[str, int] = field(default_factory=dict)
 
 
 def find_run_folder(output_dir: Path, resume: str) -> Path:
-    """``resume`` is a run folder, or ``latest``: the newest folder under ``output_dir`` with a checkpoint."""
+    """``resume`` is a run folder, or ``latest``: the newest run folder under ``output_dir`` (folder
+    names start with the run's start time)."""
     if resume != "latest":
         folder = Path(resume).expanduser()
         folder = folder if folder.is_absolute() else output_dir / folder
-        if not (folder / CHECKPOINT_FILE).is_file():
-            raise ResumeError(f"cannot resume from {folder}: it holds no {CHECKPOINT_FILE}")
+        if not (folder / CONFIG_FILE).is_file():
+            raise ResumeError(f"cannot resume from {folder}: it holds no {CONFIG_FILE}, so it is not a run folder")
         return folder.resolve()
-    candidates = sorted((p for p in output_dir.glob("*") if (p / CHECKPOINT_FILE).is_file()),
-                        key=lambda p: (p / CHECKPOINT_FILE).stat().st_mtime)
+    candidates = sorted(p for p in output_dir.glob("*") if (p / CONFIG_FILE).is_file())
     if not candidates:
-        raise ResumeError(f"resume=latest: no run folder with a {CHECKPOINT_FILE} under {output_dir}")
+        raise ResumeError(f"resume=latest: no run folder (with a {CONFIG_FILE}) under {output_dir}")
     return candidates[-1].resolve()
 
 
@@ -64,15 +64,16 @@ def load_resume_point(folder: Path) -> ResumePoint:
     """Read the checkpoint and the metrics lines it covers (dropping any later, unfinished line)."""
     if not (folder / CONFIG_FILE).is_file():
         raise ResumeError(f"cannot resume from {folder}: it holds no {CONFIG_FILE}")
-    checkpoint = torch.load(folder / CHECKPOINT_FILE, weights_only=False)
-    done = int(checkpoint["round"])
+    checkpoint = (torch.load(folder / CHECKPOINT_FILE, weights_only=False)
+                  if (folder / CHECKPOINT_FILE).is_file() else None)
+    done = int(checkpoint["round"]) if checkpoint else 0  # died before its first checkpoint: start over
     metrics = folder / METRICS_FILE
     lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
-    kept = [line for line in lines if int(line["round"]) <= done]
+    kept = [line for line in lines if int(line["round"]) <= done]  # round 0 = the untrained model
     if len(kept) != len(lines):
         _rewrite_metrics(metrics, kept)
     point = ResumePoint(folder=folder, next_round=done + 1, rounds=kept,
-                        arrays=ArrayRecord(checkpoint["state_dict"]))
+                        arrays=ArrayRecord(checkpoint["state_dict"]) if checkpoint else None)
     site_file = folder / SITE_MODELS_FILE
     if site_file.is_file():
         saved = torch.load(site_file, weights_only=False)

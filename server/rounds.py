@@ -125,9 +125,10 @@ class FederationRunner:
         }
         return new_arrays, record
 
-    def run(self, arrays: ArrayRecord, first_round: int = 1) -> ArrayRecord:
-        """Rounds ``first_round``..R; each one is reported before the next starts."""
-        if first_round == 1 and self.settings.eval_at_start:
+    def run(self, arrays: ArrayRecord, first_round: int = 1, start_evaluated: bool = False) -> ArrayRecord:
+        """Rounds ``first_round``..R; each one is reported before the next starts. Round 0 (the
+        untrained model) is evaluated first unless disabled or already done (``start_evaluated``)."""
+        if first_round == 1 and self.settings.eval_at_start and not start_evaluated:
             self.on_round(0, arrays, {"round": 0, "train": None, "evaluate": self.evaluate(0, arrays)})
         for server_round in range(first_round, self.settings.rounds + 1):
             start = time.perf_counter()

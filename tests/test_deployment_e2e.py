@@ -143,6 +143,17 @@ def _rounds(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+def _scrape_after_round(port: int, server_round: int, timeout: float = 60) -> str:
+    """The Prometheus page once it reports ``server_round`` (the gauges follow the metrics line)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            page = response.read().decode()
+        if f"fedreid_round {float(server_round)}" in page or time.monotonic() > deadline:
+            return page
+        time.sleep(0.2)
+
+
 FAST = "federation.eval_every=10 federation.eval_at_start=false federation.min_sites=2"
 
 
@@ -155,8 +166,7 @@ def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins_with_its_head(tiny_s
         deployment.start_all()
         run_id = deployment.submit(f'profile="test" output-dir="{outputs}" overrides="{overrides}"')
         folder = _wait_for_round(outputs, 1, deployment)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-            scraped = response.read().decode()
+        scraped = _scrape_after_round(port, 1)
         deployment.stop_client("2-campus")  # dies while round 2 trains
         _wait_for_round(outputs, 2, deployment)
         deployment.start_client("2-campus")  # the box comes back
@@ -166,6 +176,7 @@ def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins_with_its_head(tiny_s
         deployment.close()
 
     assert "fedreid_round 1.0" in scraped and 'fedreid_round_sites{outcome="replied"} 3.0' in scraped
+    assert 'fedreid_round_bytes{direction="up"}' in scraped and "fedreid_aggregation_seconds" in scraped
     rounds = _rounds(folder)
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
     assert rounds[1]["train"]["failed"] == ["2-campus"] and set(rounds[1]["train"]["sites"]) == {"0-mall", "1-station"}

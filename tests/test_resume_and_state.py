@@ -41,16 +41,24 @@ def test_resume_drops_the_line_of_a_round_whose_checkpoint_was_not_written(tmp_p
     assert np.array_equal(point.arrays["w"].numpy(), np.full((2, 2), 2.0, dtype=np.float32))
 
 
-def test_resume_latest_takes_the_newest_checkpoint_and_names_what_is_missing(tmp_path: Path) -> None:
-    old = _run_folder(tmp_path, "old", 1, [0, 1])
-    new = _run_folder(tmp_path, "new", 1, [0, 1])
-    os.utime(old / "global_model.pt", (time.time() - 100, time.time() - 100))
+def test_resume_latest_takes_the_newest_run_folder_and_names_what_is_missing(tmp_path: Path) -> None:
+    old = _run_folder(tmp_path, "20261122-010000-fedpav-run1", 1, [0, 1])
+    new = _run_folder(tmp_path, "20261122-020000-fedpav-run2", 1, [0, 1])
+    os.utime(new / "global_model.pt", (time.time() - 100, time.time() - 100))  # start time decides, not mtime
     assert find_run_folder(tmp_path, "latest") == new.resolve()
-    assert find_run_folder(tmp_path, "old") == old.resolve()
-    with pytest.raises(ResumeError, match="no run folder with a global_model.pt"):
+    assert find_run_folder(tmp_path, old.name) == old.resolve()
+    with pytest.raises(ResumeError, match="no run folder"):
         find_run_folder(tmp_path / "empty", "latest")
-    with pytest.raises(ResumeError, match="nothing: it holds no global_model.pt"):
+    with pytest.raises(ResumeError, match="nothing: it holds no config.yaml"):
         find_run_folder(tmp_path, str(tmp_path / "nothing"))
+
+
+def test_a_run_that_died_before_its_first_checkpoint_starts_over_keeping_round_0(tmp_path: Path) -> None:
+    folder = _run_folder(tmp_path, "a", checkpoint_round=1, metric_rounds=[0, 1])
+    (folder / "global_model.pt").unlink()  # killed between the round-1 line and its checkpoint
+    point = load_resume_point(folder)
+    assert point.next_round == 1 and point.arrays is None
+    assert [r["round"] for r in point.rounds] == [0]
 
 
 def test_site_state_survives_a_new_supernode_process(tmp_path: Path) -> None:
