@@ -74,22 +74,21 @@ def _site_info(outputs: RunOutputs) -> dict[str, dict[str, float]]:
     return info
 
 
-def _start(context: Context) -> tuple[DictConfig, RunOutputs, ResumePoint | None]:
-    """A new run folder, or with run config ``resume`` the interrupted run's folder and its config."""
+def _start(context: Context) -> tuple[DictConfig, ResumePoint]:
+    """Where the run starts: a new run folder at round 1, or with run config ``resume`` the
+    interrupted run's folder, its saved config and its last checkpoint."""
     resume = str(context.run_config.get("resume", "") or "")
     if not resume:
         cfg = compose_config(context.run_config)
-        outputs = RunOutputs(make_run_dir(cfg.output.dir, str(cfg.algorithm.name), context.run_id))
-        outputs.write_config(cfg)
-        return cfg, outputs, None
+        folder = make_run_dir(cfg.output.dir, str(cfg.algorithm.name), context.run_id)
+        RunOutputs(folder).write_config(cfg)
+        return cfg, ResumePoint(folder=folder, next_round=1, arrays=None, rounds=[])
     output_dir = Path(compose_config(context.run_config).output.dir).expanduser().resolve()
     point = load_resume_point(find_run_folder(output_dir, resume))
     cfg = OmegaConf.load(point.folder / CONFIG_FILE)
     assert isinstance(cfg, DictConfig)
-    outputs = RunOutputs(point.folder)
-    outputs.rounds = point.rounds
     log(INFO, "resuming %s after round %d (run %s)", point.folder, point.next_round - 1, context.run_id)
-    return cfg, outputs, point
+    return cfg, point
 
 
 def _gauges(cfg: DictConfig, outputs: RunOutputs) -> FederationGauges:
@@ -107,7 +106,9 @@ def _gauges(cfg: DictConfig, outputs: RunOutputs) -> FederationGauges:
 def main(grid: Grid, context: Context) -> None:
     """Run a whole federation as configured by conf/ plus this run's run config (or resume one)."""
     logging.getLogger("reid").setLevel(logging.INFO)
-    cfg, outputs, point = _start(context)
+    cfg, point = _start(context)
+    outputs = RunOutputs(point.folder)
+    outputs.rounds = point.rounds
     spec = site_run_spec(cfg)
     settings = federation_settings(cfg)
     log(INFO, "fedreid run %s: %s, %s at %dx%d, %d rounds, outputs in %s", context.run_id, cfg.algorithm.name,
@@ -129,12 +130,9 @@ def main(grid: Grid, context: Context) -> None:
 
     site_config = ConfigRecord({**spec.to_flat(), RUN_TAG_KEY: outputs.folder.name})
     runner = FederationRunner(grid, strategy, settings, site_config, on_round)
-    if point is None:
-        runner.run(initial_arrays(cfg))
-    else:
-        strategy.restore_site_models(point.site_models, point.site_nodes)
-        arrays = point.arrays if point.arrays is not None else initial_arrays(cfg)
-        runner.run(arrays, first_round=point.next_round, start_evaluated=any(r["round"] == 0 for r in point.rounds))
+    strategy.restore_site_models(point.site_models, point.site_nodes)
+    arrays = point.arrays if point.arrays is not None else initial_arrays(cfg)
+    runner.run(arrays, first_round=point.next_round, start_evaluated=any(r["round"] == 0 for r in point.rounds))
     table = outputs.write_table(_site_info(outputs))
     log(INFO, "\n%s", table)
     log(INFO, "run finished in %.0f s; results, %s and %s are in %s", time.time() - started, CHECKPOINT_FILE,

@@ -80,16 +80,6 @@ def stop_process_group(process: subprocess.Popen[bytes] | None) -> None:
             continue
 
 
-def list_runs(connection: str, env: dict[str, str]) -> list[dict[str, object]]:
-    """`flwr ls <connection> --format json` as a list of run dicts (oldest first)."""
-    listing = subprocess.run([console_script("flwr"), "ls", connection, "--format", "json"], env=env, text=True,
-                             capture_output=True, check=False)
-    text = listing.stdout
-    if "{" not in text:
-        raise RuntimeError(f"`flwr ls` gave no JSON: {(listing.stdout + listing.stderr).strip()[-500:]}")
-    return list(json.loads(text[text.index("{"):]).get("runs", []))
-
-
 def _json_tail(text: str) -> dict[str, object]:
     """The JSON object the flwr CLI prints with --format json (after any log lines)."""
     if "{" not in text:
@@ -107,8 +97,8 @@ class SuperLinkConnection:
         (home / "config.toml").write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
                                           f'address = "{address}"\n{tls}\n')
 
-    def flwr(self, *args: str, timeout: float = 300, stream: bool = False) -> subprocess.CompletedProcess[str]:
-        """Run `flwr ARGS` (output captured unless ``stream``)."""
+    def flwr(self, *args: str, timeout: float | None = 300, stream: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run `flwr ARGS` (output captured unless ``stream``; ``timeout`` None = no limit)."""
         return subprocess.run([console_script("flwr"), *args], env=flwr_environment(self.home), text=True,
                               capture_output=not stream, timeout=timeout, check=False)
 
@@ -138,14 +128,22 @@ class SuperLinkConnection:
             raise RuntimeError(f"flwr run failed: {(done.stdout + done.stderr).strip()[-1500:]}")
         return int(reply["run-id"])  # type: ignore[arg-type]
 
+    def runs(self, run_id: int | None = None) -> list[dict[str, object]]:
+        """`flwr ls` as run dicts, oldest first (only ``run_id`` when given); RuntimeError without an answer."""
+        done = self.flwr("ls", self.name, *(["--run-id", str(run_id)] if run_id is not None else []),
+                         "--format", "json", timeout=60)
+        try:
+            return list(_json_tail(done.stdout).get("runs", []))  # type: ignore[call-overload]
+        except ValueError:
+            raise RuntimeError(f"`flwr ls` gave no JSON: {(done.stdout + done.stderr).strip()[-500:]}") from None
+
     def status(self, run_id: int) -> str:
         """e.g. 'running' or 'finished:completed' ('unknown ...' when the SuperLink does not answer)."""
-        done = self.flwr("ls", self.name, "--run-id", str(run_id), "--format", "json", timeout=60)
         try:
-            runs = _json_tail(done.stdout).get("runs", [])
-        except ValueError:
-            return f"unknown ({(done.stdout + done.stderr).strip()[-300:]})"
-        return str(runs[0]["status"]) if runs else "unknown (no such run)"  # type: ignore[index]
+            runs = self.runs(run_id)
+        except RuntimeError as error:
+            return f"unknown ({error})"
+        return str(runs[0]["status"]) if runs else "unknown (no such run)"
 
     def wait_finished(self, run_id: int, timeout: float, poll: float = 2.0) -> str:
         deadline = time.monotonic() + timeout

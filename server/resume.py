@@ -29,11 +29,11 @@ class ResumeError(RuntimeError):
 
 @dataclass
 class ResumePoint:
-    """Where the interrupted run stopped."""
+    """Where a run (re)starts: a new run is one at round 1 with nothing done yet."""
 
     folder: Path
     next_round: int
-    arrays: ArrayRecord | None  # None: no round had finished; start from the initial model
+    arrays: ArrayRecord | None  # None: no round has finished; start from the initial model
     rounds: list[dict[str, Any]]
     site_models: dict[str, ArrayRecord] = field(default_factory=dict)
     site_nodes: dict[str, int] = field(default_factory=dict)

@@ -47,9 +47,10 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, names: dict[in
     sent = {m.metadata.dst_node_id: message_wire_bytes(m) for m in messages}
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     names.update({r.metadata.src_node_id: site_name(r) for r in replies})
+    label = {node: names.get(node, f"node-{node}") for node in sent}  # never answered: known by id only
     answered = {r.metadata.src_node_id for r in replies}
-    failed = sorted(names.get(node, f"node-{node}") for node in sent if node not in answered)
-    per_site = {names.get(node, f"node-{node}"): {"sent": size, "received": 0} for node, size in sent.items()}
+    failed = sorted(label[node] for node in sent if node not in answered)
+    per_site = {label[node]: {"sent": size, "received": 0} for node, size in sent.items()}
     for reply in replies:
         per_site.setdefault(names[reply.metadata.src_node_id], {"sent": 0, "received": 0})
         per_site[names[reply.metadata.src_node_id]]["received"] += message_wire_bytes(reply)

@@ -21,7 +21,14 @@ from pathlib import Path
 from reid.data.public import generate_public_set
 from reid.data.synthetic import generate_sites, site_names
 from server.config import compose_config
-from server.flower_cli import console_script, flwr_environment, free_port, list_runs, stop_process_group, wait_healthy
+from server.flower_cli import (
+    SuperLinkConnection,
+    console_script,
+    flwr_environment,
+    free_port,
+    stop_process_group,
+    wait_healthy,
+)
 
 log = logging.getLogger("fedreid.sim")
 CONNECTION = "fedreid-sim"
@@ -86,12 +93,9 @@ class PrivateSuperLink:
         self.port = free_port()
         self.log_file = flwr_home / "superlink.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.connection = SuperLinkConnection(f"127.0.0.1:{self.port}", flwr_home, None, name=CONNECTION)
 
     def __enter__(self) -> "PrivateSuperLink":
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
         command = [console_script("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                    "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation",
                    "--log-file", str(self.log_file)]
@@ -124,22 +128,17 @@ def _run_config(request: SimulationRequest) -> str:
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
 
 
-def _flwr(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([console_script("flwr"), *args], env=env, text=True, check=False)
-
-
 def run_simulation(request: SimulationRequest) -> Path:
     """Run the federation; return the run's output folder or raise SimulationError."""
-    env = _environment(request.flwr_home)
     federation = (f"num-supernodes={request.sites} client-resources-num-cpus={request.cpus_per_site} "
                   f"client-resources-num-gpus={float(request.gpus_per_site)}")
-    with PrivateSuperLink(request.flwr_home):
+    with PrivateSuperLink(request.flwr_home) as superlink:
         command = ["run", str(request.app_dir), CONNECTION, "--stream",
                    "--federation-config", federation, "--run-config", _run_config(request)]
         log.info("flwr %s", shlex.join(command))
-        _flwr(command, env)
+        superlink.connection.flwr(*command, stream=True, timeout=None)
         try:
-            runs = list_runs(CONNECTION, env)
+            runs = superlink.connection.runs()
         except RuntimeError as error:
             raise SimulationError(str(error)) from None
     if not runs:

@@ -19,11 +19,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from reid.data.layout import DatasetLayoutError
+from reid.data.layout import IMAGE_SUFFIXES, DatasetLayoutError
 from reid.data.prepare.site_writer import SiteWriter, market_name
 
 _MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 MSMT_TEST_OFFSET = 10000
 
 
@@ -36,15 +35,17 @@ def find_root(raw: Path, required: tuple[str, ...], nested: tuple[str, ...]) -> 
     raise DatasetLayoutError(f"{raw}: expected {', '.join(required)} inside one of: {looked}")
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def list_images(folder: Path) -> list[Path]:
+    """The image files directly in ``folder`` (hidden ones, e.g. macOS ``._*`` files, left out), sorted:
+    the order fixes the written names."""
+    return sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def _market_style(raw: Path, writer: SiteWriter, nested: tuple[str, ...]) -> dict[str, Any]:
     root = find_root(raw, ("bounding_box_train", "bounding_box_test", "query"), nested)
     unparsed = junk = 0
     for split, folder in (("train", "bounding_box_train"), ("query", "query"), ("gallery", "bounding_box_test")):
-        for path in _images(root / folder):
+        for path in list_images(root / folder):
             match = _MARKET_NAME.match(path.name)
             if match is None:
                 unparsed += 1

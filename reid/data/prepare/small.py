@@ -29,15 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from reid.data.layout import DatasetLayoutError
-from reid.data.prepare.big import IMAGE_SUFFIXES, find_root
+from reid.data.prepare.big import find_root, list_images
 from reid.data.prepare.site_writer import SiteWriter, market_name
 
 SPLIT_FILE = "split.json"
 PRID_FRAMES_PER_CAMERA = 10
-
-
-def _images(folder: Path, pattern: str = "*") -> list[Path]:
-    return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 # share of identities tested, as in the benchmark (486 of 971, 316 of 632, 100 of 193, 60 of 119,
@@ -101,7 +97,7 @@ def prepare_cuhk01(raw: Path, writer: SiteWriter, seed: int = 0, split_file: Pat
                    **_: Any) -> dict[str, Any]:
     root = find_root(raw, ("campus",), ("CUHK01", "cuhk01"))
     by_id: dict[int, dict[int, list[Path]]] = defaultdict(lambda: defaultdict(list))
-    for path in _images(root / "campus"):
+    for path in list_images(root / "campus"):
         stem = path.stem
         if len(stem) != 7 or not stem.isdigit():
             raise DatasetLayoutError(f"{path}: CUHK01 names are PPPPCCC (4-digit person, 3-digit camera)")
@@ -116,7 +112,7 @@ def prepare_viper(raw: Path, writer: SiteWriter, seed: int = 0, split_file: Path
     root = find_root(raw, ("cam_a", "cam_b"), ("VIPeR", "viper"))
     by_id: dict[int, dict[int, list[Path]]] = defaultdict(lambda: defaultdict(list))
     for cam, folder in ((1, "cam_a"), (2, "cam_b")):
-        for path in _images(root / folder):
+        for path in list_images(root / folder):
             head = path.stem.split("_")[0]
             if not head.isdigit():
                 raise DatasetLayoutError(f"{path}: VIPeR names are <pid>_<angle>.bmp")
@@ -130,7 +126,7 @@ _PRID_PERSON = re.compile(r"^person_(\d{4})$")
 
 
 def _prid_person(path: Path) -> int:
-    match = _PRID_PERSON.match(path.stem if path.is_file() else path.name)
+    match = _PRID_PERSON.match(path.stem)
     if match is None:
         raise DatasetLayoutError(f"{path}: PRID2011 names are person_NNNN")
     return int(match.group(1))
@@ -140,7 +136,7 @@ def prepare_prid(raw: Path, writer: SiteWriter, seed: int = 0, split_file: Path 
                  **_: Any) -> dict[str, Any]:
     root = find_root(raw, ("single_shot/cam_a", "single_shot/cam_b", "multi_shot/cam_a", "multi_shot/cam_b"),
                      ("prid_2011", "prid2011", "PRID2011"))
-    single = {cam: {_prid_person(p): p for p in _images(root / "single_shot" / folder)}
+    single = {cam: {_prid_person(p): p for p in list_images(root / "single_shot" / folder)}
               for cam, folder in (("a", "cam_a"), ("b", "cam_b"))}
     shared = sorted(set(single["a"]) & set(single["b"]) & set(range(1, 201)))
     train_shared, test = choose_split("prid", shared, seed, split_file, writer.out)
@@ -151,7 +147,7 @@ def prepare_prid(raw: Path, writer: SiteWriter, seed: int = 0, split_file: Path 
 
     def frames(cam: str, person: int) -> list[Path]:
         sequence = root / "multi_shot" / f"cam_{cam}" / f"person_{person:04d}"
-        chosen = _images(sequence) if sequence.is_dir() else []
+        chosen = list_images(sequence) if sequence.is_dir() else []
         return sorted(rng.sample(chosen, PRID_FRAMES_PER_CAMERA)) if len(chosen) > PRID_FRAMES_PER_CAMERA else chosen
 
     for person in sorted(train_shared):
@@ -178,7 +174,7 @@ def prepare_3dpes(raw: Path, writer: SiteWriter, seed: int = 0, split_file: Path
                   **_: Any) -> dict[str, Any]:
     root = find_root(raw, ("RGB",), ("3DPeS", "3dpes"))
     views: dict[int, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
-    for path in _images(root / "RGB"):
+    for path in list_images(root / "RGB"):
         fields = path.stem.split("_")
         if len(fields) < 2 or not fields[0].isdigit():
             raise DatasetLayoutError(f"{path}: 3DPeS names are <pid>_<view>_...")
@@ -194,7 +190,7 @@ def prepare_ilids(raw: Path, writer: SiteWriter, seed: int = 0, split_file: Path
                   **_: Any) -> dict[str, Any]:
     root = find_root(raw, ("Persons",), ("i-LIDS_Pedestrian", "ilids", "i-LIDS"))
     images: dict[int, dict[str, list[Path]]] = defaultdict(dict)
-    for path in _images(root / "Persons"):
+    for path in list_images(root / "Persons"):
         if len(path.stem) < 7 or not path.stem[:7].isdigit():
             raise DatasetLayoutError(f"{path}: i-LIDS names are PPPPCCC.jpg")
         images[int(path.stem[:4])][path.stem] = [path]
