@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -37,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from server.flower_cli import SuperLinkConnection
+from server.flower_cli import SuperLinkConnection, flwr_json
 
 log = logging.getLogger("fedreid.certs")
 
@@ -221,16 +220,14 @@ def _register_result(output: str) -> str:
     """'registered as node N', 'already registered', or Flower's own error message."""
     if "Public key already in use" in output:  # a rerun (e.g. `docker compose up` again) is fine
         return "already registered"
-    start = output.find("{")
-    if start >= 0:
-        try:
-            reply = json.loads(output[start:output.rindex("}") + 1])
-        except ValueError:
-            reply = {}
-        if reply.get("success"):
-            return f"registered as node {reply['node-id']}"
-        if reply.get("error-message"):
-            return f"not registered: {reply['error-message']}"
+    try:
+        reply = flwr_json(output)
+    except ValueError:
+        reply = {}
+    if reply.get("success"):
+        return f"registered as node {reply['node-id']}"
+    if reply.get("error-message"):
+        return f"not registered: {reply['error-message']}"
     return f"not registered: {output.strip()[-300:]}"
 
 

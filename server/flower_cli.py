@@ -80,7 +80,7 @@ def stop_process_group(process: subprocess.Popen[bytes] | None) -> None:
             continue
 
 
-def _json_tail(text: str) -> dict[str, object]:
+def flwr_json(text: str) -> dict[str, object]:
     """The JSON object the flwr CLI prints with --format json (after any log lines)."""
     if "{" not in text:
         raise ValueError("no JSON in the output")
@@ -105,7 +105,7 @@ class SuperLinkConnection:
     def online_nodes(self) -> int:
         done = self.flwr("supernode", "list", self.name, "--format", "json", timeout=60)
         try:
-            nodes = _json_tail(done.stdout).get("nodes", [])
+            nodes = flwr_json(done.stdout).get("nodes", [])
         except ValueError:
             return 0
         return sum(1 for n in nodes if str(n.get("status", "")).startswith("online"))  # type: ignore[union-attr]
@@ -121,7 +121,7 @@ class SuperLinkConnection:
         """`flwr run` without streaming; the new run's id."""
         done = self.flwr("run", str(app), self.name, "--run-config", run_config, "--format", "json")
         try:
-            reply = _json_tail(done.stdout)
+            reply = flwr_json(done.stdout)
         except ValueError:
             reply = {}
         if not reply.get("success"):
@@ -133,7 +133,7 @@ class SuperLinkConnection:
         done = self.flwr("ls", self.name, *(["--run-id", str(run_id)] if run_id is not None else []),
                          "--format", "json", timeout=60)
         try:
-            return list(_json_tail(done.stdout).get("runs", []))  # type: ignore[call-overload]
+            return list(flwr_json(done.stdout).get("runs", []))  # type: ignore[call-overload]
         except ValueError:
             raise RuntimeError(f"`flwr ls` gave no JSON: {(done.stdout + done.stderr).strip()[-500:]}") from None
 
