@@ -17,13 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 from reid.distill import DistillConfig
 from reid.models import build_model, shared_state
 from server.config import compose_config, federation_settings, site_run_spec
-from server.outputs import CHECKPOINT_FILE, CONFIG_FILE, PLOT_FILE, RunOutputs, make_run_dir
+from server.faults import pause_point
+from server.outputs import CHECKPOINT_FILE, CONFIG_FILE, PLOT_FILE, RunOutputs, hold_run_folder, make_run_dir
 from server.plots import plot_site_metrics
 from server.public_steps import PublicSteps
 from server.resume import ResumePoint, find_run_folder, load_resume_point
 from server.rounds import FederationRunner
 from server.telemetry import FederationGauges
-from strategies.fedpav import ClusteringSpec, FedPav
+from strategies.fedpav import NUM_EXAMPLES, ClusteringSpec, FedPav
+from strategies.screening import ScreenSpec
 from strategies.weighting import KLPWASpec
 
 app = ServerApp()
@@ -54,7 +56,21 @@ def build_strategy(cfg: DictConfig) -> FedPav:
         embed=public.embed if public is not None and clustering.needs_embeddings else None,
         klpwa=KLPWASpec(klaw=mode(algo.klpwa.klaw), praw=mode(algo.klpwa.praw)),
         sparse_downlink=bool(algo.sparse_downlink),
+        screen=ScreenSpec(**OmegaConf.to_container(algo.screen, resolve=True)),  # type: ignore[arg-type]
+        seed=int(cfg.seed),
     )
+
+
+def restore_history(strategy: FedPav, rounds: list[dict[str, Any]]) -> None:
+    """What a resumed run's strategy learnt in the rounds already done: which node answered under
+    which name (for naming sites that stay silent) and the most training images each site reported."""
+    for record in rounds:
+        train = record.get("train") or {}
+        for site, node in (train.get("nodes") or {}).items():
+            strategy.names.learnt[int(node)] = site
+        for site, metrics in (train.get("sites") or {}).items():
+            if NUM_EXAMPLES in metrics:
+                strategy.examples.record(site, float(metrics[NUM_EXAMPLES]))
 
 
 def initial_arrays(cfg: DictConfig) -> ArrayRecord:
@@ -74,6 +90,14 @@ def _site_info(outputs: RunOutputs) -> dict[str, dict[str, float]]:
     return info
 
 
+_held: list[Any] = []  # the run folder's lock file, open for as long as this process runs
+
+
+def _hold(folder: Path) -> None:
+    _held.append(hold_run_folder(folder, on_wait=lambda holder: log(
+        WARNING, "%s is still held by another ServerApp (%s); waiting for it to end", folder, holder)))
+
+
 def _start(context: Context) -> tuple[DictConfig, ResumePoint]:
     """Where the run starts: a new run folder at round 1, or with run config ``resume`` the
     interrupted run's folder, its saved config and its last checkpoint."""
@@ -81,10 +105,13 @@ def _start(context: Context) -> tuple[DictConfig, ResumePoint]:
     if not resume:
         cfg = compose_config(context.run_config)
         folder = make_run_dir(cfg.output.dir, str(cfg.algorithm.name), context.run_id)
+        _hold(folder)
         RunOutputs(folder).write_config(cfg)
         return cfg, ResumePoint(folder=folder, next_round=1, arrays=None, rounds=[])
     output_dir = Path(compose_config(context.run_config).output.dir).expanduser().resolve()
-    point = load_resume_point(find_run_folder(output_dir, resume))
+    folder = find_run_folder(output_dir, resume)
+    _hold(folder)
+    point = load_resume_point(folder)
     cfg = OmegaConf.load(point.folder / CONFIG_FILE)
     assert isinstance(cfg, DictConfig)
     log(INFO, "resuming %s after round %d (run %s)", point.folder, point.next_round - 1, context.run_id)
@@ -120,6 +147,7 @@ def main(grid: Grid, context: Context) -> None:
     def on_round(server_round: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:
         record = {**record, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "elapsed_s": time.time() - started}
         outputs.append_round(record)  # first the line, then the checkpoint: see server/resume.py
+        pause_point("recorded", server_round)
         extra = {"bn_stats": spec.bn_stats, "algorithm": str(cfg.algorithm.name)}
         outputs.save_checkpoint(arrays, server_round, spec.model, extra)
         if strategy.site_models:
@@ -131,6 +159,7 @@ def main(grid: Grid, context: Context) -> None:
     site_config = ConfigRecord({**spec.to_flat(), RUN_TAG_KEY: outputs.folder.name})
     runner = FederationRunner(grid, strategy, settings, site_config, on_round)
     strategy.restore_site_models(point.site_models, point.site_nodes)
+    restore_history(strategy, outputs.rounds)
     arrays = point.arrays if point.arrays is not None else initial_arrays(cfg)
     runner.run(arrays, first_round=point.next_round, start_evaluated=any(r["round"] == 0 for r in point.rounds))
     table = outputs.write_table(_site_info(outputs))

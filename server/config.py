@@ -90,6 +90,8 @@ class FederationSettings:
     fraction_train: float
     fraction_evaluate: float
     round_timeout_s: float
+    poll_interval_s: float = 0.5
+    report_every_s: float = 60.0
 
     def evaluates_after(self, server_round: int) -> bool:
         """Federated evaluation every k rounds and always after the last one."""
@@ -100,4 +102,6 @@ def federation_settings(cfg: DictConfig) -> FederationSettings:
     settings = FederationSettings(**_section(cfg, "federation"))
     if settings.rounds < 1 or settings.min_sites < 1:
         raise ValueError(f"federation.rounds and federation.min_sites must be >= 1, got {settings}")
+    if settings.round_timeout_s <= 0 or settings.poll_interval_s <= 0 or settings.report_every_s <= 0:
+        raise ValueError(f"federation.round_timeout_s, poll_interval_s and report_every_s must be > 0, got {settings}")
     return settings

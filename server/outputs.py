@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -29,6 +30,38 @@ CHECKPOINT_FILE = "global_model.pt"
 SITE_MODELS_FILE = "site_models.pt"
 PLOT_FILE = "metrics.png"
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".serverapp.lock"
+
+
+class RunFolderBusy(RuntimeError):
+    """Another ServerApp still holds the run folder."""
+
+
+def hold_run_folder(folder: Path, wait_s: float = 120.0, on_wait: Any = None) -> Any:
+    """Take the run folder for this process (an exclusive ``flock``, released when the process ends)
+    so that two ServerApps never write one folder: a resumed run waits (up to ``wait_s``) for a
+    ServerApp orphaned by a crashed SuperLink to die. Returns the open lock file; keep it."""
+    handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - held for the life of the process
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            if time.monotonic() > deadline:
+                handle.close()
+                raise RunFolderBusy(f"{folder} is still held by another ServerApp ({holder}) after {wait_s:.0f} s; "
+                                    "stop it before resuming this run") from None
+            if on_wait is not None:
+                on_wait(holder)
+            time.sleep(1.0)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def make_run_dir(base: str | Path, algorithm: str, run_id: int) -> Path:

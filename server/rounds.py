@@ -3,6 +3,14 @@
 Written out instead of using ``Strategy.start`` because a re-ID run needs what ``start`` has no
 hook for: evaluation only every k rounds, a metrics line and a checkpoint after every round, and
 the bytes that really crossed the wire, per site and direction.
+
+Every wait here has a bound. Waiting for sites to connect and waiting for replies both end after
+``federation.round_timeout_s``; sites that did not answer by then are named in the round's
+``failed`` list and the run goes on with the next round. While it waits, the loop says in its log,
+by name, which sites it is still waiting for (every ``federation.report_every_s``). Replies are
+pulled every ``federation.poll_interval_s`` (Flower's own ``send_and_receive`` sleeps 3 s between
+pulls and treats a message the SuperLink refused as one still to come, which waits out the whole
+timeout).
 """
 
 from __future__ import annotations
@@ -10,14 +18,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from server.config import FederationSettings
-from strategies.fedpav import FedPav, site_name
+from server.faults import pause_point
+from strategies.fedpav import FedPav
+from strategies.naming import SiteNames
 from strategies.wire import message_wire_bytes
 
 RoundHook = Callable[[int, ArrayRecord, dict[str, Any]], None]
@@ -37,26 +47,86 @@ class Exchange:
                 "received": sum(b["received"] for b in self.bytes_per_site.values())}
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float, names: dict[int, str]) -> Exchange:
-    """Send, wait for replies (up to ``timeout``), and measure every message's serialised size.
+def _listing(names: Iterable[str], limit: int = 12) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
-    ``names`` maps node ids to the site names they reported before; it is updated from the replies
-    so that a site that stops answering is still named.
-    """
-    start = time.perf_counter()
+
+class Clock:
+    """A deadline plus a reminder: ``due()`` turns true once every ``report_every`` seconds."""
+
+    def __init__(self, timeout: float, report_every: float) -> None:
+        self.start = time.monotonic()
+        self.deadline = self.start + timeout
+        self.report_every = report_every
+        self.next_report = self.start + report_every
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def due(self) -> bool:
+        if time.monotonic() < self.next_report:
+            return False
+        self.next_report = time.monotonic() + self.report_every
+        return True
+
+
+def wait_for_sites(grid: Grid, count: int, settings: FederationSettings, names: SiteNames, label: str) -> None:
+    """Return once ``count`` sites are connected or ``round_timeout_s`` has passed, naming in the log
+    the known sites that are not connected while it waits."""
+    clock = Clock(settings.round_timeout_s, settings.report_every_s)
+    report = True  # at once, then every report_every_s
+    while len(connected := set(grid.get_node_ids())) < count:
+        if clock.left() <= 0:
+            log(WARNING, "%s: only %d of the %d sites needed are connected after %.0f s; going on with them",
+                label, len(connected), count, clock.elapsed())
+            return
+        if report or clock.due():
+            absent = [names.of_node(node) for node in names.known_nodes() if node not in connected]
+            log(INFO, "%s: waiting for sites to connect: %d of at least %d%s (%.0f s of %.0f s)", label,
+                len(connected), count, f"; not connected: {_listing(absent)}" if absent else "", clock.elapsed(),
+                settings.round_timeout_s)
+            report = False
+        time.sleep(max(min(1.0, settings.report_every_s, clock.left()), 0.0))
+
+
+def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, names: SiteNames,
+             label: str) -> Exchange:
+    """Send, pull replies until every site answered or ``round_timeout_s`` passed, and measure every
+    message's serialised size."""
+    clock = Clock(settings.round_timeout_s, settings.report_every_s)
     sent = {m.metadata.dst_node_id: message_wire_bytes(m) for m in messages}
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    names.update({r.metadata.src_node_id: site_name(r) for r in replies})
-    label = {node: names.get(node, f"node-{node}") for node in sent}  # never answered: known by id only
-    answered = {r.metadata.src_node_id for r in replies}
-    failed = sorted(label[node] for node in sent if node not in answered)
-    per_site = {label[node]: {"sent": size, "received": 0} for node, size in sent.items()}
+    stored = set(grid.push_messages(messages)) - {""}
+    pending = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id in stored}
+    refused = sorted(names.of_node(m.metadata.dst_node_id) for m in messages if m.metadata.message_id not in stored)
+    if refused:
+        log(WARNING, "%s: the SuperLink did not accept the messages for %s; going on without them", label,
+            _listing(refused))
+    replies: list[Message] = []
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            if pending.pop(reply.metadata.reply_to_message_id, None) is not None:
+                replies.append(reply)
+        if not pending or clock.left() <= 0:
+            break
+        if clock.due():
+            log(INFO, "%s: %d of %d sites answered; waiting for %s (%.0f s of %.0f s)", label, len(replies),
+                len(messages), _listing(names.of_node(n) for n in pending.values()), clock.elapsed(),
+                settings.round_timeout_s)
+        time.sleep(min(settings.poll_interval_s, max(clock.left(), 0.0)))
+    by_node = {r.metadata.src_node_id: names.of(r) for r in replies}
+    failed = sorted({names.of_node(node) for node in pending.values()} | set(refused))
+    per_site = {by_node.get(node, names.of_node(node)): {"sent": size, "received": 0} for node, size in sent.items()}
     for reply in replies:
-        per_site.setdefault(names[reply.metadata.src_node_id], {"sent": 0, "received": 0})
-        per_site[names[reply.metadata.src_node_id]]["received"] += message_wire_bytes(reply)
-    if failed:
-        log(WARNING, "%s did not answer within %.0f s; going on without them", ", ".join(failed), timeout)
-    return Exchange(replies, per_site, time.perf_counter() - start, failed)
+        per_site.setdefault(by_node[reply.metadata.src_node_id], {"sent": 0, "received": 0})
+        per_site[by_node[reply.metadata.src_node_id]]["received"] += message_wire_bytes(reply)
+    if pending:
+        log(WARNING, "%s: %s did not answer within %.0f s; going on without them", label,
+            _listing(names.of_node(n) for n in pending.values()), settings.round_timeout_s)
+    return Exchange(replies, per_site, clock.elapsed(), failed)
 
 
 def _megabytes(count: int) -> str:
@@ -73,29 +143,42 @@ class FederationRunner:
         self.settings = settings
         self.site_config = site_config
         self.on_round = on_round
-        self.site_names: dict[int, str] = {}  # node id -> site name, learnt from replies
+
+    @property
+    def names(self) -> SiteNames:
+        return self.strategy.names
 
     def _config(self) -> ConfigRecord:
         return ConfigRecord(dict(self.site_config))  # strategies write the round into it: fresh copy
 
-    def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any] | None:
-        """Federated evaluation: every site ranks its own gallery with the global model."""
-        messages = list(self.strategy.configure_evaluate(server_round, arrays, self._config(), self.grid))
+    def _send(self, label: str, configure: Callable[[], Iterable[Message]]) -> Exchange | None:
+        """Wait (bounded) for enough sites, refresh their registered names, build the messages, exchange."""
+        wait_for_sites(self.grid, self.settings.min_sites, self.settings, self.names, label)
+        self.names.learn_registrations(self.grid.get_nodes())
+        messages = list(configure())
         if not messages:
             return None
-        result = exchange(self.grid, messages, self.settings.round_timeout_s, self.site_names)
+        return exchange(self.grid, messages, self.settings, self.names, label)
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any] | None:
+        """Federated evaluation: every site ranks its own gallery with the global model."""
+        result = self._send(f"round {server_round} evaluation", lambda: self.strategy.configure_evaluate(
+            server_round, arrays, self._config(), self.grid))
+        if result is None:
+            return None
         mean = self.strategy.aggregate_evaluate(server_round, result.replies)
         if mean is not None:
             log(INFO, "round %d evaluation: mean Rank-1 %.1f%%, mAP %.1f%% over %d sites", server_round,
                 100 * mean["rank1"], 100 * mean["mAP"], len(self.strategy.last_evaluate.site_metrics))
         return {"sites": self.strategy.last_evaluate.site_metrics, "mean": dict(mean) if mean else None,
-                "rejected": self.strategy.last_evaluate.rejected, "bytes": result.totals(),
-                "seconds": result.seconds}
+                "rejected": self.strategy.last_evaluate.rejected, "failed": result.failed,
+                "bytes": result.totals(), "seconds": result.seconds}
 
     def train_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
-        """One training round; the global arrays stay as they were when no reply is usable."""
-        messages = list(self.strategy.configure_train(server_round, arrays, self._config(), self.grid))
-        result = exchange(self.grid, messages, self.settings.round_timeout_s, self.site_names)
+        """One training round; the global arrays stay as they were when too few replies are usable."""
+        result = self._send(f"round {server_round} training", lambda: self.strategy.configure_train(
+            server_round, arrays, self._config(), self.grid))
+        result = result or Exchange([], {}, 0.0, [])
         aggregation_start = time.perf_counter()
         new_arrays, metrics = self.strategy.aggregate_train(server_round, result.replies)
         aggregation_seconds = time.perf_counter() - aggregation_start
@@ -108,13 +191,13 @@ class FederationRunner:
             new_arrays = None
         new_arrays = arrays if new_arrays is None else new_arrays
         log(INFO, "round %d/%d trained: %d sites, %s down, %s up, %.1f s", server_round, self.settings.rounds,
-            len(self.strategy.last_train.accepted), _megabytes(result.totals()["sent"]),
-            _megabytes(result.totals()["received"]), result.seconds)
+            usable, _megabytes(result.totals()["sent"]), _megabytes(result.totals()["received"]), result.seconds)
         record = {
             "sites": {name: {**m, "weight": self.strategy.last_train.accepted[name]}
                       for name, m in self.strategy.last_train.site_metrics.items()},
             "rejected": self.strategy.last_train.rejected,
             "failed": result.failed,
+            "nodes": {self.names.of(r): r.metadata.src_node_id for r in result.replies},
             "aggregated": new_arrays is not arrays,
             "aggregation_seconds": aggregation_seconds,
             "clusters": self.strategy.last_train.clusters or None,
@@ -124,6 +207,7 @@ class FederationRunner:
             "bytes_per_site": result.bytes_per_site,
             "seconds": result.seconds,
         }
+        pause_point("aggregated", server_round)
         return new_arrays, record
 
     def run(self, arrays: ArrayRecord, first_round: int = 1, start_evaluated: bool = False) -> ArrayRecord:

@@ -20,28 +20,36 @@ Uploads may carry pruned tensors in the sparse encoding; they are decoded while 
 and every weight is averaged only over the sites that kept it (a weight nobody kept stays zero).
 With ``sparse_downlink`` the server sends zero-holding tensors encoded too, when that is smaller.
 
-Every reply is checked first (keys, shapes, dtypes, finite values, required metrics); a bad one
-is logged with its reason and left out while the round goes on.
+Every reply is checked first (keys, shapes, dtypes, finite values, required metrics), then
+screened against the round's other replies (a change far larger than theirs, an unbelievable
+training-set size: strategies/screening.py); a bad one is logged with its reason and left out
+while the round goes on. A reply counts under the name its node was registered with
+(strategies/naming.py), and a name two nodes claim is turned away.
+
+Sites are sampled with a seeded generator (seed, round), so a run with the same connected nodes
+samples the same sites.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from strategies.averaging import masked_weighted_average, normalise_weights
 from strategies.clustering import CLUSTER_METHODS, cluster_sites, named_partition
+from strategies.naming import SiteNames
+from strategies.screening import ExampleLedger, ScreenSpec, change_norm, clip_change, judge_norms
 from strategies.sparse_records import Tensor, dense_record, encode_record
 from strategies.validation import (
     METRICS_KEY,
-    SITE_KEY,
     ArraySpec,
     check_evaluate_reply,
     check_train_reply,
@@ -61,14 +69,7 @@ Refiner = Callable[[int, ArrayRecord, list[ArrayRecord]], ArrayRecord]
 """(round, aggregated arrays, the uploads aggregated into it) -> refined arrays."""
 Embedder = Callable[[list[ArrayRecord]], np.ndarray]
 """uploads -> one embedding row per upload."""
-
-
-def site_name(message: Message) -> str:
-    """The site's self-reported name, or its node id when it sent none."""
-    content = message.content if not message.has_error() else None
-    if content is not None and SITE_KEY in content.config_records:
-        return str(content.config_records[SITE_KEY].get("name", message.metadata.src_node_id))
-    return f"node-{message.metadata.src_node_id}"
+SCREEN_SCORE = "screen-score"  # the server's change-norm score of an accepted upload (metrics.jsonl)
 
 
 @dataclass(frozen=True)
@@ -118,19 +119,23 @@ class Upload:
         return dense_record(self.tensors)
 
 
-def screen(replies: Iterable[Message], check: Callable[[Message], tuple[object, str | None]]
-           ) -> tuple[list[tuple[Message, object]], dict[str, str]]:
-    """Split replies into (message, checked payload) pairs and {site: reason} for the rest, logging
-    each rejection."""
+def reject(rejected: dict[str, str], name: str, node: int, reason: str) -> None:
+    """Record and log one turned-away reply."""
+    rejected[name] = reason
+    log(WARNING, "rejected reply from %s (node %s): %s", name, node, reason)
+
+
+def screen(replies: Iterable[tuple[str, Message]], check: Callable[[Message], tuple[object, str | None]]
+           ) -> tuple[list[tuple[str, Message, object]], dict[str, str]]:
+    """Split named replies into (name, message, checked payload) and {site: reason} for the rest,
+    logging each rejection."""
     accepted, rejected = [], {}
-    for message in replies:
+    for name, message in replies:
         payload, reason = check(message)
         if reason is None:
-            accepted.append((message, payload))
+            accepted.append((name, message, payload))
         else:
-            name = site_name(message)
-            rejected[name] = reason
-            log(WARNING, "rejected reply from %s (node %s): %s", name, message.metadata.src_node_id, reason)
+            reject(rejected, name, message.metadata.src_node_id, reason)
     return accepted, rejected
 
 
@@ -164,6 +169,8 @@ class FedPav(FedAvg):
         embed: Embedder | None = None,
         klpwa: KLPWASpec | None = None,
         sparse_downlink: bool = False,
+        screen: ScreenSpec | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -184,8 +191,14 @@ class FedPav(FedAvg):
         self.embed = embed
         self.klpwa = klpwa or KLPWASpec()
         self.sparse_downlink = sparse_downlink
+        self.screen = screen or ScreenSpec()
+        self.examples = ExampleLedger(self.screen)
+        self.names = SiteNames()
+        self.seed = seed
+        self.min_sites = min_sites
         self.required_train_metrics = REQUIRED_METRICS[weighting]
         self._expected: dict[str, ArraySpec] = {}
+        self._sent: dict[int, dict[str, np.ndarray]] = {}  # node -> the arrays it was sent to train from
         self.node_models: dict[int, ArrayRecord] = {}  # per-node models when clustering
         self.site_models: dict[str, ArrayRecord] = {}  # the same, by site name (for checkpoints)
         self.site_nodes: dict[str, int] = {}  # site name -> node id it last replied from
@@ -202,18 +215,43 @@ class FedPav(FedAvg):
 
     # ----- sending -----------------------------------------------------------------------------
 
+    def sample(self, grid: Grid, fraction: float, server_round: int, kind: str) -> list[int]:
+        """A seeded sample of the connected nodes: ``fraction`` of them, at least ``min_sites`` (or all
+        there are; the runner has already waited, within its bound, for enough to connect)."""
+        nodes = sorted(grid.get_node_ids())
+        if fraction <= 0 or not nodes:
+            return []
+        size = min(len(nodes), max(int(len(nodes) * fraction), self.min_sites))
+        chosen = sorted(random.Random(f"{self.seed}/{kind}/{server_round}").sample(nodes, size))
+        log(INFO, "round %d %s: sampled %d of %d connected sites", server_round, kind, len(chosen), len(nodes))
+        return chosen
+
+    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                  fraction: float, message_type: str) -> list[Message]:
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        nodes = self.sample(grid, fraction, server_round, message_type)
+        return self._construct_messages(record, nodes, message_type)
+
     def _outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
         """The arrays as they travel: pruned (zero-holding) tensors encoded when that is smaller."""
         if not self.sparse_downlink:
             return arrays
         return encode_record({k: a.numpy() for k, a in arrays.items()}, sparse_zeros=True)
 
-    def _personalise(self, messages: Iterable[Message]) -> list[Message]:
-        """Give each site its cluster's model (when it has one), in its travelling form."""
-        out, encoded = [], {}
+    def _personalise(self, messages: Iterable[Message], remember: bool = False) -> list[Message]:
+        """Give each site its cluster's model (when it has one), in its travelling form; with
+        ``remember``, keep what each node was sent (its upload's change is measured against it)."""
+        out, encoded, plain = [], {}, {}
+        if remember:
+            self._sent = {}
         for message in messages:
             node = message.metadata.dst_node_id
             arrays = self.node_models.get(node, message.content[self.arrayrecord_key])
+            if remember:
+                if id(arrays) not in plain:
+                    plain[id(arrays)] = {k: a.numpy() for k, a in arrays.items()}
+                self._sent[node] = plain[id(arrays)]
             if id(arrays) not in encoded:
                 encoded[id(arrays)] = self._outgoing(arrays)
             if encoded[id(arrays)] is not message.content[self.arrayrecord_key]:
@@ -225,14 +263,16 @@ class FedPav(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Remember what was sent, so replies can be checked against it, then sample as FedAvg."""
+        """Sample the sites and remember what each was sent, so replies can be checked against it."""
         self._expected = expected_specs(arrays)
-        return self._personalise(super().configure_train(server_round, arrays, config, grid))
+        messages = self._messages(server_round, arrays, config, grid, self.fraction_train, MessageType.TRAIN)
+        return self._personalise(messages, remember=True)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Each site is evaluated with the model it trains from (its cluster's, when clustering)."""
-        return self._personalise(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = self._messages(server_round, arrays, config, grid, self.fraction_evaluate, MessageType.EVALUATE)
+        return self._personalise(messages)
 
     # ----- aggregating -------------------------------------------------------------------------
 
@@ -262,22 +302,54 @@ class FedPav(FedAvg):
             self.last_train.refined = True
         return arrays
 
+    def _screen_wild(self, uploads: list[Upload], rejected: dict[str, str]) -> tuple[list[Upload], dict[str, float]]:
+        """Turn away (or clip) uploads whose training-set size or model change is absurd next to the
+        round's others; returns the kept uploads and every judged site's change score."""
+        believable = []
+        for upload in uploads:
+            reason = self.examples.check(upload.site, float(upload.message.content[METRICS_KEY][NUM_EXAMPLES]))
+            if upload.node not in self._sent:
+                reason = "this node was not sent a model to train this round"
+            if reason:
+                reject(rejected, upload.site, upload.node, reason)
+            else:
+                believable.append(upload)
+        sent = [self._sent[u.node] for u in believable]
+        scores = [change_norm(u.tensors, g) / np.sqrt(float(u.message.content[METRICS_KEY][NUM_EXAMPLES]))
+                  for u, g in zip(believable, sent)]
+        kept = []
+        for upload, base, verdict in zip(believable, sent, judge_norms(scores, self.screen)):
+            if verdict.reason:
+                reject(rejected, upload.site, upload.node, verdict.reason)
+                continue
+            if verdict.scale < 1:
+                log(WARNING, "clipped the update of %s (node %s) to %.3g x its change", upload.site, upload.node,
+                    verdict.scale)
+                upload = Upload(upload.site, upload.message, clip_change(upload.tensors, base, verdict.scale))
+            kept.append(upload)
+        for upload in kept:
+            self.examples.record(upload.site, float(upload.message.content[METRICS_KEY][NUM_EXAMPLES]))
+        return kept, {u.site: s for u, s in zip(believable, scores)}
+
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen, weight and average (per cluster when clustering); None when no reply was acceptable."""
         replies = list(replies)
-        checked, rejected = screen(replies, lambda m: check_train_reply(
+        named, rejected = self.names.resolve(replies)
+        checked, malformed = screen(named, lambda m: check_train_reply(
             m, self._expected, NUM_EXAMPLES, self.required_train_metrics))
+        rejected.update(malformed)
         self.last_train = RoundLog(rejected=rejected)
-        log(INFO, "round %d: aggregating %d of %d replies", server_round, len(checked), len(replies))
-        if not checked:
-            return None, None
         # replies arrive in any order; a fixed summation order makes runs repeatable
-        uploads = sorted((Upload(site_name(m), m, tensors) for m, tensors in checked), key=lambda u: u.site)
+        uploads = sorted((Upload(name, m, tensors) for name, m, tensors in checked), key=lambda u: u.site)
+        uploads, scores = self._screen_wild(uploads, rejected) if uploads else ([], {})
+        log(INFO, "round %d: aggregating %d of %d replies", server_round, len(uploads), len(replies))
+        if not uploads:
+            return None, None
         weights = normalise_weights(self.aggregation_weights(uploads))
         for upload, weight in zip(uploads, weights):
             self.last_train.accepted[upload.site] = float(weight)
-            self.last_train.site_metrics[upload.site] = metric_dict(upload.message)
+            self.last_train.site_metrics[upload.site] = {**metric_dict(upload.message), SCREEN_SCORE: scores[upload.site]}
         if self.clustering.method == "none":
             global_arrays = self._aggregate_group(server_round, uploads, weights)
         else:
@@ -309,12 +381,14 @@ class FedPav(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Keep every site's own Rank-k/mAP/mINP and return their plain mean, as EasyFL reports."""
-        accepted, rejected = screen(replies, lambda m: (None, check_evaluate_reply(m, EVAL_METRICS)))
+        named, rejected = self.names.resolve(replies)
+        accepted, malformed = screen(named, lambda m: (None, check_evaluate_reply(m, EVAL_METRICS)))
+        rejected.update(malformed)
         self.last_evaluate = RoundLog(rejected=rejected)
         if not accepted:
             return None
-        for message, _ in accepted:
-            self.last_evaluate.site_metrics[site_name(message)] = metric_dict(message)
+        for name, message, _ in accepted:
+            self.last_evaluate.site_metrics[name] = metric_dict(message)
         per_site = self.last_evaluate.site_metrics.values()
         keys = [*EVAL_METRICS, *(k for k in OPTIONAL_EVAL_METRICS if all(k in m for m in per_site))]
         return MetricRecord({key: float(np.mean([m[key] for m in per_site])) for key in keys})

@@ -8,7 +8,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from strategies.averaging import normalise_weights, weighted_average
 from strategies.fedpav import ClusteringSpec, FedPav
-from strategies.validation import expected_specs
 
 
 
@@ -27,9 +26,9 @@ def _arrays(w: list[float], b: float) -> ArrayRecord:
                         "layer.bias": Array(np.array([b], dtype=np.float32))})
 
 
-def _started(strategy: FedPav, nodes: list[int]) -> list[Message]:
+def _started(strategy: FedPav, nodes: list[int], arrays: ArrayRecord | None = None) -> list[Message]:
     config = ConfigRecord({"lr": 0.1})
-    return list(strategy.configure_train(3, _arrays([0.0, 0.0], 0.0), config, NodeList(nodes)))
+    return list(strategy.configure_train(3, arrays or _arrays([0.0, 0.0], 0.0), config, NodeList(nodes)))
 
 
 def _reply(to: Message, arrays: ArrayRecord | None, metrics: dict, site: str, **extra) -> Message:
@@ -161,12 +160,12 @@ def test_cdw_weights_are_the_normalised_cosine_distances_and_ignore_data_size() 
     sent = _started(strategy, [1, 2])
     replies = [
         _reply(sent[0], _arrays([4, 0], 0), {"num-examples": 1000, "cdw-distance": 0.2}, "big"),
-        _reply(sent[1], _arrays([0, 8], 4), {"num-examples": 10, "cdw-distance": 0.6}, "small"),
+        _reply(sent[1], _arrays([0, 0.8], 0.4), {"num-examples": 10, "cdw-distance": 0.6}, "small"),
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert strategy.last_train.accepted == {"big": pytest.approx(0.25), "small": pytest.approx(0.75)}
-    np.testing.assert_allclose(arrays["layer.weight"].numpy(), [0.25 * 4, 0.75 * 8])
-    np.testing.assert_allclose(arrays["layer.bias"].numpy(), [3.0])
+    np.testing.assert_allclose(arrays["layer.weight"].numpy(), [0.25 * 4, 0.75 * 0.8], rtol=1e-6)
+    np.testing.assert_allclose(arrays["layer.bias"].numpy(), [0.75 * 0.4], rtol=1e-6)
 
 
 def test_cdw_needs_the_distance_metric() -> None:
@@ -217,7 +216,7 @@ def test_singletons_give_every_site_back_its_own_model() -> None:
     strategy = FedPav(min_sites=2, clustering=ClusteringSpec(method="singletons"))
     sent = {m.metadata.dst_node_id: m for m in _started(strategy, [1, 2])}
     strategy.aggregate_train(1, [_reply(sent[1], _arrays([1, 1], 1), {"num-examples": 9}, "x"),
-                                 _reply(sent[2], _arrays([5, 5], 5), {"num-examples": 1}, "y")])
+                                 _reply(sent[2], _arrays([5, 5], 5), {"num-examples": 4}, "y")])
     following = strategy.configure_evaluate(1, _arrays([0, 0], 0), ConfigRecord(), NodeList([1, 2]))
     assert {m.metadata.dst_node_id: float(m.content["arrays"]["layer.bias"].numpy()[0]) for m in following} == {1: 1.0, 2: 5.0}
 
@@ -236,6 +235,9 @@ def test_mask_aware_average_counts_each_weight_over_the_sites_that_kept_it() -> 
     np.testing.assert_allclose(nobody, [(1 * 1 + 3 * 3) / 4, 2.0, 0.0, (4 + 3 * 8) / 4], rtol=1e-6)
 
 
+WIDE = ArrayRecord({"layer.weight": Array(np.zeros(202, np.float32)), "layer.bias": Array(np.zeros(1, np.float32))})
+
+
 def _sparse(values: list[float], kept: list[bool], bias: float) -> ArrayRecord:
     from strategies.sparse_records import encode_record
 
@@ -246,13 +248,11 @@ def _sparse(values: list[float], kept: list[bool], bias: float) -> ArrayRecord:
 
 def test_sparse_uploads_are_decoded_and_aggregated_mask_aware() -> None:
     strategy = FedPav(min_sites=2)
-    sent = _started(strategy, [1, 2])
+    sent = _started(strategy, [1, 2], WIDE)
     big = [0.0] * 200
     first = _sparse([2.0, 0.0] + big, [True, False] + [False] * 200, 1.0)
     second = _sparse([4.0, 6.0] + big, [True, True] + [False] * 200, 3.0)
     assert first["layer.weight"].numpy().dtype == np.uint8  # it really travelled encoded
-    strategy._expected = expected_specs(ArrayRecord({"layer.weight": Array(np.zeros(202, np.float32)),
-                                                     "layer.bias": Array(np.zeros(1, np.float32))}))
     arrays, _ = strategy.aggregate_train(1, [_reply(sent[0], first, {"num-examples": 1}, "a"),
                                              _reply(sent[1], second, {"num-examples": 1}, "b")])
     weight = arrays["layer.weight"].numpy()
@@ -262,9 +262,7 @@ def test_sparse_uploads_are_decoded_and_aggregated_mask_aware() -> None:
 
 def test_a_malformed_encoding_is_rejected_and_the_round_goes_on() -> None:
     strategy = FedPav(min_sites=2)
-    sent = _started(strategy, [1, 2])
-    strategy._expected = expected_specs(ArrayRecord({"layer.weight": Array(np.zeros(202, np.float32)),
-                                                     "layer.bias": Array(np.zeros(1, np.float32))}))
+    sent = _started(strategy, [1, 2], WIDE)
     good = _sparse([1.0] * 2 + [0.0] * 200, [True] * 2 + [False] * 200, 1.0)
     bad = _sparse([1.0] * 2 + [0.0] * 200, [True] * 2 + [False] * 200, 1.0)
     bad["layer.weight"] = Array(bad["layer.weight"].numpy()[:-2])  # values cut short in transit

@@ -1,8 +1,13 @@
-"""The round loop's fault handling, on a fake Grid: sites that do not answer, federation.min_sites."""
+"""The round loop's fault handling, on a fake Grid: sites that do not answer, messages the SuperLink
+refuses, sites that are not connected, federation.min_sites, and every wait bounded."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, replace
+
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from server.config import FederationSettings
@@ -10,35 +15,60 @@ from server.rounds import FederationRunner
 from strategies.fedpav import FedPav
 
 SITES = {1: "mall", 2: "station", 3: "campus"}
+SETTINGS = FederationSettings(rounds=1, eval_every=0, eval_at_start=False, min_sites=1, fraction_train=1.0,
+                              fraction_evaluate=1.0, round_timeout_s=1.0, poll_interval_s=0.05, report_every_s=0.2)
 
 
-class FlakyGrid:
-    """Every connected node answers with its arrays + 1, except those in ``silent``."""
+@dataclass
+class Node:
+    node_id: int
+    name: str = ""
 
-    def __init__(self, silent: set[int]) -> None:
-        self.silent = silent
+
+class FakeGrid:
+    """A SuperLink stand-in: every connected node answers with its arrays + 1, except the ``silent``
+    ones; nodes in ``refused`` get no message stored (Flower's push returns "" for them)."""
+
+    def __init__(self, silent: set[int] = frozenset(), refused: set[int] = frozenset(),
+                 connected: set[int] | None = None, registered: dict[int, str] | None = None) -> None:
+        self.silent, self.refused = silent, refused
+        self.connected = set(SITES) if connected is None else connected
+        self.registered = registered or {}
+        self.replies: dict[str, Message] = {}
+        self.pulls = 0
 
     def get_node_ids(self) -> list[int]:
-        return list(SITES)
+        return sorted(self.connected)
 
-    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
-        replies = []
-        for message in messages:
+    def get_nodes(self) -> list[Node]:
+        return [Node(n, self.registered.get(n, "")) for n in self.get_node_ids()]
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for index, message in enumerate(messages):
+            message_id = f"m{index}-{message.metadata.dst_node_id}"
+            message.metadata.__dict__["_message_id"] = message_id
             node = message.metadata.dst_node_id
-            if node in self.silent:
+            if node in self.refused:
+                ids.append("")
                 continue
-            arrays = ArrayRecord({k: Array(a.numpy() + 1.0) for k, a in message.content["arrays"].items()})
-            content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10}),
-                                  "site": ConfigRecord({"name": SITES[node]})})
-            replies.append(Message(content=content, reply_to=message))
-        return replies
+            ids.append(message_id)
+            if node not in self.silent:
+                arrays = ArrayRecord({k: Array(a.numpy() + 1.0) for k, a in message.content["arrays"].items()})
+                content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10}),
+                                      "site": ConfigRecord({"name": SITES[node]})})
+                reply = Message(content=content, reply_to=message)
+                self.replies[message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: list[str]) -> list[Message]:
+        self.pulls += 1
+        return [self.replies.pop(i) for i in message_ids if i in self.replies]
 
 
-def _runner(silent: set[int], min_sites: int) -> FederationRunner:
-    settings = FederationSettings(rounds=1, eval_every=0, eval_at_start=False, min_sites=min_sites,
-                                  fraction_train=1.0, fraction_evaluate=1.0, round_timeout_s=1.0)
-    return FederationRunner(FlakyGrid(silent), FedPav(min_sites=1), settings, ConfigRecord({}),
-                            on_round=lambda *_: None)
+def _runner(grid: FakeGrid, min_sites: int = 1, **settings: float) -> FederationRunner:
+    return FederationRunner(grid, FedPav(min_sites=1), replace(SETTINGS, min_sites=min_sites, **settings),
+                            ConfigRecord({}), on_round=lambda *_: None)
 
 
 def _start() -> ArrayRecord:
@@ -46,18 +76,66 @@ def _start() -> ArrayRecord:
 
 
 def test_a_silent_site_is_named_as_failed_and_the_round_aggregates_the_others() -> None:
-    runner = _runner(silent=set(), min_sites=2)
+    runner = _runner(FakeGrid(), min_sites=2)
     runner.train_round(1, _start())  # every site answers once: the runner learns their names
-    runner.grid = FlakyGrid(silent={3})
+    runner.grid = FakeGrid(silent={3})
     arrays, record = runner.train_round(2, _start())
     assert record["failed"] == ["campus"] and sorted(record["sites"]) == ["mall", "station"]
+    assert record["nodes"] == {"mall": 1, "station": 2}
     assert record["aggregated"] and np.array_equal(arrays["w"].numpy(), np.ones(3, dtype=np.float32))
     assert record["bytes_per_site"]["campus"]["received"] == 0 and record["bytes_per_site"]["campus"]["sent"] > 0
 
 
 def test_fewer_usable_updates_than_min_sites_leave_the_global_model_unchanged() -> None:
     start = _start()
-    arrays, record = _runner(silent={2, 3}, min_sites=2).train_round(1, start)
+    arrays, record = _runner(FakeGrid(silent={2, 3}), min_sites=2).train_round(1, start)
     assert arrays is start and not record["aggregated"]
     assert record["failed"] == ["node-2", "node-3"]  # never answered: known by node id only
     assert list(record["sites"]) == ["mall"]
+
+
+def test_the_wait_for_replies_ends_at_the_round_timeout_and_names_who_is_missing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    runner = _runner(FakeGrid())
+    runner.train_round(1, _start())
+    runner.grid = grid = FakeGrid(silent={2, 3})
+    start = time.monotonic()
+    _, record = runner.train_round(2, _start())
+    took = time.monotonic() - start
+    assert 1.0 <= took < 5.0, took  # round_timeout_s=1: bounded, and not a multiple of 3-s polls
+    assert record["failed"] == ["campus", "station"] and grid.pulls > 5
+    waiting = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
+    assert waiting and "campus, station" in waiting[0]  # by name, while it waits
+
+
+def test_a_message_the_superlink_refuses_fails_at_once_instead_of_waiting_out_the_round() -> None:
+    runner = _runner(FakeGrid(), round_timeout_s=60.0)
+    runner.train_round(1, _start())
+    runner.grid = FakeGrid(refused={2})
+    start = time.monotonic()
+    _, record = runner.train_round(2, _start())
+    assert time.monotonic() - start < 10.0
+    assert record["failed"] == ["station"] and sorted(record["sites"]) == ["campus", "mall"]
+
+
+def test_too_few_connected_sites_are_waited_for_within_the_bound_and_named(caplog: pytest.LogCaptureFixture) -> None:
+    runner = _runner(FakeGrid(), min_sites=3)
+    runner.train_round(1, _start())
+    runner.grid = FakeGrid(connected={1})
+    start = _start()
+    began = time.monotonic()
+    arrays, record = runner.train_round(2, start)
+    assert time.monotonic() - began < 5.0
+    assert arrays is start and list(record["sites"]) == ["mall"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("not connected: campus, station" in m for m in messages), messages
+    assert any("only 1 of the 3 sites needed are connected" in m for m in messages), messages
+
+
+def test_registered_names_win_over_reported_ones_and_a_shared_name_is_turned_away(
+        caplog: pytest.LogCaptureFixture) -> None:
+    grid = FakeGrid(registered={1: "mall", 2: "station", 3: "station"})  # two keys registered as "station"
+    _, record = _runner(grid).train_round(1, _start())
+    assert list(record["sites"]) == ["mall"]
+    assert "claimed by more than one node (2, 3)" in record["rejected"]["station"]
+    assert any("registered as 'station' but reports the name 'campus'" in r.getMessage() for r in caplog.records)

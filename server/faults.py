@@ -1,0 +1,31 @@
+"""Pauses at named points of a run, for fault tests only: they let a test kill the SuperLink at an
+exact moment (between the aggregation and the checkpoint, say) instead of guessing with sleeps.
+
+Off unless the ServerApp's environment sets ``FEDREID_TEST_PAUSE=<point>:<round>`` (for example
+``aggregated:3``) and ``FEDREID_TEST_PAUSE_MARKER=<file>``: on reaching that point in that round the
+ServerApp writes the marker file and sleeps (at most ``MAX_PAUSE_S``), waiting to be killed. The
+environment reaches the ServerApp from the process that starts `fedreid-server`.
+
+Points: ``aggregated`` (a training round aggregated; nothing written yet) and ``recorded`` (its
+metrics line written; the checkpoint not yet).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+PAUSE_VARIABLE = "FEDREID_TEST_PAUSE"
+MARKER_VARIABLE = "FEDREID_TEST_PAUSE_MARKER"
+MAX_PAUSE_S = 600.0
+
+
+def pause_point(point: str, server_round: int) -> None:
+    """Pause here if the environment asks for this point and round (a no-op otherwise)."""
+    if os.environ.get(PAUSE_VARIABLE) != f"{point}:{server_round}":
+        return
+    marker = os.environ.get(MARKER_VARIABLE)
+    if marker:
+        Path(marker).write_text(f"{point}:{server_round} pid {os.getpid()}\n")
+    time.sleep(MAX_PAUSE_S)
