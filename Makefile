@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-load bench venv clean
 
 # Re-install only when the dependency list changes; the stamp is written after a successful install.
 $(STAMP): pyproject.toml
@@ -23,6 +23,10 @@ demo: $(STAMP)
 ## The test suite (unit tests plus real end-to-end Flower simulations).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+## Load tests (not in `make test`): 20 SuperNodes over TLS, 100 simulated sites; figures on stdout.
+test-load: $(STAMP)
+	$(BIN)/python -m pytest -m load -s -q
 
 ## Benchmarks (slow; numbers go to stdout). The algorithm comparison is separate:
 ## $(BIN)/python bench/compare_algorithms.py --seeds 0 1 2   (about 2 hours on 2 CPU cores)

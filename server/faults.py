@@ -2,12 +2,12 @@
 exact moment (between the aggregation and the checkpoint, say) instead of guessing with sleeps.
 
 Off unless the ServerApp's environment sets ``FEDREID_TEST_PAUSE=<point>:<round>`` (for example
-``aggregated:3``) and ``FEDREID_TEST_PAUSE_MARKER=<file>``: on reaching that point in that round the
+``recorded:2``) and ``FEDREID_TEST_PAUSE_MARKER=<file>``: on reaching that point in that round the
 ServerApp writes the marker file and sleeps (at most ``MAX_PAUSE_S``), waiting to be killed. The
 environment reaches the ServerApp from the process that starts `fedreid-server`.
 
-Points: ``aggregated`` (a training round aggregated; nothing written yet) and ``recorded`` (its
-metrics line written; the checkpoint not yet).
+Point ``recorded``: the round aggregated and its metrics line written, the checkpoint not yet (the
+one moment where a crash leaves the files disagreeing; server/resume.py reconciles them).
 """
 
 from __future__ import annotations
@@ -28,4 +28,6 @@ def pause_point(point: str, server_round: int) -> None:
     marker = os.environ.get(MARKER_VARIABLE)
     if marker:
         Path(marker).write_text(f"{point}:{server_round} pid {os.getpid()}\n")
-    time.sleep(MAX_PAUSE_S)
+    deadline = time.monotonic() + MAX_PAUSE_S
+    while time.monotonic() < deadline:  # short sleeps: a signal raised in another thread (Flower's
+        time.sleep(0.2)                 # parent-process monitor) is handled only between them

@@ -19,6 +19,9 @@ import urllib.request
 from pathlib import Path
 
 
+UNREACHABLE = "Connection to the SuperLink is unavailable"  # what the flwr CLI says when it cannot connect
+
+
 def console_script(name: str) -> str:
     """A console script of the running interpreter's environment (works without an activated venv)."""
     candidate = Path(sys.executable).parent / name
@@ -80,6 +83,17 @@ def stop_process_group(process: subprocess.Popen[bytes] | None) -> None:
             continue
 
 
+def kill_process_group(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL the process's group at once, as a crash would (no graceful shutdown), and reap it."""
+    if process is None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    process.wait(timeout=30)
+
+
 def flwr_json(text: str) -> dict[str, object]:
     """The JSON object the flwr CLI prints with --format json (after any log lines)."""
     if "{" not in text:
@@ -97,10 +111,19 @@ class SuperLinkConnection:
         (home / "config.toml").write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
                                           f'address = "{address}"\n{tls}\n')
 
-    def flwr(self, *args: str, timeout: float | None = 300, stream: bool = False) -> subprocess.CompletedProcess[str]:
-        """Run `flwr ARGS` (output captured unless ``stream``; ``timeout`` None = no limit)."""
-        return subprocess.run([console_script("flwr"), *args], env=flwr_environment(self.home), text=True,
-                              capture_output=not stream, timeout=timeout, check=False)
+    def flwr(self, *args: str, timeout: float | None = 300, stream: bool = False,
+             attempts: int = 4) -> subprocess.CompletedProcess[str]:
+        """Run `flwr ARGS` (output captured unless ``stream``; ``timeout`` None = no limit). When the CLI
+        could not reach the SuperLink at all (a busy machine, a SuperLink still starting), the same call
+        is tried again, up to ``attempts`` times: nothing happened on the SuperLink's side."""
+        for attempt in range(1, attempts + 1):
+            done = subprocess.run([console_script("flwr"), *args], env=flwr_environment(self.home), text=True,
+                                  capture_output=not stream, timeout=timeout, check=False)
+            if stream or UNREACHABLE not in (done.stdout or "") + (done.stderr or ""):
+                break
+            if attempt < attempts:
+                time.sleep(2.0 * attempt)
+        return done
 
     def online_nodes(self) -> int:
         done = self.flwr("supernode", "list", self.name, "--format", "json", timeout=60)
@@ -144,6 +167,11 @@ class SuperLinkConnection:
         except RuntimeError as error:
             return f"unknown ({error})"
         return str(runs[0]["status"]) if runs else "unknown (no such run)"
+
+    def run_log(self, run_id: int) -> str:
+        """The run's ServerApp log as the SuperLink holds it (`flwr log --show`)."""
+        done = self.flwr("log", str(run_id), self.name, "--show", timeout=120)
+        return done.stdout + done.stderr
 
     def wait_finished(self, run_id: int, timeout: float, poll: float = 2.0) -> str:
         deadline = time.monotonic() + timeout

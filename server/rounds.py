@@ -6,11 +6,13 @@ the bytes that really crossed the wire, per site and direction.
 
 Every wait here has a bound. Waiting for sites to connect and waiting for replies both end after
 ``federation.round_timeout_s``; sites that did not answer by then are named in the round's
-``failed`` list and the run goes on with the next round. While it waits, the loop says in its log,
-by name, which sites it is still waiting for (every ``federation.report_every_s``). Replies are
-pulled every ``federation.poll_interval_s`` (Flower's own ``send_and_receive`` sleeps 3 s between
-pulls and treats a message the SuperLink refused as one still to come, which waits out the whole
-timeout).
+``failed`` list and the run goes on with the next round. A training round that no site answered
+at all (none connected, or the SuperLink answering "unavailable" for each) is not counted but
+tried again, so a resumed run whose sites are still coming back loses no round. While it waits,
+the loop says in its log, by name, which sites it is still waiting for (every
+``federation.report_every_s``). Replies are pulled every ``federation.poll_interval_s`` (Flower's
+own ``send_and_receive`` sleeps 3 s between pulls and treats a message the SuperLink refused as one
+still to come, which waits out the whole timeout).
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from server.config import FederationSettings
-from server.faults import pause_point
 from strategies.fedpav import FedPav
 from strategies.naming import SiteNames
 from strategies.wire import message_wire_bytes
 
 RoundHook = Callable[[int, ArrayRecord, dict[str, Any]], None]
+RETRY_PAUSE_S = 5.0  # between two tries of a training round that no site answered
 
 
 @dataclass
@@ -106,9 +108,15 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
         log(WARNING, "%s: the SuperLink did not accept the messages for %s; going on without them", label,
             _listing(refused))
     replies: list[Message] = []
+    unreachable: dict[int, str] = {}  # node -> why the SuperLink answered in its place
     while pending:
         for reply in grid.pull_messages(list(pending)):
-            if pending.pop(reply.metadata.reply_to_message_id, None) is not None:
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node is None:
+                continue
+            if reply.has_error() and reply.metadata.src_node_id != node:
+                unreachable[node] = reply.error.reason
+            else:
                 replies.append(reply)
         if not pending or clock.left() <= 0:
             break
@@ -117,8 +125,10 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
                 len(messages), _listing(names.of_node(n) for n in pending.values()), clock.elapsed(),
                 settings.round_timeout_s)
         time.sleep(min(settings.poll_interval_s, max(clock.left(), 0.0)))
+    for node, reason in unreachable.items():
+        log(WARNING, "%s: %s did not answer: %s", label, names.of_node(node), reason)
     by_node = {r.metadata.src_node_id: names.of(r) for r in replies}
-    failed = sorted({names.of_node(node) for node in pending.values()} | set(refused))
+    failed = sorted({names.of_node(node) for node in [*pending.values(), *unreachable]} | set(refused))
     per_site = {by_node.get(node, names.of_node(node)): {"sent": size, "received": 0} for node, size in sent.items()}
     for reply in replies:
         per_site.setdefault(by_node[reply.metadata.src_node_id], {"sent": 0, "received": 0})
@@ -207,7 +217,6 @@ class FederationRunner:
             "bytes_per_site": result.bytes_per_site,
             "seconds": result.seconds,
         }
-        pause_point("aggregated", server_round)
         return new_arrays, record
 
     def run(self, arrays: ArrayRecord, first_round: int = 1, start_evaluated: bool = False) -> ArrayRecord:
@@ -218,6 +227,11 @@ class FederationRunner:
         for server_round in range(first_round, self.settings.rounds + 1):
             start = time.perf_counter()
             arrays, train_record = self.train_round(server_round, arrays)
+            while not train_record["sites"] and not train_record["rejected"]:  # nobody answered at all
+                log(WARNING, "round %d: no site answered (%s); trying round %d again in %.0f s", server_round,
+                    _listing(train_record["failed"]) or "none connected", server_round, RETRY_PAUSE_S)
+                time.sleep(RETRY_PAUSE_S)
+                arrays, train_record = self.train_round(server_round, arrays)
             evaluation = self.evaluate(server_round, arrays) if self.settings.evaluates_after(server_round) else None
             self.on_round(server_round, arrays, {
                 "round": server_round, "train": train_record, "evaluate": evaluation,

@@ -12,7 +12,14 @@ import sys
 from pathlib import Path
 
 from server.certs import create, register
-from server.flower_cli import SuperLinkConnection, flwr_environment, free_port, stop_process_group, wait_healthy
+from server.flower_cli import (
+    SuperLinkConnection,
+    flwr_environment,
+    free_port,
+    kill_process_group,
+    stop_process_group,
+    wait_healthy,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,10 +27,12 @@ REPO = Path(__file__).resolve().parent.parent
 class Deployment:
     """One SuperLink plus any number of site SuperNodes, all local processes."""
 
-    def __init__(self, root: Path, sites: dict[str, Path], insecure: bool = False) -> None:
+    def __init__(self, root: Path, sites: dict[str, Path], insecure: bool = False,
+                 env: dict[str, str] | None = None) -> None:
         self.root = root
         self.sites = sites
         self.insecure = insecure
+        self.env = env or {}  # added to every process's environment
         self.certs = root / "certs"
         self.fleet_port, self.control_port = free_port(), free_port()
         self.cli_home = root / "cli-home"
@@ -35,20 +44,21 @@ class Deployment:
         self.connection = SuperLinkConnection(f"127.0.0.1:{self.control_port}", self.cli_home,
                                               None if insecure else self.certs / "ca.crt")
 
-    def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, command: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log_file = open(self.root / log_name, "ab")  # noqa: SIM115 - the child owns it
         return subprocess.Popen(command, cwd=self.root, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=flwr_environment(None))
+                                start_new_session=True, env={**flwr_environment(None), **self.env, **(env or {})})
 
     def log(self, name: str) -> str:
         path = self.root / name
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def start_server(self, timeout: float = 90.0) -> None:
+    def start_server(self, timeout: float = 90.0, env: dict[str, str] | None = None) -> None:
+        """The SuperLink (``env`` is added to its environment, which its ServerApps inherit)."""
         command = [sys.executable, "-m", "server.launch", "--host", "127.0.0.1", "--fleet-port", str(self.fleet_port),
                    "--control-port", str(self.control_port), "--state-dir", str(self.root / "superlink-state"),
                    "--certs", str(self.certs)] + (["--insecure"] if self.insecure else [])
-        self.server = self._spawn(command, "server.log")
+        self.server = self._spawn(command, "server.log", env)
         scheme = "http" if self.insecure else "https"
         try:
             wait_healthy(f"{scheme}://127.0.0.1:{self.control_port}/health", self.server, timeout, "the SuperLink")
@@ -98,6 +108,14 @@ class Deployment:
     def stop_server(self) -> None:
         stop_process_group(self.server)
         self.server = None
+
+    def kill_server(self) -> None:
+        """The SuperLink dies at once (SIGKILL), as in a crash; its ServerApp follows it."""
+        kill_process_group(self.server)
+        self.server = None
+
+    def run_log(self, run_id: int) -> str:
+        return self.connection.run_log(run_id)
 
     def close(self) -> None:
         for site in list(self.clients):

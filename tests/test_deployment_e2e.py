@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -34,8 +35,10 @@ def _logs(deployment: Deployment) -> str:
     return "\n".join(f"--- {n}\n{deployment.log(n)[-2500:]}" for n in names)
 
 
-def test_tls_federation_of_three_sites_completes_and_refuses_an_unregistered_key(tiny_sites: Path,
-                                                                                  tmp_path: Path) -> None:
+def test_tls_federation_names_sites_by_their_registered_keys(tiny_sites: Path, tmp_path: Path) -> None:
+    """TLS + SuperNode authentication decide who is who: an unregistered key is refused; a site that
+    reports another site's name is counted under the name its key was registered with; a name
+    registered for two keys is turned away on both; the rest of the federation completes."""
     sites = _sites(tiny_sites)
     deployment = Deployment(tmp_path, sites)
     try:
@@ -45,34 +48,43 @@ def test_tls_federation_of_three_sites_completes_and_refuses_an_unregistered_key
         assert set(deployment.register_sites().values()) == {"already registered"}  # reruns are harmless
 
         # a key the SuperLink does not know: the SuperNode is refused and exits
-        create(deployment.certs, [], ["intruder"])
-        intruder_sites = {**sites, "intruder": sites["0-mall"]}
-        deployment.sites = intruder_sites
+        create(deployment.certs, [], ["intruder", "impostor"])
+        deployment.sites = {**sites, "intruder": sites["0-mall"], "impostor": sites["0-mall"]}
         intruder = deployment.start_client("intruder", None, "--max-wait-time", "60")
         assert intruder.wait(timeout=120) != 0
         assert "Failed to activate" in deployment.log("client-intruder.log") or \
             "not registered" in deployment.log("client-intruder.log").lower(), deployment.log("client-intruder.log")
-        deployment.sites = sites
 
-        for site in sites:
-            deployment.start_client(site)
-        deployment.wait_for_nodes(3)
+        # a second key registered under the mall's name, and a station box that calls itself campus
+        done = deployment.connection.flwr("supernode", "register", str(deployment.certs / "sites" / "impostor.pub"),
+                                          deployment.connection.name, "--name", "0-mall", "--format", "json")
+        assert '"success": true' in done.stdout.replace("True", "true"), done.stdout + done.stderr
+        deployment.start_client("impostor", None, "--dataset", "0-mall")
+        deployment.start_client("0-mall")
+        deployment.start_client("1-station", None, "--dataset", "2-campus")  # the last --dataset counts
+        deployment.start_client("2-campus")
+        deployment.wait_for_nodes(4)
         outputs = tmp_path / "outputs"
         run_id = deployment.submit(f'profile="test" output-dir="{outputs}"')
         status = deployment.wait_finished(run_id, timeout=600)
         assert status == "finished:completed", _logs(deployment)
+        run_log = deployment.run_log(run_id)
     finally:
         deployment.close()
 
     folder = _run_folder(outputs)
     lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2]
+    honest = {"1-station", "2-campus"}
     for line in lines[1:]:
-        assert set(line["train"]["sites"]) == set(sites) and not line["train"]["rejected"]
-        assert set(line["evaluate"]["sites"]) == set(sites)
-    assert all(f"| {site} |" in (folder / "results.md").read_text() for site in sites)
+        assert set(line["train"]["sites"]) == honest and set(line["evaluate"]["sites"]) == honest
+        assert "claimed by more than one node" in line["train"]["rejected"]["0-mall"]
+        assert "claimed by more than one node" in line["evaluate"]["rejected"]["0-mall"]
+        assert set(line["train"]["rejected"]) == {"0-mall"}
+    assert "registered as '1-station' but reports the name '2-campus'" in run_log
+    assert all(f"| {site} |" in (folder / "results.md").read_text() for site in honest)
     assert (folder / "global_model.pt").stat().st_size > 1_000_000
-    for site in sites:  # each site saved its head where a restarted SuperNode will find it
+    for site in honest:  # each site saved its head where a restarted SuperNode will find it
         saved = list((tmp_path / "site-state" / site).glob("*.state"))
         assert [p.name for p in saved] == [f"{folder.name}.state"]
 
@@ -187,30 +199,85 @@ def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins_with_its_head(tiny_s
     assert set(rounds[-1]["evaluate"]["sites"]) <= set(sites) and rounds[-1]["evaluate"]["sites"]
 
 
-def test_a_killed_server_resumes_without_losing_or_repeating_a_round(tiny_sites: Path, tmp_path: Path) -> None:
+def _wait_for(condition: Callable[[], bool], what: str, deployment: Deployment, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:.0f} s\n{_logs(deployment)}")
+        time.sleep(0.3)
+
+
+class ClientLogs:
+    """What the sites have logged since the last ``mark()``."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.deployment = deployment
+        self.offsets: dict[str, int] = {}
+        self.mark()
+
+    def mark(self) -> None:
+        self.offsets = {s: len(self.deployment.log(f"client-{s}.log")) for s in self.deployment.sites}
+
+    def since_mark(self) -> str:
+        return "".join(self.deployment.log(f"client-{s}.log")[self.offsets[s]:] for s in self.deployment.sites)
+
+
+def test_a_superlink_killed_at_any_moment_resumes_with_every_round_exactly_once(tiny_sites: Path,
+                                                                                tmp_path: Path) -> None:
+    """SIGKILL the SuperLink (its ServerApp dies with it) 1. while the sites train round 1, before any
+    checkpoint; 2. after round 2's metrics line, before its checkpoint; 3. in the middle of round 3,
+    with every site gone too: the resumed run names them while it waits, and goes on when they return."""
     sites = _sites(tiny_sites)
     deployment = Deployment(tmp_path, sites)
-    outputs = tmp_path / "outputs"
-    run_config = f'profile="test" output-dir="{outputs}" overrides="{FAST} federation.rounds=3"'
+    outputs, marker = tmp_path / "outputs", tmp_path / "paused"
+    overrides = f"{FAST} federation.min_sites=3 federation.rounds=3 federation.round_timeout_s=240 " \
+                "federation.report_every_s=2"
+    run_config = f'profile="test" output-dir="{outputs}" overrides="{overrides}"'
+
+    def resume(env: dict[str, str] | None = None) -> int:
+        deployment.start_server(env=env)
+        deployment.wait_for_nodes(len(deployment.clients))
+        logs.mark()
+        return deployment.submit(run_config + ' resume="latest"')
+
     try:
         deployment.start_all()
-        first = deployment.submit(run_config)
-        folder = _wait_for_round(outputs, 1, deployment)
-        deployment.stop_server()  # SuperLink and its ServerApp die after round 1
-        deployment.start_server()  # same database: the sites' keys are still registered
-        deployment.wait_for_nodes(3)
-        second = deployment.submit(run_config + ' resume="latest"')
-        status = deployment.wait_finished(second, timeout=600)
+        logs = ClientLogs(deployment)
+        runs = [deployment.submit(run_config)]
+        _wait_for(lambda: "round 1] epoch" in logs.since_mark(), "training of round 1", deployment)
+        deployment.kill_server()
+        (folder,) = [p for p in outputs.iterdir() if p.is_dir()]
+        assert not (folder / "global_model.pt").exists()
+
+        runs.append(resume({"FEDREID_TEST_PAUSE": "recorded:2", "FEDREID_TEST_PAUSE_MARKER": str(marker)}))
+        _wait_for(marker.exists, "the pause after round 2's metrics line", deployment)
+        deployment.kill_server()
+        assert [r["round"] for r in _rounds(folder)] == [1, 2]
+        assert torch.load(folder / "global_model.pt", weights_only=False)["round"] == 1
+
+        runs.append(resume())
+        _wait_for(lambda: "round 3] epoch" in logs.since_mark(), "training of round 3", deployment)
+        for site in sites:  # mid-round, every box goes dark (they sign off), then the SuperLink dies
+            deployment.stop_client(site)
+        deployment.kill_server()
+        assert [r["round"] for r in _rounds(folder)] == [1, 2]
+
+        deployment.start_server()  # no site is there: the resumed run must say whom it waits for
+        runs.append(deployment.submit(run_config + ' resume="latest"'))
+        _wait_for(lambda: "not connected: 0-mall, 1-station, 2-campus" in deployment.run_log(runs[-1]),
+                  "the resumed run naming the sites it waits for", deployment)
+        for site in sites:
+            deployment.start_client(site)
+        status = deployment.wait_finished(runs[-1], timeout=600)
         assert status == "finished:completed", _logs(deployment)
-        assert deployment.status(first) != "finished:completed"
+        assert all(deployment.status(run) != "finished:completed" for run in runs[:-1])
     finally:
         deployment.close()
 
-    assert [folder] == [p for p in outputs.iterdir() if p.is_dir()]
+    assert [p for p in outputs.iterdir() if p.is_dir()] == [folder]
     rounds = _rounds(folder)
     assert [r["round"] for r in rounds] == [1, 2, 3]
-    assert all(set(r["train"]["sites"]) == set(sites) for r in rounds)
-    assert rounds[-1]["elapsed_s"] > rounds[0]["elapsed_s"]
-    checkpoint = torch.load(folder / "global_model.pt", weights_only=False)
-    assert checkpoint["round"] == 3
+    assert all(set(r["train"]["sites"]) == set(sites) and not r["train"]["failed"] for r in rounds)
+    assert set(rounds[-1]["evaluate"]["sites"]) == set(sites)
+    assert torch.load(folder / "global_model.pt", weights_only=False)["round"] == 3
     assert all("restored this site's head" in deployment.log(f"client-{site}.log") for site in sites)

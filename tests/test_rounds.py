@@ -8,13 +8,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from server.config import FederationSettings
 from server.rounds import FederationRunner
 from strategies.fedpav import FedPav
 
-SITES = {1: "mall", 2: "station", 3: "campus"}
+SITES = {11: "mall", 12: "station", 13: "campus"}  # node 1 is the SuperLink itself
 SETTINGS = FederationSettings(rounds=1, eval_every=0, eval_at_start=False, min_sites=1, fraction_train=1.0,
                               fraction_evaluate=1.0, round_timeout_s=1.0, poll_interval_s=0.05, report_every_s=0.2)
 
@@ -30,8 +30,9 @@ class FakeGrid:
     ones; nodes in ``refused`` get no message stored (Flower's push returns "" for them)."""
 
     def __init__(self, silent: set[int] = frozenset(), refused: set[int] = frozenset(),
-                 connected: set[int] | None = None, registered: dict[int, str] | None = None) -> None:
-        self.silent, self.refused = silent, refused
+                 connected: set[int] | None = None, registered: dict[int, str] | None = None,
+                 unavailable: set[int] = frozenset()) -> None:
+        self.silent, self.refused, self.unavailable = silent, refused, unavailable
         self.connected = set(SITES) if connected is None else connected
         self.registered = registered or {}
         self.replies: dict[str, Message] = {}
@@ -53,7 +54,11 @@ class FakeGrid:
                 ids.append("")
                 continue
             ids.append(message_id)
-            if node not in self.silent:
+            if node in self.unavailable:  # the SuperLink answers for a node it has lost, as Flower does
+                reply = Message(Error(code=3, reason="Node Unavailable"), reply_to=message)
+                reply.metadata.__dict__["_src_node_id"] = 1
+                self.replies[message_id] = reply
+            elif node not in self.silent:
                 arrays = ArrayRecord({k: Array(a.numpy() + 1.0) for k, a in message.content["arrays"].items()})
                 content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10}),
                                       "site": ConfigRecord({"name": SITES[node]})})
@@ -78,19 +83,19 @@ def _start() -> ArrayRecord:
 def test_a_silent_site_is_named_as_failed_and_the_round_aggregates_the_others() -> None:
     runner = _runner(FakeGrid(), min_sites=2)
     runner.train_round(1, _start())  # every site answers once: the runner learns their names
-    runner.grid = FakeGrid(silent={3})
+    runner.grid = FakeGrid(silent={13})
     arrays, record = runner.train_round(2, _start())
     assert record["failed"] == ["campus"] and sorted(record["sites"]) == ["mall", "station"]
-    assert record["nodes"] == {"mall": 1, "station": 2}
+    assert record["nodes"] == {"mall": 11, "station": 12}
     assert record["aggregated"] and np.array_equal(arrays["w"].numpy(), np.ones(3, dtype=np.float32))
     assert record["bytes_per_site"]["campus"]["received"] == 0 and record["bytes_per_site"]["campus"]["sent"] > 0
 
 
 def test_fewer_usable_updates_than_min_sites_leave_the_global_model_unchanged() -> None:
     start = _start()
-    arrays, record = _runner(FakeGrid(silent={2, 3}), min_sites=2).train_round(1, start)
+    arrays, record = _runner(FakeGrid(silent={12, 13}), min_sites=2).train_round(1, start)
     assert arrays is start and not record["aggregated"]
-    assert record["failed"] == ["node-2", "node-3"]  # never answered: known by node id only
+    assert record["failed"] == ["node-12", "node-13"]  # never answered: known by node id only
     assert list(record["sites"]) == ["mall"]
 
 
@@ -98,7 +103,7 @@ def test_the_wait_for_replies_ends_at_the_round_timeout_and_names_who_is_missing
         caplog: pytest.LogCaptureFixture) -> None:
     runner = _runner(FakeGrid())
     runner.train_round(1, _start())
-    runner.grid = grid = FakeGrid(silent={2, 3})
+    runner.grid = grid = FakeGrid(silent={12, 13})
     start = time.monotonic()
     _, record = runner.train_round(2, _start())
     took = time.monotonic() - start
@@ -111,7 +116,7 @@ def test_the_wait_for_replies_ends_at_the_round_timeout_and_names_who_is_missing
 def test_a_message_the_superlink_refuses_fails_at_once_instead_of_waiting_out_the_round() -> None:
     runner = _runner(FakeGrid(), round_timeout_s=60.0)
     runner.train_round(1, _start())
-    runner.grid = FakeGrid(refused={2})
+    runner.grid = FakeGrid(refused={12})
     start = time.monotonic()
     _, record = runner.train_round(2, _start())
     assert time.monotonic() - start < 10.0
@@ -121,7 +126,7 @@ def test_a_message_the_superlink_refuses_fails_at_once_instead_of_waiting_out_th
 def test_too_few_connected_sites_are_waited_for_within_the_bound_and_named(caplog: pytest.LogCaptureFixture) -> None:
     runner = _runner(FakeGrid(), min_sites=3)
     runner.train_round(1, _start())
-    runner.grid = FakeGrid(connected={1})
+    runner.grid = FakeGrid(connected={11})
     start = _start()
     began = time.monotonic()
     arrays, record = runner.train_round(2, start)
@@ -134,8 +139,43 @@ def test_too_few_connected_sites_are_waited_for_within_the_bound_and_named(caplo
 
 def test_registered_names_win_over_reported_ones_and_a_shared_name_is_turned_away(
         caplog: pytest.LogCaptureFixture) -> None:
-    grid = FakeGrid(registered={1: "mall", 2: "station", 3: "station"})  # two keys registered as "station"
+    grid = FakeGrid(registered={11: "mall", 12: "station", 13: "station"})  # two keys registered as "station"
     _, record = _runner(grid).train_round(1, _start())
     assert list(record["sites"]) == ["mall"]
-    assert "claimed by more than one node (2, 3)" in record["rejected"]["station"]
+    assert "claimed by more than one node (12, 13)" in record["rejected"]["station"]
     assert any("registered as 'station' but reports the name 'campus'" in r.getMessage() for r in caplog.records)
+
+
+def test_sites_the_superlink_reports_unavailable_are_failed_by_name() -> None:
+    runner = _runner(FakeGrid(), min_sites=2)
+    runner.train_round(1, _start())
+    runner.grid = FakeGrid(unavailable={12, 13})
+    _, record = runner.train_round(2, _start())
+    assert record["failed"] == ["campus", "station"] and not record["rejected"] and list(record["sites"]) == ["mall"]
+
+
+class ComingBack(FakeGrid):
+    """No site is reachable for the first ``dark`` training messages pushed, then all are."""
+
+    def __init__(self, dark: int) -> None:
+        super().__init__(unavailable=set(SITES))
+        self.dark = dark
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        self.dark -= 1
+        if self.dark < 0:
+            self.unavailable = set()
+        return super().push_messages(messages)
+
+
+def test_a_round_no_site_answered_is_tried_again_not_counted(monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("server.rounds.RETRY_PAUSE_S", 0.01)
+    records = []
+    runner = FederationRunner(ComingBack(dark=2), FedPav(min_sites=1), replace(SETTINGS, rounds=2), ConfigRecord({}),
+                              on_round=lambda r, _a, record: records.append(record))
+    runner.run(_start())
+    assert [r["round"] for r in records] == [1, 2]
+    assert all(sorted(r["train"]["sites"]) == ["campus", "mall", "station"] for r in records)
+    retries = [r.getMessage() for r in caplog.records if "no site answered" in r.getMessage()]
+    assert len(retries) == 2 and "trying round 1 again" in retries[0]
