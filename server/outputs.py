@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from flwr.app import ArrayRecord
@@ -37,12 +37,15 @@ class RunFolderBusy(RuntimeError):
     """Another ServerApp still holds the run folder."""
 
 
-def hold_run_folder(folder: Path, wait_s: float = 120.0, on_wait: Any = None) -> Any:
+def hold_run_folder(folder: Path, wait_s: float = 600.0, on_wait: Callable[[str], None] | None = None,
+                    report_every_s: float = 10.0) -> Any:
     """Take the run folder for this process (an exclusive ``flock``, released when the process ends)
-    so that two ServerApps never write one folder: a resumed run waits (up to ``wait_s``) for a
-    ServerApp orphaned by a crashed SuperLink to die. Returns the open lock file; keep it."""
+    so that two ServerApps never write one folder: a resumed run waits (up to ``wait_s``, calling
+    ``on_wait`` with the holder every ``report_every_s``) for a ServerApp left over from a crashed
+    SuperLink to end. Returns the open lock file; keep it."""
     handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - held for the life of the process
-    deadline = time.monotonic() + wait_s
+    start = time.monotonic()
+    next_report = start
     while True:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -50,13 +53,14 @@ def hold_run_folder(folder: Path, wait_s: float = 120.0, on_wait: Any = None) ->
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            if time.monotonic() > deadline:
+            if time.monotonic() - start > wait_s:
                 handle.close()
                 raise RunFolderBusy(f"{folder} is still held by another ServerApp ({holder}) after {wait_s:.0f} s; "
                                     "stop it before resuming this run") from None
-            if on_wait is not None:
+            if on_wait is not None and time.monotonic() >= next_report:
                 on_wait(holder)
-            time.sleep(1.0)
+                next_report += report_every_s
+            time.sleep(0.5)
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}\n")

@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from server.bounded import call_within
 from server.config import FederationSettings
 from strategies.fedpav import FedPav
 from strategies.naming import SiteNames
@@ -101,7 +102,8 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
     message's serialised size."""
     clock = Clock(settings.round_timeout_s, settings.report_every_s)
     sent = {m.metadata.dst_node_id: message_wire_bytes(m) for m in messages}
-    stored = set(grid.push_messages(messages)) - {""}
+    pushed = call_within(lambda: list(grid.push_messages(messages)), clock.deadline)
+    stored = set(pushed.value or []) - {""}
     pending = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id in stored}
     refused = sorted(names.of_node(m.metadata.dst_node_id) for m in messages if m.metadata.message_id not in stored)
     if refused:
@@ -110,7 +112,12 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
     replies: list[Message] = []
     unreachable: dict[int, str] = {}  # node -> why the SuperLink answered in its place
     while pending:
-        for reply in grid.pull_messages(list(pending)):
+        pulled = call_within(lambda: list(grid.pull_messages(list(pending))), clock.deadline)
+        if not pulled.finished:
+            log(WARNING, "%s: the SuperLink did not hand over the replies before the round's %.0f s ran out (a site "
+                "that died while uploading leaves a reply Flower keeps fetching)", label, settings.round_timeout_s)
+            break
+        for reply in pulled.value or []:
             node = pending.pop(reply.metadata.reply_to_message_id, None)
             if node is None:
                 continue

@@ -1,4 +1,5 @@
-"""Every FedReID preset, end to end for 2 rounds on the Ray engine (real `flwr run`, real files)."""
+"""Every FedReID preset, end to end for one round and an evaluation on the Ray engine (real `flwr run`,
+real files)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def runs(tiny_sites: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     for preset in PRESETS:
         work = base / preset
         shutil.copytree(tiny_sites, work / "sites")
-        result = _simulate(work / "sites", work, "--algorithm", preset, "--public-root", str(public))
+        result = _simulate(work / "sites", work, "--algorithm", preset, "--public-root", str(public),
+                           "--overrides", "federation.rounds=1")
         assert result.returncode == 0, f"{preset}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         (folder,) = (work / "outputs").iterdir()
         folders[preset] = folder
@@ -41,17 +43,16 @@ def _rounds(folder: Path) -> list[dict]:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_each_preset_trains_evaluates_and_reports_every_site(runs: dict[str, Path], preset: str) -> None:
-    lines = _rounds(runs[preset])
-    assert [line["round"] for line in lines] == [0, 1, 2]
-    for line in lines[1:]:
-        assert set(line["train"]["sites"]) == SITES and not line["train"]["rejected"]
-        assert set(line["evaluate"]["sites"]) == SITES
-    assert "after round 2" in (runs[preset] / "results.md").read_text()
+    (line,) = _rounds(runs[preset])
+    assert line["round"] == 1
+    assert set(line["train"]["sites"]) == SITES and not line["train"]["rejected"]
+    assert set(line["evaluate"]["sites"]) == SITES
+    assert "after round 1" in (runs[preset] / "results.md").read_text()
 
 
 @pytest.mark.parametrize("preset", ["fedpav_cdw", "fedpav_cdw_kd"])
 def test_cdw_weights_follow_the_reported_distances(runs: dict[str, Path], preset: str) -> None:
-    for line in _rounds(runs[preset])[1:]:
+    for line in _rounds(runs[preset]):
         sites = line["train"]["sites"]
         total = sum(s["cdw-distance"] for s in sites.values())
         for s in sites.values():
@@ -61,7 +62,7 @@ def test_cdw_weights_follow_the_reported_distances(runs: dict[str, Path], preset
 @pytest.mark.parametrize("preset", ["fedpav_kd", "fedpav_cdw_kd"])
 def test_kd_runs_every_round_and_sends_no_extra_bytes(runs: dict[str, Path], preset: str) -> None:
     kd, plain = _rounds(runs[preset]), _rounds(runs["fedpav_cdw"])
-    for with_kd, without in zip(kd[1:], plain[1:]):
+    for with_kd, without in zip(kd, plain):
         assert with_kd["train"]["refined"] and not without["train"]["refined"]
         for site in SITES:
             for direction in ("sent", "received"):
@@ -71,15 +72,15 @@ def test_kd_runs_every_round_and_sends_no_extra_bytes(runs: dict[str, Path], pre
 
 
 def test_clustering_logs_a_partition_and_keeps_a_model_per_site(runs: dict[str, Path]) -> None:
-    for line in _rounds(runs["fedpav_cluster"])[1:]:
+    for line in _rounds(runs["fedpav_cluster"]):
         clusters = line["train"]["clusters"]
         assert sorted(s for group in clusters for s in group) == sorted(SITES)
     saved = torch.load(runs["fedpav_cluster"] / "site_models.pt", weights_only=False)
-    assert set(saved["state_dicts"]) == SITES and saved["round"] == 2 and saved["bn_stats"] == "average"
+    assert set(saved["state_dicts"]) == SITES and saved["round"] == 1 and saved["bn_stats"] == "average"
 
 
 def test_local_baseline_keeps_every_site_on_its_own_model(runs: dict[str, Path]) -> None:
-    for line in _rounds(runs["local"])[1:]:
+    for line in _rounds(runs["local"]):
         assert line["train"]["clusters"] == [[s] for s in sorted(SITES)]
     saved = torch.load(runs["local"] / "site_models.pt", weights_only=False)["state_dicts"]
     key = "bottleneck.0.weight"
@@ -93,8 +94,8 @@ def test_fedklpr_upload_bytes_fall_as_pruning_rises(tiny_sites: Path, runs: dict
                        "federation.rounds=3 algorithm.pruning.ramp_rounds=3 algorithm.pruning.target=0.6")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (folder,) = (tmp_path / "outputs").iterdir()
-    lines = _rounds(folder)[1:]
-    dense = _rounds(runs["fedpav_cdw"])[1]["train"]["bytes_per_site"]  # same sites, dense uploads
+    lines = _rounds(folder)
+    dense = _rounds(runs["fedpav_cdw"])[0]["train"]["bytes_per_site"]  # same sites, dense uploads
     for site in SITES:
         uploads = [line["train"]["bytes_per_site"][site]["received"] for line in lines]
         ratios = [line["train"]["sites"][site]["pruning-ratio"] for line in lines]

@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from clients.site_state import persist_site_state, restore_site_state, state_file
 from server.flower_cli import free_port
-from server.outputs import RunOutputs
+from server.outputs import RunFolderBusy, RunOutputs, hold_run_folder
 from server.resume import ResumeError, find_run_folder, load_resume_point
 from server.telemetry import FederationGauges
 
@@ -104,3 +104,14 @@ def test_prometheus_endpoint_serves_the_round_gauges(tmp_path: Path) -> None:
     assert "fedreid_aggregation_seconds 0.25" in text and "fedreid_round_seconds 12.5" in text
     assert 'fedreid_site_rank1{site="mall"} 0.5' in text and 'fedreid_site_map{site="mall"} 0.4' in text
     assert "fedreid_round 3.0" in (tmp_path / "metrics.prom").read_text()
+
+
+def test_one_serverapp_at_a_time_holds_a_run_folder(tmp_path: Path) -> None:
+    first = hold_run_folder(tmp_path)
+    waited: list[str] = []
+    with pytest.raises(RunFolderBusy, match=f"pid {os.getpid()}"):
+        hold_run_folder(tmp_path, wait_s=1.0, on_wait=waited.append, report_every_s=0.3)
+    assert waited and waited[0] == f"pid {os.getpid()}"  # told whom it waits for, more than once a run
+    first.close()  # the holder ends: the folder is free at once
+    second = hold_run_folder(tmp_path, wait_s=1.0)
+    second.close()

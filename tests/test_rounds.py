@@ -3,6 +3,7 @@ refuses, sites that are not connected, federation.min_sites, and every wait boun
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from server.bounded import call_within
 from server.config import FederationSettings
 from server.rounds import FederationRunner
 from strategies.fedpav import FedPav
@@ -179,3 +181,31 @@ def test_a_round_no_site_answered_is_tried_again_not_counted(monkeypatch: pytest
     assert all(sorted(r["train"]["sites"]) == ["campus", "mall", "station"] for r in records)
     retries = [r.getMessage() for r in caplog.records if "no site answered" in r.getMessage()]
     assert len(retries) == 2 and "trying round 1 again" in retries[0]
+
+
+class StuckGrid(FakeGrid):
+    """A pull that never comes back, as Flower's HttpGrid fetching a reply whose upload was cut off."""
+
+    def pull_messages(self, message_ids: list[str]) -> list[Message]:
+        threading.Event().wait()
+        return []
+
+
+def test_a_pull_that_never_returns_cannot_hold_the_round_past_its_deadline(caplog: pytest.LogCaptureFixture) -> None:
+    runner = _runner(FakeGrid())
+    runner.train_round(1, _start())
+    runner.grid = StuckGrid()
+    began = time.monotonic()
+    _, record = runner.train_round(2, _start())
+    assert time.monotonic() - began < 5.0
+    assert record["failed"] == ["campus", "mall", "station"]
+    assert any("did not hand over the replies" in r.getMessage() for r in caplog.records)
+
+
+def test_bounded_calls_return_raise_or_give_up_at_the_deadline() -> None:
+    assert call_within(lambda: 7, time.monotonic() + 5).value == 7
+    with pytest.raises(ZeroDivisionError):
+        call_within(lambda: 1 / 0, time.monotonic() + 5)
+    began = time.monotonic()
+    outcome = call_within(lambda: threading.Event().wait(), time.monotonic() + 0.3)
+    assert not outcome.finished and time.monotonic() - began < 2.0

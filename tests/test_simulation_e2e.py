@@ -41,7 +41,7 @@ def test_three_sites_two_rounds_write_every_output(tiny_sites: Path, tmp_path: P
     sites = tmp_path / "sites"
     shutil.copytree(tiny_sites, sites)
     (sites / "2-campus" / "train" / "0003_c1s1_999999_01.jpg").write_bytes(b"\xff\xd8 broken jpeg")
-    result = _simulate(sites, tmp_path)
+    result = _simulate(sites, tmp_path, "--overrides", "federation.eval_at_start=true federation.eval_every=1")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     folder = _run_folder(tmp_path)
     assert f"outputs: {folder}" in result.stdout
