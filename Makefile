@@ -22,7 +22,11 @@ demo: $(STAMP)
 
 ## The test suite (unit tests plus real end-to-end Flower simulations).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
+
+## Load tests (not in `make test`): 20 SuperNodes over TLS, 100 simulated sites; figures on stdout.
+test-load: $(STAMP)
+	$(BIN)/python -m pytest -m load -s -q
 
 ## Load tests (not in `make test`): 20 SuperNodes over TLS, 100 simulated sites; figures on stdout.
 test-load: $(STAMP)

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from reid.config import SiteRunSpec
 from server.config import CONF_DIR, compose_config, federation_settings, hydra_overrides, site_run_spec
+from strategies.screening import ScreenSpec
 
 
 def test_defaults_are_the_gpu_setup_of_the_reference() -> None:
@@ -49,3 +50,23 @@ def test_flat_spec_round_trips_including_unset_fields() -> None:
     assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())
     assert flat["augment.pad"] == ""
     assert SiteRunSpec.from_flat({**flat, "server-round": 4}) == spec
+
+
+PRESET_FILES = sorted(p.stem for p in (CONF_DIR / "algorithm").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESET_FILES)
+def test_every_preset_composes_into_a_site_spec_and_screens_wild_updates(preset: str) -> None:
+    cfg = compose_config({"algorithm": preset})
+    assert cfg.algorithm.name == preset
+    site_run_spec(cfg)  # every knob a site receives is valid
+    screen = ScreenSpec(**OmegaConf.to_container(cfg.algorithm.screen, resolve=True))
+    assert screen.enabled and screen.action == "reject"
+
+
+def test_the_cdw_and_kd_presets_switch_on_what_their_names_say() -> None:
+    cdw, kd = compose_config({"algorithm": "fedpav_cdw"}).algorithm, compose_config({"algorithm": "fedpav_kd"}).algorithm
+    both = compose_config({"algorithm": "fedpav_cdw_kd"}).algorithm
+    assert (cdw.weighting, cdw.kd.enabled) == ("cdw", False)
+    assert (kd.weighting, kd.kd.enabled) == ("size", True)
+    assert (both.weighting, both.kd.enabled) == ("cdw", True)

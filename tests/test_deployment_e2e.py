@@ -37,9 +37,9 @@ def _logs(deployment: Deployment) -> str:
 
 def test_tls_federation_names_sites_by_their_registered_keys(tiny_sites: Path, tmp_path: Path) -> None:
     """TLS + SuperNode authentication decide who is who: an unregistered key is refused; a site that
-    reports another site's name is counted under the name its key was registered with; a name
-    registered for two keys is turned away on both; the rest of the federation completes."""
-    sites = _sites(tiny_sites)
+    reports another name is counted under the name its key was registered with; a name registered
+    for two keys is turned away on both; the rest of the federation completes."""
+    sites = {name: path for name, path in _sites(tiny_sites).items() if name in ("0-mall", "1-station")}
     deployment = Deployment(tmp_path, sites)
     try:
         deployment.start_server()
@@ -62,10 +62,10 @@ def test_tls_federation_names_sites_by_their_registered_keys(tiny_sites: Path, t
         deployment.start_client("impostor", None, "--dataset", "0-mall")
         deployment.start_client("0-mall")
         deployment.start_client("1-station", None, "--dataset", "2-campus")  # the last --dataset counts
-        deployment.start_client("2-campus")
-        deployment.wait_for_nodes(4)
+        deployment.wait_for_nodes(3)
         outputs = tmp_path / "outputs"
-        run_id = deployment.submit(f'profile="test" output-dir="{outputs}"')
+        run_id = deployment.submit(f'profile="test" output-dir="{outputs}" '
+                                   'overrides="federation.rounds=1 federation.min_sites=1"')
         status = deployment.wait_finished(run_id, timeout=600)
         assert status == "finished:completed", _logs(deployment)
         run_log = deployment.run_log(run_id)
@@ -73,20 +73,16 @@ def test_tls_federation_names_sites_by_their_registered_keys(tiny_sites: Path, t
         deployment.close()
 
     folder = _run_folder(outputs)
-    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert [line["round"] for line in lines] == [1, 2]
-    honest = {"1-station", "2-campus"}
-    for line in lines:
-        assert set(line["train"]["sites"]) == honest and set(line["train"]["rejected"]) == {"0-mall"}
-        assert "claimed by more than one node" in line["train"]["rejected"]["0-mall"]
-    assert set(lines[-1]["evaluate"]["sites"]) == honest
-    assert "claimed by more than one node" in lines[-1]["evaluate"]["rejected"]["0-mall"]
+    (line,) = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert set(line["train"]["sites"]) == {"1-station"} and set(line["train"]["rejected"]) == {"0-mall"}
+    assert "claimed by more than one node" in line["train"]["rejected"]["0-mall"]
+    assert set(line["evaluate"]["sites"]) == {"1-station"}
+    assert "claimed by more than one node" in line["evaluate"]["rejected"]["0-mall"]
     assert "registered as '1-station' but reports the name '2-campus'" in run_log
-    assert all(f"| {site} |" in (folder / "results.md").read_text() for site in honest)
+    assert "| 1-station |" in (folder / "results.md").read_text()
     assert (folder / "global_model.pt").stat().st_size > 1_000_000
-    for site in honest:  # each site saved its head where a restarted SuperNode will find it
-        saved = list((tmp_path / "site-state" / site).glob("*.state"))
-        assert [p.name for p in saved] == [f"{folder.name}.state"]
+    saved = list((tmp_path / "site-state" / "1-station").glob("*.state"))  # where a restarted box finds it
+    assert [p.name for p in saved] == [f"{folder.name}.state"]
 
 
 def test_client_launcher_refuses_a_wrong_layout_before_connecting(tmp_path: Path, tiny_site: Path) -> None:
@@ -193,16 +189,17 @@ def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins_with_its_head(tiny_s
     """The campus box dies while it trains round 2: the round is aggregated from the other two and
     names campus as failed. The box comes back (the ServerApp is held after round 2 until it is
     connected) and rejoins in round 3 with the head it saved."""
-    sites = _sites(tiny_sites)
+    sites = {name: path for name, path in _sites(tiny_sites).items() if name in ("0-mall", "2-campus")}
     deployment = Deployment(tmp_path, sites)
     outputs, port, marker = tmp_path / "outputs", free_port(), tmp_path / "paused"
-    overrides = f"federation.rounds=3 federation.round_timeout_s=120 telemetry.prometheus_port={port}"
+    overrides = (f"federation.rounds=3 federation.min_sites=1 federation.round_timeout_s=120 "
+                 f"telemetry.prometheus_port={port}")
     try:
         deployment.start_server(env={"FEDREID_TEST_PAUSE": "recorded:2", "FEDREID_TEST_PAUSE_MARKER": str(marker)})
         assert all(r.startswith("registered") for r in deployment.register_sites().values())
         for site in sites:
             deployment.start_client(site)
-        deployment.wait_for_nodes(3)
+        deployment.wait_for_nodes(2)
         run_id = deployment.submit(f'profile="test" output-dir="{outputs}" overrides="{overrides}"')
         folder = _wait_for_round(outputs, 1, deployment)
         scraped = _scrape_after_round(port, 1)
@@ -211,18 +208,18 @@ def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins_with_its_head(tiny_s
         deployment.stop_client("2-campus")  # dies while round 2 trains
         _wait_for(marker.exists, "the end of round 2", deployment)
         deployment.start_client("2-campus")  # the box comes back
-        deployment.wait_for_nodes(3)
+        deployment.wait_for_nodes(2)
         marker.unlink()  # round 3 may start
         status = deployment.wait_finished(run_id, timeout=600)
         assert status == "finished:completed", _logs(deployment)
     finally:
         deployment.close()
 
-    assert "fedreid_round 1.0" in scraped and 'fedreid_round_sites{outcome="replied"} 3.0' in scraped
+    assert "fedreid_round 1.0" in scraped and 'fedreid_round_sites{outcome="replied"} 2.0' in scraped
     assert 'fedreid_round_bytes{direction="up"}' in scraped and "fedreid_aggregation_seconds" in scraped
     rounds = _rounds(folder)
     assert [r["round"] for r in rounds] == [1, 2, 3]
-    assert rounds[1]["train"]["failed"] == ["2-campus"] and set(rounds[1]["train"]["sites"]) == {"0-mall", "1-station"}
+    assert rounds[1]["train"]["failed"] == ["2-campus"] and set(rounds[1]["train"]["sites"]) == {"0-mall"}
     assert rounds[1]["train"]["aggregated"]
     assert set(rounds[2]["train"]["sites"]) == set(sites)  # rejoined
     assert "restored this site's head and masks" in deployment.log("client-2-campus.log")
@@ -234,10 +231,10 @@ def test_a_superlink_killed_at_any_moment_resumes_with_every_round_exactly_once(
     """SIGKILL the SuperLink (its ServerApp dies with it) 1. while the sites train round 1, before any
     checkpoint; 2. after round 2's metrics line, before its checkpoint; 3. in the middle of round 3,
     with every site gone too: the resumed run names them while it waits, and goes on when they return."""
-    sites = _sites(tiny_sites)
+    sites = {name: path for name, path in _sites(tiny_sites).items() if name in ("0-mall", "1-station")}
     deployment = Deployment(tmp_path, sites)
     outputs, marker = tmp_path / "outputs", tmp_path / "paused"
-    overrides = "federation.min_sites=3 federation.rounds=3 federation.round_timeout_s=240 federation.report_every_s=2"
+    overrides = "federation.min_sites=2 federation.rounds=3 federation.round_timeout_s=240 federation.report_every_s=2"
     run_config = f'profile="test" output-dir="{outputs}" overrides="{overrides}"'
 
     def resume(env: dict[str, str] | None = None) -> int:
@@ -270,7 +267,7 @@ def test_a_superlink_killed_at_any_moment_resumes_with_every_round_exactly_once(
 
         deployment.start_server()  # no site is there: the resumed run must say whom it waits for
         runs.append(deployment.submit(run_config + ' resume="latest"'))
-        _wait_for(lambda: "not connected: 0-mall, 1-station, 2-campus" in deployment.run_log(runs[-1]),
+        _wait_for(lambda: "not connected: 0-mall, 1-station" in deployment.run_log(runs[-1]),
                   "the resumed run naming the sites it waits for", deployment)
         for site in sites:
             deployment.start_client(site)
