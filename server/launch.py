@@ -5,7 +5,8 @@
     flwr run . fedreid --stream --run-config 'output-dir="/srv/fedreid/outputs"'
 
 A thin wrapper over Flower's `flower-superlink`: it checks that the certificate files from
-`fedreid-certs create` exist, then replaces itself with a SuperLink that serves
+`fedreid-certs create` exist, then replaces itself with a SuperLink (Flower's own, started through
+server/superlink_main.py for a longer SQLite busy timeout) that serves
 
 - the Fleet API (gRPC, where the sites' SuperNodes connect) on `--host`:`--fleet-port` (all
   interfaces by default),
@@ -32,7 +33,8 @@ import sys
 from pathlib import Path
 
 from server.certs import CertPaths
-from server.flower_cli import console_script, flwr_environment
+from server.flower_cli import flwr_environment
+from server.superlink_main import BUSY_TIMEOUT_VARIABLE, DEFAULT_BUSY_TIMEOUT_MS
 
 log = logging.getLogger("fedreid.server")
 
@@ -51,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--control-port", type=int, default=9093, help="Control/Runtime API port (flwr CLI)")
     parser.add_argument("--state-dir", type=Path, default=Path("fedreid-state/superlink"),
                         help="SuperLink database and Flower home; keep it to survive restarts")
+    parser.add_argument("--db-busy-timeout", type=float, default=DEFAULT_BUSY_TIMEOUT_MS / 1000, metavar="SECONDS",
+                        help="how long a write waits for the SQLite state before failing (Flower's own 5 s "
+                             "dropped replies with 20 sites on a busy 2-core server)")
     parser.add_argument("--in-memory-state", action="store_true",
                         help="keep runs, registered keys and message objects in memory instead of the SQLite "
                              "database: faster rounds with big models (see bench/round_overhead.py), but a "
@@ -60,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def superlink_command(args: argparse.Namespace) -> list[str]:
     state = args.state_dir.expanduser().resolve()
-    command = [console_script("flower-superlink"), "--fleet-api-address", f"{args.host}:{args.fleet_port}",
+    command = [sys.executable, "-m", "server.superlink_main", "--fleet-api-address", f"{args.host}:{args.fleet_port}",
                "--host", args.control_host, "--port", str(args.control_port),
                "--disable-runtime-dependency-installation", "--log-file", str(state / "superlink.log")]
     if not args.in_memory_state:
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     state = args.state_dir.expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
     env = flwr_environment(Path(os.environ.get("FLWR_HOME", state / "flwr-home")))
+    env[BUSY_TIMEOUT_VARIABLE] = str(int(args.db_busy_timeout * 1000))
     command = superlink_command(args)
     log.info("starting %s", " ".join(command))
     sys.stdout.flush()

@@ -51,7 +51,7 @@ def test_twenty_supernodes_over_tls_complete_three_rounds_with_every_site(tiny_s
     outputs = tmp_path / "outputs"
     overrides = ("federation.rounds=3 federation.eval_every=10 federation.eval_at_start=false "
                  "federation.min_sites=20 federation.round_timeout_s=1800")
-    groups = {"the SuperLink": lambda c: "flower-superlink" in c, "the ServerApp": lambda c: "flwr-serverapp" in c,
+    groups = {"the SuperLink": lambda c: "server.superlink_main" in c, "the ServerApp": lambda c: "flwr-serverapp" in c,
               "the whole deployment (20 SuperNodes, their ClientApps, the SuperLink)": lambda _c: True}
     with PeakMemory(tag, groups) as memory:
         try:

@@ -115,3 +115,23 @@ def test_one_serverapp_at_a_time_holds_a_run_folder(tmp_path: Path) -> None:
     first.close()  # the holder ends: the folder is free at once
     second = hold_run_folder(tmp_path, wait_s=1.0)
     second.close()
+
+
+def test_the_superlink_state_waits_for_a_locked_database_as_long_as_configured(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fedreid-server's entry point raises Flower's 5-s SQLite busy timeout; check it on a connection
+    of Flower's own SQL object store, as the SuperLink opens them."""
+    from flwr.supercore import sql_mixin
+    from flwr.supercore.object_store.sql_object_store import SqlObjectStore
+    from sqlalchemy import text
+
+    from server.superlink_main import set_sqlite_busy_timeout
+
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)  # restored after the test
+    assert ("busy_timeout", "5000") in sql_mixin.SQLITE_PRAGMAS  # Flower's own, which dropped replies
+    set_sqlite_busy_timeout(120_000)
+    store = SqlObjectStore(str(tmp_path / "state.db"))
+    store.initialize()
+    with store.session() as session:
+        assert session.execute(text("PRAGMA busy_timeout")).scalar() == 120_000
+        assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"  # the rest as Flower sets it
