@@ -28,10 +28,6 @@ test: $(STAMP)
 test-load: $(STAMP)
 	$(BIN)/python -m pytest -m load -s -q
 
-## Load tests (not in `make test`): 20 SuperNodes over TLS, 100 simulated sites; figures on stdout.
-test-load: $(STAMP)
-	$(BIN)/python -m pytest -m load -s -q
-
 ## Benchmarks (slow; numbers go to stdout). The algorithm comparison is separate:
 ## $(BIN)/python bench/compare_algorithms.py --seeds 0 1 2   (about 2 hours on 2 CPU cores)
 bench: $(STAMP)

@@ -92,7 +92,7 @@ def test_the_switch_turns_screening_off_and_clip_pulls_the_update_back_instead()
     assert not clip.last_train.rejected and len(clip.last_train.accepted) == 3
     change = np.sqrt(sum(float(((clipped[k].numpy() - BASE[k]) ** 2).sum()) for k in BASE))
     honest = np.sqrt(sum(float(((uploads["mall"][0][k] - BASE[k]) ** 2).sum()) for k in BASE))
-    assert change < 20 * honest  # at most the bound (20 x the others' median), shared three ways
+    assert change < ScreenSpec().max_norm_ratio * honest  # at most the bound x the others' median, shared 3 ways
 
 
 def test_a_site_whose_training_diverged_is_rejected(tmp_path: Path) -> None:
