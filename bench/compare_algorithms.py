@@ -31,9 +31,8 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from reid.data.dataset import ImageDataset, load_reid_data  # noqa: E402
-from reid.data.layout import Sample  # noqa: E402
-from reid.data.transforms import train_transform  # noqa: E402
+from reid.data.dataset import load_reid_data  # noqa: E402
+from reid.data.tensor_cache import LabelledImages, training_images  # noqa: E402
 from reid.device import pick_device  # noqa: E402
 from reid.evaluate import evaluate_model  # noqa: E402
 from reid.models import build_model, load_shared_state, shared_state  # noqa: E402
@@ -79,16 +78,17 @@ def run_central(args: argparse.Namespace, seed: int) -> list[dict]:
     device = pick_device()
     sites = [load_reid_data(p) for p in sorted(args.sites_root.iterdir()) if p.is_dir()][: args.sites]
     labels = {(d.name, pid): i for i, (d, pid) in enumerate((d, pid) for d in sites for pid in d.train_pids)}
-    samples: list[Sample] = [s for d in sites for s in d.train]
-    targets = [labels[(d.name, s.pid)] for d in sites for s in d.train]
-    union = ImageDataset(samples, train_transform(spec.augment, spec.model.height, spec.model.width), targets)
+    parts = [training_images(d, spec.model.height, spec.model.width) for d in sites]
+    union = LabelledImages(torch.cat([p.images for p in parts]),
+                           torch.tensor([labels[(d.name, s.pid)] for d in sites for s in d.train]))
     torch.manual_seed(spec.seed)
     start_state = shared_state(build_model(spec.model), spec.bn_stats)  # the federated runs' initial model
     model = build_model(spec.model, num_classes=len(labels))
     load_shared_state(model, {k: v.clone() for k, v in start_state.items()}, spec.bn_stats)
     lines = []
     for server_round in range(1, settings.rounds + 1):
-        stats = train_local(model, union, spec.train, device, seed=stable_seed(spec.seed, "central", server_round))
+        stats = train_local(model, union, spec.train, device, seed=stable_seed(spec.seed, "central", server_round),
+                            augment=spec.augment)
         line: dict = {"round": server_round, "train": {"bytes": {"received": 0}}, "evaluate": None}
         if settings.evaluates_after(server_round):
             per_site = {}

@@ -18,10 +18,10 @@ from flwr.clientapp import ClientApp
 
 from clients.prune_state import load_prune_state, save_prune_state
 from clients.site import SiteLocation, load_site, locate_site
-from clients.site_state import RUN_TAG_KEY, persist_site_state, restore_site_state, state_file
+from clients.site_state import RUN_TAG_KEY, image_cache_dir, persist_site_state, restore_site_state, state_file
 from reid.config import SiteRunSpec
-from reid.data.dataset import ImageDataset, ReIDData
-from reid.data.transforms import test_transform, train_transform
+from reid.data.dataset import ReIDData
+from reid.data.tensor_cache import training_images
 from reid.device import pick_device
 from reid.divergence import (
     accuracy,
@@ -34,7 +34,15 @@ from reid.divergence import (
 )
 from reid.evaluate import evaluate_model
 from reid.models import ReIDNet, build_model, load_shared_state, split_state
-from reid.pruning import PruneState, apply_masks, cross_round_check, kept_fraction, prune_step
+from reid.pruning import (
+    PruneState,
+    apply_masks,
+    cross_round_check,
+    kept_fraction,
+    masks_to,
+    masks_to_numpy,
+    prune_step,
+)
 from reid.seeding import stable_seed
 from reid.train import train_local
 from strategies.sparse_records import decode_record, encode_record  # the wire format (pure NumPy)
@@ -127,23 +135,25 @@ def train(msg: Message, context: Context) -> Message:
     model = build_model(spec.model, num_classes=data.num_train_ids)
     received = _load_received(model, msg, spec.bn_stats)
     _restore_local_state(model, context, site)
+    model.to(device)
     prune = load_prune_state(context.state) if spec.pruning.enabled else PruneState()
+    prune.masks, prune.previous_masks = masks_to(prune.masks, device), masks_to(prune.previous_masks, device)
     if prune.masks:
         apply_masks(model, prune.masks)
-    dataset = ImageDataset.for_training(data, train_transform(spec.augment, spec.model.height, spec.model.width))
-    plain = ImageDataset.for_training(data, test_transform(spec.model.height, spec.model.width))
-    probe, _ = fixed_batch(plain, PROBE_BATCH, seed=stable_seed(spec.seed, site, server_round, "probe"))
+    images = training_images(data, spec.model.height, spec.model.width, image_cache_dir(context),
+                             spec.train.num_workers)
+    probe, _ = fixed_batch(images, PROBE_BATCH, seed=stable_seed(spec.seed, site, server_round, "probe"))
     before = eval_logits(model, probe, device)  # received backbone with this site's previous head
     before_features = eval_features(model, probe, device)
     regulariser = kl_regulariser(model, spec.kll) if spec.kll.enabled and server_round >= spec.kll.start_round else None
     torch.manual_seed(stable_seed(spec.seed, site, server_round, "train"))  # augmentation, dropout
-    stats = train_local(model, dataset, spec.train, device, seed=stable_seed(spec.seed, site, server_round),
-                        extra_loss=regulariser,
+    stats = train_local(model, images, spec.train, device, seed=stable_seed(spec.seed, site, server_round),
+                        augment=spec.augment, extra_loss=regulariser,
                         after_step=(lambda: apply_masks(model, prune.masks)) if prune.masks else None,
                         label=f"[{site} round {server_round}]")
     after = eval_logits(model, probe, device)
     metrics = {
-        "num-examples": len(dataset),
+        "num-examples": len(images),
         "num-identities": data.num_train_ids,
         "train-loss": stats.loss,
         "train-accuracy": stats.accuracy,
@@ -154,8 +164,8 @@ def train(msg: Message, context: Context) -> Message:
         "kl-divergence": feature_kl(before_features, eval_features(model, probe, device)),
     }
     if spec.pruning.enabled:
-        images, targets = fixed_batch(plain, VALIDATION_BATCH, seed=stable_seed(spec.seed, site, "validation"))
-        signal = accuracy(eval_logits(model, images, device), targets)
+        batch, targets = fixed_batch(images, VALIDATION_BATCH, seed=stable_seed(spec.seed, site, "validation"))
+        signal = accuracy(eval_logits(model, batch, device), targets)
         _prune(model, prune, spec, signal, server_round, received, site)
         save_prune_state(context.state, prune)
         metrics.update({"validation-accuracy": signal, "pruning-ratio": prune.ratio,
@@ -164,7 +174,7 @@ def train(msg: Message, context: Context) -> Message:
     shared, local = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, spec.bn_stats)
     context.state[LOCAL_STATE_KEY] = ArrayRecord(local)
     persist_site_state(context, _state_file(msg, context))
-    arrays = encode_record({k: v.numpy() for k, v in shared.items()}, {k: m.numpy() for k, m in prune.masks.items()},
+    arrays = encode_record({k: v.numpy() for k, v in shared.items()}, masks_to_numpy(prune.masks),
                            spec.pruning.value_dtype)
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "site": _site_record(location)})
     return Message(content=content, reply_to=msg)
@@ -177,7 +187,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = build_model(spec.model, num_classes=0)
     _load_received(model, msg, spec.bn_stats)
     _restore_local_state(model, context, location.name)
-    result = evaluate_model(model, data, device, spec.eval_batch_size, spec.train.num_workers)
+    result = evaluate_model(model, data, device, spec.eval_batch_size, image_cache_dir(context),
+                            spec.train.num_workers)
     log.info("[%s] Rank-1 %.3f mAP %.3f over %d queries", location.name, result.rank(1), result.mAP,
              result.num_valid_queries)
     metrics = MetricRecord({

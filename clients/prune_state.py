@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from reid.pruning import PruneState
+from reid.pruning import PruneState, masks_to_numpy
 
 MASKS_KEY = "pruning-masks"
 PREVIOUS_MASKS_KEY = "pruning-previous-masks"
@@ -36,6 +35,5 @@ def load_prune_state(state: RecordDict) -> PruneState:
 def save_prune_state(state: RecordDict, prune: PruneState) -> None:
     """Store it for the next round (it never leaves the site)."""
     state[SCALARS_KEY] = ConfigRecord({name: getattr(prune, name) for name in _SCALARS})
-    state[MASKS_KEY] = ArrayRecord({k: Array(m.numpy().astype(np.bool_)) for k, m in prune.masks.items()})
-    state[PREVIOUS_MASKS_KEY] = ArrayRecord({k: Array(m.numpy().astype(np.bool_))
-                                             for k, m in prune.previous_masks.items()})
+    state[MASKS_KEY] = ArrayRecord({k: Array(m) for k, m in masks_to_numpy(prune.masks).items()})
+    state[PREVIOUS_MASKS_KEY] = ArrayRecord({k: Array(m) for k, m in masks_to_numpy(prune.previous_masks).items()})

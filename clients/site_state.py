@@ -26,6 +26,14 @@ log = logging.getLogger("clients.site_state")  # "clients" is the logger the Cli
 RUN_TAG_KEY = "run-tag"
 
 
+def image_cache_dir(context: Context) -> Path | None:
+    """Where this site keeps its decoded images between rounds (``<state-dir>/image-cache``), or None.
+
+    A deployment starts one ClientApp process per message, so without it every round decodes again."""
+    folder = str(context.node_config.get("state-dir", "") or "")
+    return Path(folder).expanduser() / "image-cache" if folder else None
+
+
 def state_file(context: Context, run_tag: str) -> Path | None:
     """Where this site keeps the state of this run, or None when no state-dir is configured."""
     folder = str(context.node_config.get("state-dir", "") or "")

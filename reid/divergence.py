@@ -18,17 +18,19 @@ from typing import Callable
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch.utils.data import Dataset
 
+from reid.data.batch_augment import normalise
+from reid.data.tensor_cache import LabelledImages
 from reid.models import ReIDNet
 
 
-def fixed_batch(dataset: Dataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, targets) of ``size`` samples of ``dataset`` chosen by ``seed`` (without replacement)."""
+def fixed_batch(images: LabelledImages, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised images, labels) of ``size`` images chosen by ``seed`` (without replacement): what
+    the test transform would give, from the decoded cache."""
     rng = np.random.default_rng(seed)
-    indices = sorted(int(i) for i in rng.choice(len(dataset), size=min(size, len(dataset)), replace=False))
-    items = [dataset[i] for i in indices]
-    return torch.stack([item[0] for item in items]), torch.tensor([item[1] for item in items])
+    indices = torch.tensor(sorted(int(i) for i in rng.choice(len(images), size=min(size, len(images)),
+                                                              replace=False)))
+    return normalise(images.images[indices]), images.labels[indices]
 
 
 @torch.no_grad()

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
-from reid.data.dataset import ImageDataset, ReIDData
-from reid.data.transforms import test_transform
+from reid.data.dataset import ReIDData
+from reid.data.layout import Sample
+from reid.data.tensor_cache import load_images, place
 from reid.features import cosine_distance, extract_features
 from reid.metrics import RankResult, evaluate_rank
 from reid.models import ReIDNet
 
+EVAL_CACHE_MB = 8000.0  # decoded query + gallery images up to this size live on the GPU
+
+
+def _split_features(model: ReIDNet, samples: list[Sample], device: torch.device, batch_size: int,
+                    cache_dir: Path | None, workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    images = load_images([s.path for s in samples], model.spec.height, model.spec.width, cache_dir, workers)
+    features = extract_features(model, place(images, device, EVAL_CACHE_MB), device, batch_size)
+    return features, np.array([s.pid for s in samples]), np.array([s.camid for s in samples])
+
 
 def evaluate_model(model: ReIDNet, data: ReIDData, device: torch.device, batch_size: int = 128,
-                   num_workers: int = 0) -> RankResult:
+                   cache_dir: Path | None = None, workers: int = 4) -> RankResult:
     """Features of query and gallery (flip-summed, L2), cosine distances, CMC/mAP/mINP."""
-    transform = test_transform(model.spec.height, model.spec.width)
-    q_feats, q_pids, q_cams = extract_features(model, ImageDataset(data.query, transform), device,
-                                               batch_size, num_workers)
-    g_feats, g_pids, g_cams = extract_features(model, ImageDataset(data.gallery, transform), device,
-                                               batch_size, num_workers)
+    q_feats, q_pids, q_cams = _split_features(model, data.query, device, batch_size, cache_dir, workers)
+    g_feats, g_pids, g_cams = _split_features(model, data.gallery, device, batch_size, cache_dir, workers)
     return evaluate_rank(cosine_distance(q_feats, g_feats), q_pids, g_pids, q_cams, g_cams)

@@ -1,33 +1,33 @@
-"""Feature extraction as in the reference: eval mode, feature(image) + feature(flipped image), L2."""
+"""Feature extraction as in the reference: eval mode, feature(image) + feature(flipped image), L2.
+
+The images come decoded (reid/data/tensor_cache.py) and are normalised and flipped on the device.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
 
-from reid.device import autocast
+from reid.data.batch_augment import normalise
+from reid.device import autocast, tune_for
 from reid.models import ReIDNet
 
 
 @torch.no_grad()
-def extract_features(
-    model: ReIDNet, dataset: Dataset, device: torch.device, batch_size: int = 128, num_workers: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return (features [N, D] float32 L2-normalised, pids [N], camids [N]) in dataset order."""
+def extract_features(model: ReIDNet, images: torch.Tensor, device: torch.device, batch_size: int = 128) -> np.ndarray:
+    """uint8 [N, 3, H, W] -> features [N, D], float32, L2-normalised, in input order."""
+    tune_for(device)
     model.to(device).eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
-    feats, pids, camids = [], [], []
-    for images, batch_pids, batch_cams in loader:
-        images = images.to(device, non_blocking=True)
+    feats = []
+    for start in range(0, len(images), batch_size):
+        batch = normalise(images[start:start + batch_size].to(device, non_blocking=True))
         with autocast(device):
-            summed = model.features(images) + model.features(torch.flip(images, dims=[3]))
-        feats.append(F.normalize(summed.float(), dim=1).cpu())
-        pids.append(batch_pids)
-        camids.append(batch_cams)
-    return (torch.cat(feats).numpy(), torch.cat(pids).numpy(), torch.cat(camids).numpy())
+            summed = model.features(batch) + model.features(torch.flip(batch, dims=[3]))
+        feats.append(F.normalize(summed.float(), dim=1))
+    if not feats:
+        return np.zeros((0, model.spec.bottleneck_dim), dtype=np.float32)
+    return torch.cat(feats).cpu().numpy()
 
 
 def cosine_distance(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.hub import load_state_dict_from_url
 from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, ResNet
 
@@ -24,6 +25,7 @@ CLASSIFIER_PREFIX = "classifier."
 BN_STATS_SUFFIXES = ("running_mean", "running_var")
 BN_COUNTER_SUFFIX = "num_batches_tracked"
 BN_STATS_POLICIES = ("average", "local")
+IMAGENET = "imagenet"  # model.pretrained=imagenet: torchvision's weights by name
 
 
 def _resnet10() -> ResNet:
@@ -104,20 +106,42 @@ class ReIDNet(nn.Module):
 
 
 def build_model(spec: ModelSpec, num_classes: int = 0, pretrained: str | Path | None = None) -> ReIDNet:
-    """Build a ReIDNet; ``pretrained`` is a local ImageNet state_dict file for the backbone."""
+    """Build a ReIDNet; ``pretrained`` is ``"imagenet"`` (torchvision's weights, fetched once into the
+    torch cache) or a local ImageNet state_dict file for the backbone."""
     model = ReIDNet(spec, num_classes)
     if pretrained:
         load_backbone_weights(model, pretrained)
     return model
 
 
-def load_backbone_weights(model: ReIDNet, path: str | Path) -> None:
-    """Load torchvision ImageNet weights from a local file (nothing can be downloaded)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file {path} not found (downloads are not possible; "
-                                f"give the path of a torchvision {model.spec.backbone} state_dict)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def imagenet_state_dict(backbone: str) -> tuple[dict[str, torch.Tensor], str]:
+    """torchvision's ImageNet weights for ``backbone`` and where they came from. Downloaded into
+    ``$TORCH_HOME/hub/checkpoints`` the first time; read from there afterwards, with no network."""
+    try:
+        weights = tvm.get_model_weights(backbone).DEFAULT
+    except ValueError:
+        raise ValueError(f"torchvision has no ImageNet weights for backbone {backbone!r}; use model=resnet50 "
+                         f"(or another torchvision ResNet) with model.pretrained=imagenet") from None
+    try:
+        return load_state_dict_from_url(weights.url, progress=True, check_hash=True), weights.url
+    except Exception as error:  # URLError, timeouts, a hash mismatch, a full disk: all end the same way
+        name = weights.url.rsplit("/", 1)[-1]
+        raise RuntimeError(
+            f"could not fetch ImageNet weights for {backbone} from {weights.url}: {error}. Without internet, "
+            f"download that file on another machine and either put it in {torch.hub.get_dir()}/checkpoints/ "
+            f"or pass its path: model.pretrained=/path/to/{name}") from error
+
+
+def load_backbone_weights(model: ReIDNet, source: str | Path) -> None:
+    """Load ImageNet weights into the backbone: ``"imagenet"`` by name, or a local state_dict file."""
+    if str(source) == IMAGENET:
+        state, source = imagenet_state_dict(model.spec.backbone)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights file {path} not found; give the path of a torchvision "
+                                    f"{model.spec.backbone} state_dict, or model.pretrained=imagenet to fetch it")
+        state = torch.load(path, map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
@@ -125,12 +149,12 @@ def load_backbone_weights(model: ReIDNet, path: str | Path) -> None:
     own = model.backbone.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if mismatched:
-        raise ValueError(f"{path} does not fit backbone {model.spec.backbone}: shape mismatch at {mismatched[:3]}")
+        raise ValueError(f"{source} does not fit backbone {model.spec.backbone}: shape mismatch at {mismatched[:3]}")
     result = model.backbone.load_state_dict(state, strict=False)
     loaded = len(own) - len(result.missing_keys)
     if loaded == 0:
-        raise ValueError(f"{path} holds no weights for backbone {model.spec.backbone}")
-    log.info("loaded %d/%d backbone tensors from %s", loaded, len(own), path)
+        raise ValueError(f"{source} holds no weights for backbone {model.spec.backbone}")
+    log.info("loaded %d/%d backbone tensors from %s", loaded, len(own), source)
 
 
 def is_local_key(key: str, bn_stats: str = "average") -> bool:

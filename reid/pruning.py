@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -75,25 +76,35 @@ def magnitude_masks(state: dict[str, torch.Tensor], keys: list[str], ratio: floa
     for key in keys:
         flat = state[key].detach().abs().flatten()
         keep = flat.numel() - int(round(ratio * flat.numel()))
-        mask = torch.zeros(flat.numel(), dtype=torch.bool)
+        mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)  # where the weights are
         if keep > 0:
-            mask[torch.topk(flat.float().cpu(), keep, sorted=False).indices] = True
+            mask[torch.topk(flat.float(), keep, sorted=False).indices] = True
         masks[key] = mask.view_as(state[key])
     return masks
 
 
+def masks_to(masks: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The masks moved once to ``device``, so that re-applying them after every step copies nothing."""
+    return {key: mask.to(device) for key, mask in masks.items()}
+
+
+def masks_to_numpy(masks: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Boolean NumPy copies for storage and the wire, wherever the masks live."""
+    return {key: mask.detach().cpu().numpy().astype(bool) for key, mask in masks.items()}
+
+
 @torch.no_grad()
 def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Zero the pruned weights of ``model`` in place."""
+    """Zero the pruned weights of ``model`` in place (masks on the weights' device: no copy, no sync)."""
     params = dict(model.named_parameters())
     for key, mask in masks.items():
-        params[key].mul_(mask.to(params[key].device, params[key].dtype))
+        params[key].mul_(mask.to(params[key].device, non_blocking=True))
 
 
 def kept_fraction(masks: dict[str, torch.Tensor]) -> float:
     """Share of prunable weights kept (1.0 when nothing is pruned)."""
     total = sum(m.numel() for m in masks.values())
-    return float(sum(int(m.sum()) for m in masks.values()) / total) if total else 1.0
+    return float(sum(m.sum() for m in masks.values()) / total) if total else 1.0
 
 
 @dataclass

@@ -11,9 +11,9 @@ import torch
 from flwr.app import ArrayRecord
 
 from reid.config import SiteRunSpec
-from reid.data.dataset import ImageDataset, load_reid_data
+from reid.data.dataset import load_reid_data
 from reid.data.synthetic import DEFAULT_STYLES, generate_site
-from reid.data.transforms import AugmentSpec, train_transform
+from reid.data.tensor_cache import training_images
 from reid.distill import DistillConfig
 from reid.models import ModelSpec, build_model, load_shared_state, shared_state
 from reid.train import TrainConfig, train_local
@@ -63,8 +63,8 @@ def test_sites_with_clearly_different_styles_are_grouped_apart(tmp_path: Path) -
     public = load_reid_data(tmp_path / "public")
     torch.manual_seed(0)
     base = build_model(spec.model, public.num_train_ids)
-    train_local(base, ImageDataset.for_training(public, train_transform(AugmentSpec(), 64, 32)),
-                TrainConfig(backbone_lr_mult=1.0, local_epochs=15), CPU, seed=0)
+    train_local(base, training_images(public, 64, 32), TrainConfig(backbone_lr_mult=1.0, local_epochs=15), CPU,
+                seed=0)
     start = shared_state(base, "average")
     uploads = []
     for i, name in enumerate(["c1", "c2", "n1", "n2"]):
@@ -72,8 +72,7 @@ def test_sites_with_clearly_different_styles_are_grouped_apart(tmp_path: Path) -
         torch.manual_seed(1)
         model = build_model(spec.model, data.num_train_ids)
         load_shared_state(model, {k: v.clone() for k, v in start.items()}, "average")
-        train_local(model, ImageDataset.for_training(data, train_transform(AugmentSpec(), 64, 32)), TrainConfig(),
-                    CPU, seed=i)
+        train_local(model, training_images(data, 64, 32), TrainConfig(), CPU, seed=i)
         uploads.append(ArrayRecord(shared_state(model, "average")))
 
     steps = PublicSteps(tmp_path / "public", spec, DistillConfig(), embed_batch=16, device=CPU)

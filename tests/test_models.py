@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.error import URLError
 
 import pytest
 import torch
-from torchvision.models import resnet18
+from torchvision.models import ResNet18_Weights, resnet18
 
+from reid import models as models_module
 from reid.models import ModelSpec, build_model, is_local_key, load_shared_state, shared_state, split_state
 
 SMALL = ModelSpec(backbone="resnet10", last_stride=1, height=64, width=32)
@@ -80,7 +82,7 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path: Path) -> None:
 
 
 def test_pretrained_file_errors_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="downloads are not possible"):
+    with pytest.raises(FileNotFoundError, match="not found; give the path"):
         build_model(SMALL, pretrained=tmp_path / "absent.pth")
     wrong = tmp_path / "resnet18.pth"
     torch.save(resnet18(weights=None).state_dict(), wrong)
@@ -88,3 +90,29 @@ def test_pretrained_file_errors_are_clear(tmp_path: Path) -> None:
         build_model(ModelSpec(backbone="resnet50"), pretrained=wrong)
     with pytest.raises(ValueError, match="unknown backbone"):
         build_model(ModelSpec(backbone="vgg16"))
+
+
+def test_imagenet_weights_by_name_are_fetched_through_the_torch_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    reference = resnet18(weights=None).state_dict()
+    asked = []
+
+    def fetch(url: str, progress: bool = True, check_hash: bool = False) -> dict:
+        asked.append((url, check_hash))
+        return reference
+
+    monkeypatch.setattr(models_module, "load_state_dict_from_url", fetch)
+    model = build_model(ModelSpec(backbone="resnet18"), pretrained="imagenet")
+    assert asked == [(ResNet18_Weights.DEFAULT.url, True)]
+    torch.testing.assert_close(model.backbone.layer2[0].conv1.weight, reference["layer2.0.conv1.weight"])
+
+
+def test_a_failed_imagenet_download_says_how_to_pass_a_local_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(url: str, **_kwargs: object) -> dict:
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(models_module, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match=r"name resolution.*model.pretrained=/path/to/resnet50-\w+\.pth"):
+        build_model(ModelSpec(backbone="resnet50"), pretrained="imagenet")
+    with pytest.raises(ValueError, match="no ImageNet weights for backbone 'resnet10'"):
+        build_model(SMALL, pretrained="imagenet")

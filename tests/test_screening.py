@@ -11,9 +11,9 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from reid.data.dataset import ImageDataset, load_reid_data
+from reid.data.dataset import load_reid_data
 from reid.data.synthetic import DEFAULT_STYLES, generate_site
-from reid.data.transforms import AugmentSpec, train_transform
+from reid.data.tensor_cache import training_images
 from reid.models import ModelSpec, build_model, shared_state
 from reid.train import TrainConfig, train_local
 from strategies.fedpav import FedPav
@@ -104,11 +104,11 @@ def test_a_site_whose_training_diverged_is_rejected(tmp_path: Path) -> None:
         style = replace(DEFAULT_STYLES[index], num_train_ids=8, num_test_ids=2, num_distractors=0, num_junk=0)
         generate_site(tmp_path / site, site_index=index, seed=5, style=style)
         data = load_reid_data(tmp_path / site)
-        dataset = ImageDataset.for_training(data, train_transform(AugmentSpec(), SPEC.height, SPEC.width))
+        images = training_images(data, SPEC.height, SPEC.width)
         model = build_model(SPEC, data.num_train_ids)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in start.items()}, strict=False)
-        stats = train_local(model, dataset, TrainConfig(lr=lr, local_epochs=2), torch.device("cpu"), seed=index)
-        uploads[site] = ({k: v.numpy() for k, v in shared_state(model, "local").items()}, len(dataset), stats.loss)
+        stats = train_local(model, images, TrainConfig(lr=lr, local_epochs=2), torch.device("cpu"), seed=index)
+        uploads[site] = ({k: v.numpy() for k, v in shared_state(model, "local").items()}, len(images), stats.loss)
     assert uploads["campus"][2] > 5 * uploads["mall"][2]  # its loss really diverged, yet stayed finite
     strategy = FedPav(min_sites=2)
     sent = _send(strategy, start, [1, 2, 3])

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from reid.data.dataset import ImageDataset, load_reid_data
-from reid.data.transforms import AugmentSpec, train_transform
+from reid.data.tensor_cache import LabelledImages, load_images, training_images
 from reid.data.transforms import test_transform as eval_transform
 from reid.features import cosine_distance, extract_features
 from reid.models import ModelSpec, build_model
-from reid.train import TrainConfig, make_optimizer, make_train_loader, train_local
+from reid.train import TrainConfig, epoch_order, make_optimizer, train_local
 
 SPEC = ModelSpec(backbone="resnet10", last_stride=1, height=64, width=32)
 CPU = torch.device("cpu")
@@ -30,33 +30,36 @@ def test_backbone_learns_at_a_tenth_of_the_head_rate() -> None:
 
 
 def test_incomplete_last_batch_is_dropped_and_tiny_sets_are_refused(tiny_site: Path) -> None:
-    data = load_reid_data(tiny_site)
-    dataset = ImageDataset.for_training(data, eval_transform(64, 32))
-    loader = make_train_loader(dataset, TrainConfig(batch_size=32), seed=0, device=CPU)
-    assert len(loader) == len(dataset) // 32 and all(len(b[1]) == 32 for b in loader)
+    batches = epoch_order(70, 32, torch.Generator().manual_seed(0))
+    assert [len(b) for b in batches] == [32, 32]
+    assert len(set(torch.cat(batches).tolist())) == 64 and set(torch.cat(batches).tolist()) <= set(range(70))
+    assert [len(b) for b in epoch_order(5, 32, torch.Generator().manual_seed(0))] == [5]  # smaller than a batch
     with pytest.raises(ValueError, match="at least 2"):
-        make_train_loader(torch.utils.data.Subset(dataset, [0]), TrainConfig(), seed=0, device=CPU)
+        epoch_order(1, 32, torch.Generator().manual_seed(0))
+    data = load_reid_data(tiny_site)
+    stats = train_local(build_model(SPEC, data.num_train_ids), training_images(data, 64, 32), TrainConfig(), CPU)
+    assert stats.images == len(data.train) // 32 * 32 and stats.batches == len(data.train) // 32
 
 
 def test_training_fits_the_site_identities(tiny_site: Path) -> None:
     torch.manual_seed(0)
     data = load_reid_data(tiny_site)
     model = build_model(SPEC, num_classes=data.num_train_ids)
-    dataset = ImageDataset.for_training(data, train_transform(AugmentSpec(), 64, 32))
+    images = training_images(data, 64, 32)
     config = TrainConfig(backbone_lr_mult=1.0, local_epochs=4)
-    first = train_local(model, dataset, TrainConfig(backbone_lr_mult=1.0), CPU, seed=1)
-    later = train_local(model, dataset, config, CPU, seed=2)
+    first = train_local(model, images, TrainConfig(backbone_lr_mult=1.0), CPU, seed=1)
+    later = train_local(model, images, config, CPU, seed=2)
     assert later.loss < first.loss * 0.8
-    assert later.accuracy > first.accuracy and later.images == 4 * (len(dataset) // 32) * 32
+    assert later.accuracy > first.accuracy and later.images == 4 * (len(images) // 32) * 32
 
 
 def test_an_extra_loss_term_is_added_to_the_cross_entropy(tiny_site: Path) -> None:
     data = load_reid_data(tiny_site)
-    dataset = ImageDataset.for_training(data, eval_transform(64, 32))
+    images = training_images(data, 64, 32)
     torch.manual_seed(0)
-    plain = train_local(build_model(SPEC, data.num_train_ids), dataset, TrainConfig(lr=0.0), CPU, seed=3)
+    plain = train_local(build_model(SPEC, data.num_train_ids), images, TrainConfig(lr=0.0), CPU, seed=3)
     torch.manual_seed(0)
-    extra = train_local(build_model(SPEC, data.num_train_ids), dataset, TrainConfig(lr=0.0), CPU, seed=3,
+    extra = train_local(build_model(SPEC, data.num_train_ids), images, TrainConfig(lr=0.0), CPU, seed=3,
                         extra_loss=lambda images, logits: torch.tensor(2.5))
     assert extra.loss == pytest.approx(plain.loss + 2.5, rel=0.05)
 
@@ -64,11 +67,10 @@ def test_an_extra_loss_term_is_added_to_the_cross_entropy(tiny_site: Path) -> No
 def test_features_are_flip_summed_and_l2_normalised(tiny_site: Path) -> None:
     data = load_reid_data(tiny_site)
     model = build_model(SPEC).eval()
-    dataset = ImageDataset(data.query[:5], eval_transform(64, 32))
-    feats, pids, cams = extract_features(model, dataset, CPU, batch_size=2)
+    dataset = ImageDataset(data.query[:5], eval_transform(64, 32))  # the PIL path, for reference
+    feats = extract_features(model, load_images([s.path for s in data.query[:5]], 64, 32), CPU, batch_size=2)
     assert feats.shape == (5, 512) and feats.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
-    assert list(pids) == [s.pid for s in data.query[:5]] and list(cams) == [s.camid for s in data.query[:5]]
     image = dataset[0][0][None]
     with torch.no_grad():
         manual = model.features(image) + model.features(torch.flip(image, dims=[3]))

@@ -21,12 +21,17 @@ class AugmentSpec:
     color_jitter: bool = False
 
 
+def scaled_pad(spec: AugmentSpec, height: int) -> int:
+    """The pad in pixels: as configured, or the reference's 10 px at 256 scaled to ``height``."""
+    return spec.pad if spec.pad is not None else max(1, round(10 * height / REFERENCE_HEIGHT))
+
+
 def train_transform(spec: AugmentSpec, height: int, width: int) -> T.Compose:
     """Resize (bicubic), pad, random crop back, flip, normalise; optional jitter and erasing."""
     steps: list = []
     if spec.color_jitter:
         steps.append(T.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0))
-    pad = spec.pad if spec.pad is not None else max(1, round(10 * height / REFERENCE_HEIGHT))
+    pad = scaled_pad(spec, height)
     steps += [
         T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
         T.Pad(pad),
