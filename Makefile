@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-load bench venv clean
+.PHONY: demo test test-load gpu-check bench venv clean
 
 # Re-install only when the dependency list changes; the stamp is written after a successful install.
 $(STAMP): pyproject.toml
@@ -27,6 +27,10 @@ test: $(STAMP)
 ## Load tests (not in `make test`): 20 SuperNodes over TLS, 100 simulated sites; figures on stdout.
 test-load: $(STAMP)
 	$(BIN)/python -m pytest -m load -s -q
+
+## On a CUDA machine: the tests that need no Ray, then a TLS deployment per algorithm with ResNet-50 on the GPU.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
 
 ## Benchmarks (slow; numbers go to stdout). The algorithm comparison is separate:
 ## $(BIN)/python bench/compare_algorithms.py --seeds 0 1 2   (about 2 hours on 2 CPU cores)

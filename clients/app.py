@@ -39,6 +39,7 @@ from reid.pruning import (
     apply_masks,
     cross_round_check,
     kept_fraction,
+    mask_keeper,
     masks_to,
     masks_to_numpy,
     prune_step,
@@ -131,6 +132,8 @@ def train(msg: Message, context: Context) -> Message:
     (pruned ones in the sparse encoding)."""
     spec, location, data, device = _prepare(msg, context)
     site, server_round = location.name, int(msg.content["config"]["server-round"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(stable_seed(spec.seed, site))  # a fresh head is the same in every run
     model = build_model(spec.model, num_classes=data.num_train_ids)
     received = _load_received(model, msg, spec.bn_stats)
@@ -149,7 +152,7 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(stable_seed(spec.seed, site, server_round, "train"))  # augmentation, dropout
     stats = train_local(model, images, spec.train, device, seed=stable_seed(spec.seed, site, server_round),
                         augment=spec.augment, extra_loss=regulariser,
-                        after_step=(lambda: apply_masks(model, prune.masks)) if prune.masks else None,
+                        after_step=mask_keeper(model, prune.masks) if prune.masks else None,
                         label=f"[{site} round {server_round}]")
     after = eval_logits(model, probe, device)
     metrics = {
@@ -171,6 +174,8 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update({"validation-accuracy": signal, "pruning-ratio": prune.ratio,
                         "crr-recoveries": prune.recoveries})
     metrics["kept-fraction"] = kept_fraction(prune.masks)
+    if device.type == "cuda":  # what this site's GPU must hold, for operators sizing their boxes
+        metrics["gpu-peak-mb"] = torch.cuda.max_memory_allocated(device) / 1e6
     shared, local = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, spec.bn_stats)
     context.state[LOCAL_STATE_KEY] = ArrayRecord(local)
     persist_site_state(context, _state_file(msg, context))

@@ -99,7 +99,12 @@ def kl_regulariser(model: ReIDNet, cfg: KLLConfig) -> Callable[[torch.Tensor, to
     for parameter in reference.parameters():
         parameter.requires_grad_(False)
 
+    layout: list[torch.memory_format] = []
+
     def loss(images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if not layout and images.is_cuda and images.is_contiguous(memory_format=torch.channels_last):
+            reference.to(memory_format=torch.channels_last)  # the layout the batches come in, once
+            layout.append(torch.channels_last)
         with torch.no_grad():
             reference_logits = reference(images)
         return cfg.weight * softened_kl(reference_logits.float(), logits.float(), cfg.tau)

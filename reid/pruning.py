@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -81,6 +82,20 @@ def magnitude_masks(state: dict[str, torch.Tensor], keys: list[str], ratio: floa
             mask[torch.topk(flat.float(), keep, sorted=False).indices] = True
         masks[key] = mask.view_as(state[key])
     return masks
+
+
+def mask_keeper(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """A step hook that re-zeroes the pruned weights: the masks are cast to each weight's dtype and
+    device once, and applied with one fused multiply over all tensors (no per-step copy or lookup)."""
+    params = dict(model.named_parameters())
+    weights = [params[key] for key in masks]
+    factors = [mask.to(params[key].device, params[key].dtype) for key, mask in masks.items()]
+
+    @torch.no_grad()
+    def keep() -> None:
+        torch._foreach_mul_(weights, factors)
+
+    return keep
 
 
 def masks_to(masks: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

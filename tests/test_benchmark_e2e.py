@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from reid.data.prepare import prepare
 from server.config import compose_config
 from tests.fabricate import FABRICATORS
 
+pytestmark = pytest.mark.ray  # Ray's simulation engine: left out by `make gpu-check`
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -15,6 +15,7 @@ import torch
 from reid.data.synthetic import DEFAULT_STYLES, generate_site
 from tests.test_simulation_e2e import _simulate
 
+pytestmark = pytest.mark.ray  # Ray's simulation engine: left out by `make gpu-check`
 PRESETS = ["fedpav_cdw_kd", "fedpav_cluster", "local"]
 SITES = {"0-mall", "1-station", "2-campus"}
 

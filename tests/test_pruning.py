@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
+from reid.data.dataset import load_reid_data
+from reid.data.tensor_cache import training_images
 from reid.divergence import KLLConfig, feature_kl, kl_regulariser, softened_kl
 from reid.models import ModelSpec, build_model, split_state
 from reid.pruning import (
@@ -15,9 +20,12 @@ from reid.pruning import (
     cross_round_check,
     kept_fraction,
     magnitude_masks,
+    mask_keeper,
+    masks_to_numpy,
     prunable_keys,
     prune_step,
 )
+from reid.train import TrainConfig, train_local
 
 SPEC = ModelSpec(backbone="resnet10", last_stride=1, height=64, width=32)
 
@@ -106,3 +114,20 @@ def test_kl_regulariser_pulls_towards_the_frozen_copy_of_the_received_model() ->
         assert float(loss(images, model(images))) == pytest.approx(0.0, abs=1e-6)
         model.classifier.weight.add_(torch.randn_like(model.classifier.weight))  # the model moves, not the copy
         assert float(loss(images, model(images))) > 0.0
+
+
+def test_the_step_hook_keeps_pruned_weights_at_zero_through_training(tiny_site: Path) -> None:
+    torch.manual_seed(0)
+    data = load_reid_data(tiny_site)
+    model = build_model(SPEC, num_classes=data.num_train_ids)
+    shared = split_state(model.state_dict(), "local")[0]
+    masks = magnitude_masks(shared, prunable_keys(shared), 0.5)
+    apply_masks(model, masks)
+    before = model.backbone.layer1[0].conv1.weight.detach().clone()
+    train_local(model, training_images(data, 64, 32), TrainConfig(lr=0.1), torch.device("cpu"),
+                after_step=mask_keeper(model, masks))
+    params = dict(model.named_parameters())
+    for key, mask in masks.items():
+        assert (params[key][~mask] == 0).all(), key
+    assert not torch.equal(before, model.backbone.layer1[0].conv1.weight)  # the kept weights did train
+    assert {k: m.dtype for k, m in masks_to_numpy(masks).items()} == {k: np.dtype(bool) for k in masks}

@@ -14,6 +14,7 @@ import torch
 
 from reid.models import ModelSpec, build_model, shared_state
 
+pytestmark = pytest.mark.ray  # Ray's simulation engine: left out by `make gpu-check`
 SIM = [sys.executable, "-m", "server.simulate"]
 REPO = Path(__file__).resolve().parent.parent
 
