@@ -149,7 +149,7 @@ def train(msg: Message, context: Context) -> Message:
     before = eval_logits(model, probe, device)  # received backbone with this site's previous head
     before_features = eval_features(model, probe, device)
     regulariser = kl_regulariser(model, spec.kll) if spec.kll.enabled and server_round >= spec.kll.start_round else None
-    torch.manual_seed(stable_seed(spec.seed, site, server_round, "train"))  # augmentation, dropout
+    torch.manual_seed(stable_seed(spec.seed, site, server_round, "train"))  # dropout (augmentation has its own)
     stats = train_local(model, images, spec.train, device, seed=stable_seed(spec.seed, site, server_round),
                         augment=spec.augment, extra_loss=regulariser,
                         after_step=mask_keeper(model, prune.masks) if prune.masks else None,

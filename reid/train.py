@@ -30,6 +30,8 @@ from reid.models import ReIDNet
 
 log = logging.getLogger(__name__)
 
+AUGMENT_STREAM = 0x5DEECE66D  # mixed into the seed so that batch order and augmentation draw different streams
+
 ExtraLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(images, logits) -> scalar loss added to the cross-entropy."""
 
@@ -124,7 +126,7 @@ def _steps(images: LabelledImages, cfg: TrainConfig, seed: int, device: torch.de
     labels = images.labels.to(device)
     augmenter = BatchAugmenter(augment, images.images.shape[2])
     order_generator = torch.Generator().manual_seed(seed)
-    augment_generator = torch.Generator(device=device).manual_seed(seed)
+    augment_generator = torch.Generator(device=device).manual_seed(seed ^ AUGMENT_STREAM)  # not the order's stream
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
     for epoch in range(cfg.local_epochs):
         batches = epoch_order(len(images), cfg.batch_size, order_generator)

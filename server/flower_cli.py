@@ -126,10 +126,10 @@ class SuperLinkConnection:
         return done
 
     def online_nodes(self) -> int:
-        done = self.flwr("supernode", "list", self.name, "--format", "json", timeout=60)
         try:
+            done = self.flwr("supernode", "list", self.name, "--format", "json", timeout=60)
             nodes = flwr_json(done.stdout).get("nodes", [])
-        except ValueError:
+        except (ValueError, subprocess.TimeoutExpired):  # no answer yet: none known to be online
             return 0
         return sum(1 for n in nodes if str(n.get("status", "")).startswith("online"))  # type: ignore[union-attr]
 
@@ -153,8 +153,11 @@ class SuperLinkConnection:
 
     def runs(self, run_id: int | None = None) -> list[dict[str, object]]:
         """`flwr ls` as run dicts, oldest first (only ``run_id`` when given); RuntimeError without an answer."""
-        done = self.flwr("ls", self.name, *(["--run-id", str(run_id)] if run_id is not None else []),
-                         "--format", "json", timeout=60)
+        try:  # a SuperLink busy with many nodes on a loaded machine can be slow to answer: not fatal
+            done = self.flwr("ls", self.name, *(["--run-id", str(run_id)] if run_id is not None else []),
+                             "--format", "json", timeout=60)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError("`flwr ls` did not answer within 60 s") from None
         try:
             return list(flwr_json(done.stdout).get("runs", []))  # type: ignore[call-overload]
         except ValueError:

@@ -4,6 +4,7 @@ augmentation (per-sample randomness, seeding, and the same distribution as the P
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +127,9 @@ def test_colour_jitter_changes_each_image_by_its_own_small_factor() -> None:
 
 def test_decoded_images_are_cached_on_disk_and_reused(tiny_site: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    data = load_reid_data(tiny_site)
+    site = tmp_path / "site"  # a copy: this test rewrites a file's mtime, and the fixture is shared
+    shutil.copytree(tiny_site, site)
+    data = load_reid_data(site)
     paths = [s.path for s in data.train]
     decodes = []
     real_decode = tensor_cache.decode_images

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -36,6 +37,8 @@ def _context(site: Path) -> Context:
 
 
 def _global(spec: SiteRunSpec) -> ArrayRecord:
+    """The same global model whatever ran before (the ClientApp seeds itself; this is the server's)."""
+    torch.manual_seed(0)
     return ArrayRecord(shared_state(build_model(spec.model), spec.bn_stats))
 
 
@@ -112,11 +115,13 @@ def test_simulated_sites_are_picked_by_partition_id(tiny_sites: Path) -> None:
 def test_a_pruning_site_uploads_encoded_tensors_and_keeps_its_masks(tiny_site: Path) -> None:
     from clients.prune_state import MASKS_KEY
     from reid.divergence import KLLConfig
-    from reid.pruning import PruningConfig
+    from reid.pruning import CRRConfig, PruningConfig
     from strategies.sparse_records import decode_record
 
+    # CRR off: a recovery would rightly re-open the pruned weights; this test is about the masks
     spec = SiteRunSpec(model=SPEC.model, train=SPEC.train, bn_stats="local", kll=KLLConfig(enabled=True, start_round=1),
-                       pruning=PruningConfig(enabled=True, target=0.5, schedule="constant"))
+                       pruning=PruningConfig(enabled=True, target=0.5, schedule="constant"),
+                       crr=CRRConfig(enabled=False))
     context = _context(tiny_site)
     global_arrays = _global(spec)
     reply = app(_message("train", global_arrays, spec, 1), context)
