@@ -193,7 +193,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     _load_received(model, msg, spec.bn_stats)
     _restore_local_state(model, context, location.name)
     result = evaluate_model(model, data, device, spec.eval_batch_size, image_cache_dir(context),
-                            spec.train.num_workers)
+                            spec.train.num_workers, spec.train.device_cache_mb)
     log.info("[%s] Rank-1 %.3f mAP %.3f over %d queries", location.name, result.rank(1), result.mAP,
              result.num_valid_queries)
     metrics = MetricRecord({

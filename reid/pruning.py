@@ -93,7 +93,8 @@ def mask_keeper(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> Calla
 
     @torch.no_grad()
     def keep() -> None:
-        torch._foreach_mul_(weights, factors)
+        if weights:  # nothing pruned yet: nothing to zero
+            torch._foreach_mul_(weights, factors)
 
     return keep
 
@@ -108,12 +109,9 @@ def masks_to_numpy(masks: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {key: mask.detach().cpu().numpy().astype(bool) for key, mask in masks.items()}
 
 
-@torch.no_grad()
 def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Zero the pruned weights of ``model`` in place (masks on the weights' device: no copy, no sync)."""
-    params = dict(model.named_parameters())
-    for key, mask in masks.items():
-        params[key].mul_(mask.to(params[key].device, non_blocking=True))
+    """Zero the pruned weights of ``model`` in place, once (``mask_keeper`` for every step)."""
+    mask_keeper(model, masks)()
 
 
 def kept_fraction(masks: dict[str, torch.Tensor]) -> float:

@@ -102,9 +102,10 @@ class BatchFeeder:
         self.on_device = images.device == device or device.type != "cuda"
         self._staging: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
 
-    def __call__(self, indices: torch.Tensor) -> torch.Tensor:
+    def __call__(self, indices: torch.Tensor, device_indices: torch.Tensor) -> torch.Tensor:
+        """The batch at ``indices`` (on the host) / ``device_indices`` (the same, on the device)."""
         if self.on_device:
-            return self.images[indices.to(self.images.device)].to(self.device)
+            return self.images[device_indices]
         if len(self._staging) < 2 or self._staging[0][0].shape[0] != len(indices):
             shape = (len(indices), *self.images.shape[1:])
             self._staging = [(torch.empty(shape, dtype=torch.uint8).pin_memory(), None) for _ in range(2)]
@@ -130,9 +131,10 @@ def _steps(images: LabelledImages, cfg: TrainConfig, seed: int, device: torch.de
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
     for epoch in range(cfg.local_epochs):
         batches = epoch_order(len(images), cfg.batch_size, order_generator)
-        for step, indices in enumerate(batches, start=1):
-            x = augmenter(feeder(indices), augment_generator).contiguous(memory_format=memory_format)
-            yield epoch, step, len(batches), x, labels[indices.to(device)]
+        on_device = torch.stack(batches).to(device)  # one copy per epoch, not one per step
+        for step, (indices, device_indices) in enumerate(zip(batches, on_device), start=1):
+            x = augmenter(feeder(indices, device_indices), augment_generator).contiguous(memory_format=memory_format)
+            yield epoch, step, len(batches), x, labels[device_indices]
 
 
 def train_local(
