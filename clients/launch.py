@@ -17,14 +17,20 @@ Flower's own home (the installed app).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+from clients.worker_link import LAUNCH_FILE, WORKER_KEY, socket_path
 
 from reid.data.dataset import load_reid_data
 from reid.data.layout import DatasetLayoutError
 from reid.data.synthetic import generate_site
+from server.flower_cli import FLOWER_POLLING
 
 log = logging.getLogger("fedreid.client")
 
@@ -52,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--synthetic-site", type=int, default=None, metavar="INDEX",
                         help="demo boxes: if --data-root holds no images yet, first generate synthetic camera "
                              "site INDEX there (a folder with real images is never touched)")
+    parser.add_argument("--no-worker", action="store_true",
+                        help="do the work in Flower's per-message ClientApp process instead of a long-lived site "
+                             "worker (slower: every round re-imports torch and reloads the caches)")
     parser.add_argument("--check-only", action="store_true", help="check the data layout and the key files, then exit")
     return parser.parse_args(argv)
 
@@ -88,9 +97,11 @@ def check_site(args: argparse.Namespace) -> str:
     return data.summary()
 
 
-def supernode_command(args: argparse.Namespace, state_dir: Path) -> list[str]:
+def supernode_command(args: argparse.Namespace, state_dir: Path, worker: Path | None = None) -> list[str]:
     root = args.data_root.expanduser().resolve()
     node_config = f'dataset="{args.dataset}" data-root="{root}" state-dir="{state_dir}"'
+    if worker is not None:
+        node_config += f' {WORKER_KEY}="{worker}"'
     if args.gpu is not None:
         node_config += f" gpu={args.gpu}"
     command = [console_script("flower-supernode"), "--superlink", args.server, "--node-config", node_config,
@@ -103,6 +114,23 @@ def supernode_command(args: argparse.Namespace, state_dir: Path) -> list[str]:
     if args.max_wait_time is not None:
         command += ["--max-wait-time", str(args.max_wait_time)]
     return command
+
+
+def start_worker(state_dir: Path, env: dict[str, str], wait_s: float = 120.0) -> Path:
+    """Start the site worker (clients/worker.py) for the SuperNode this process is about to become,
+    record how to start it again, and return its socket once it listens."""
+    path = socket_path(state_dir)
+    command = [sys.executable, "-m", "clients.worker", "--socket", str(path), "--parent-pid", str(os.getpid())]
+    path.with_name(LAUNCH_FILE).write_text(json.dumps({"command": command, "cwd": os.getcwd()}))
+    path.unlink(missing_ok=True)
+    worker = subprocess.Popen(command, env=env)  # noqa: S603 - inherits stderr: one log per site
+    deadline = time.monotonic() + wait_s
+    while not path.exists():
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the site worker did not start (exit code {worker.poll()}); see the log above")
+        time.sleep(0.05)
+    log.info("site worker %d listens on %s", worker.pid, path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("FLWR_HOME", str(state_dir / "flwr-home"))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    command = supernode_command(args, state_dir)
+    env.update(FLOWER_POLLING)
+    worker = None if args.no_worker else start_worker(state_dir, env)
+    command = supernode_command(args, state_dir, worker)
     log.info("starting %s", " ".join(command))
     sys.stdout.flush()
     os.execvpe(command[0], command, env)  # the SuperNode takes over this process (signals, exit code)

@@ -25,11 +25,16 @@ from server.resume import ResumePoint, find_run_folder, load_resume_point
 from server.rounds import FederationRunner
 from server.telemetry import FederationGauges
 from strategies.fedpav import NUM_EXAMPLES, ClusteringSpec, FedPav
+from strategies.packing import TRANSPORT_DTYPE_KEY, TransportSpec
 from strategies.screening import ScreenSpec
 from strategies.weighting import KLPWASpec
 
 app = ServerApp()
 RUN_TAG_KEY = "run-tag"  # names the run to the sites; they key their saved state by it (clients/site_state.py)
+
+
+def transport_spec(cfg: DictConfig) -> TransportSpec:
+    return TransportSpec(pack=bool(cfg.transport.pack), dtype=str(cfg.transport.dtype))
 
 
 def build_strategy(cfg: DictConfig) -> FedPav:
@@ -56,6 +61,7 @@ def build_strategy(cfg: DictConfig) -> FedPav:
         embed=public.embed if public is not None and clustering.needs_embeddings else None,
         klpwa=KLPWASpec(klaw=mode(algo.klpwa.klaw), praw=mode(algo.klpwa.praw)),
         sparse_downlink=bool(algo.sparse_downlink),
+        transport=transport_spec(cfg),
         screen=ScreenSpec(**OmegaConf.to_container(algo.screen, resolve=True)),  # type: ignore[arg-type]
         seed=int(cfg.seed),
     )
@@ -156,7 +162,8 @@ def main(grid: Grid, context: Context) -> None:
             plot_site_metrics(outputs.rounds, outputs.folder / PLOT_FILE, title=f"{cfg.algorithm.name}")
         gauges.record_round(record)
 
-    site_config = ConfigRecord({**spec.to_flat(), RUN_TAG_KEY: outputs.folder.name})
+    site_config = ConfigRecord({**spec.to_flat(), RUN_TAG_KEY: outputs.folder.name,
+                                TRANSPORT_DTYPE_KEY: transport_spec(cfg).dtype})
     runner = FederationRunner(grid, strategy, settings, site_config, on_round)
     strategy.restore_site_models(point.site_models, point.site_nodes)
     restore_history(strategy, outputs.rounds)

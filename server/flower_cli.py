@@ -28,6 +28,16 @@ def console_script(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+# Flower's own waits and transfer sizes, set for every Flower process we start (measured in
+# bench/round_overhead.py; see the README's "Round overhead"). Flower reads them at import.
+FLOWER_POLLING = {
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # SuperExec asks for a task to launch (default 1 s)
+    "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE": str(32 * 2**20),  # bytes per object of a large array (default 5 MiB)
+    "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "4",  # objects in flight per message (default 2)
+    "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "4",
+}
+
+
 def flwr_environment(flwr_home: Path | None = None) -> dict[str, str]:
     """os.environ plus the settings every Flower process of ours runs with."""
     env = dict(os.environ)
@@ -38,6 +48,7 @@ def flwr_environment(flwr_home: Path | None = None) -> dict[str, str]:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1",
+        **FLOWER_POLLING,
     })
     return env
 

@@ -46,6 +46,7 @@ from flwr.supercore import log
 from strategies.averaging import masked_weighted_average, normalise_weights
 from strategies.clustering import CLUSTER_METHODS, cluster_sites, named_partition
 from strategies.naming import SiteNames
+from strategies.packing import TransportSpec, pack_record
 from strategies.screening import ExampleLedger, ScreenSpec, change_norm, clip_change, judge_norms
 from strategies.sparse_records import Tensor, dense_record, encode_record
 from strategies.validation import (
@@ -169,6 +170,7 @@ class FedPav(FedAvg):
         embed: Embedder | None = None,
         klpwa: KLPWASpec | None = None,
         sparse_downlink: bool = False,
+        transport: TransportSpec | None = None,
         screen: ScreenSpec | None = None,
         seed: int = 0,
     ) -> None:
@@ -191,6 +193,7 @@ class FedPav(FedAvg):
         self.embed = embed
         self.klpwa = klpwa or KLPWASpec()
         self.sparse_downlink = sparse_downlink
+        self.transport = transport or TransportSpec()
         self.screen = screen or ScreenSpec()
         self.examples = ExampleLedger(self.screen)
         self.names = SiteNames()
@@ -234,10 +237,11 @@ class FedPav(FedAvg):
         return self._construct_messages(record, nodes, message_type)
 
     def _outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
-        """The arrays as they travel: pruned (zero-holding) tensors encoded when that is smaller."""
-        if not self.sparse_downlink:
-            return arrays
-        return encode_record({k: a.numpy() for k, a in arrays.items()}, sparse_zeros=True)
+        """The arrays as they travel: pruned (zero-holding) tensors encoded when that is smaller, then
+        packed into one flat array (in the transport precision) unless packing is off."""
+        if self.sparse_downlink:
+            arrays = encode_record({k: a.numpy() for k, a in arrays.items()}, sparse_zeros=True)
+        return pack_record(arrays, self.transport.dtype) if self.transport.pack else arrays
 
     def _personalise(self, messages: Iterable[Message], remember: bool = False) -> list[Message]:
         """Give each site its cluster's model (when it has one), in its travelling form; with

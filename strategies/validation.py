@@ -13,12 +13,15 @@ from typing import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from strategies.packing import PackingError, unpack_record
 from strategies.sparse_codec import SparseFormatError
 from strategies.sparse_records import Tensor, decode_record
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
+EVALUATION_KEY = "evaluation"  # a training reply's evaluation of the model it received, when asked for
+EVALUATE_ROUND_KEY = "evaluate-round"  # round config: evaluate the received model (of that round) first
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,14 @@ def _describe(keys: Iterable[str]) -> str:
 def check_arrays(arrays: ArrayRecord, expected: dict[str, ArraySpec]) -> tuple[dict[str, Tensor] | None, str | None]:
     """Decode the arrays and check them against ``expected`` (keys, shapes, dtypes, finiteness).
 
-    Returns (decoded tensors, None) or (None, the first problem as a sentence). A tensor may come
-    dense, or sparse-encoded (a uint8 blob) when it was pruned.
+    Returns (decoded tensors, None) or (None, the first problem as a sentence). The record may come
+    packed (strategies/packing.py); a tensor may come dense, or sparse-encoded (a uint8 blob) when
+    it was pruned.
     """
+    try:
+        arrays = unpack_record(arrays)
+    except PackingError as error:
+        return None, f"malformed packed arrays: {error}"
     missing = expected.keys() - arrays.keys()
     if missing:
         return None, f"missing arrays: {_describe(missing)}"
@@ -100,7 +108,7 @@ def check_train_reply(
     if message.has_error():
         return None, f"the site reported an error: {message.error.reason}"
     content = message.content
-    reason = check_record_names(content, {ARRAYS_KEY, METRICS_KEY, SITE_KEY}, {ARRAYS_KEY, METRICS_KEY})
+    reason = check_record_names(content, {ARRAYS_KEY, METRICS_KEY, SITE_KEY, EVALUATION_KEY}, {ARRAYS_KEY, METRICS_KEY})
     if reason:
         return None, reason
     if not isinstance(content[ARRAYS_KEY], ArrayRecord) or not isinstance(content[METRICS_KEY], MetricRecord):

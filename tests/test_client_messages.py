@@ -13,7 +13,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from clients.app import LOCAL_STATE_KEY, app
+from clients.app import app
+from clients.handlers import LOCAL_STATE_KEY
 from clients.site import SiteConfigError, locate_site
 from reid.config import SiteRunSpec
 from reid.data.layout import DatasetLayoutError

@@ -7,6 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from strategies.averaging import normalise_weights, weighted_average
+from strategies.packing import is_packed, unpack_record
 from strategies.fedpav import ClusteringSpec, FedPav
 
 
@@ -44,7 +45,8 @@ def test_configure_train_sends_the_global_arrays_and_the_round_to_every_node() -
     assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12, 13]
     assert all(m.metadata.message_type == "train" for m in messages)
     assert messages[0].content["config"]["server-round"] == 3
-    assert set(messages[0].content["arrays"].keys()) == {"layer.weight", "layer.bias"}
+    assert is_packed(messages[0].content["arrays"])  # one flat array + manifest on the wire
+    assert set(unpack_record(messages[0].content["arrays"]).keys()) == {"layer.weight", "layer.bias"}
 
 
 def test_weights_are_training_set_sizes_and_the_average_is_exact() -> None:
@@ -207,7 +209,7 @@ def test_clusters_are_aggregated_apart_and_each_site_gets_its_own_clusters_model
     assert strategy.last_train.clusters == [["a1", "a2"], ["b1", "b2"]]
     np.testing.assert_allclose(global_arrays["layer.weight"].numpy(), [11.0, 11.0])  # all four, equal weights
     following = strategy.configure_train(4, global_arrays, ConfigRecord(), NodeList([1, 2, 3, 4]))
-    received = {m.metadata.dst_node_id: float(m.content["arrays"]["layer.weight"].numpy()[0]) for m in following}
+    received = {m.metadata.dst_node_id: float(unpack_record(m.content["arrays"])["layer.weight"].numpy()[0]) for m in following}
     assert received == {1: 2.0, 2: 2.0, 3: 20.0, 4: 20.0}
     assert float(strategy.site_models["b2"]["layer.bias"].numpy()[0]) == 20.0
 
@@ -218,7 +220,7 @@ def test_singletons_give_every_site_back_its_own_model() -> None:
     strategy.aggregate_train(1, [_reply(sent[1], _arrays([1, 1], 1), {"num-examples": 9}, "x"),
                                  _reply(sent[2], _arrays([5, 5], 5), {"num-examples": 4}, "y")])
     following = strategy.configure_evaluate(1, _arrays([0, 0], 0), ConfigRecord(), NodeList([1, 2]))
-    assert {m.metadata.dst_node_id: float(m.content["arrays"]["layer.bias"].numpy()[0]) for m in following} == {1: 1.0, 2: 5.0}
+    assert {m.metadata.dst_node_id: float(unpack_record(m.content["arrays"])["layer.bias"].numpy()[0]) for m in following} == {1: 1.0, 2: 5.0}
 
 
 def test_mask_aware_average_counts_each_weight_over_the_sites_that_kept_it() -> None:

@@ -15,6 +15,7 @@ from server.bounded import call_within
 from server.config import FederationSettings
 from server.rounds import FederationRunner
 from strategies.fedpav import FedPav
+from strategies.packing import unpack_record
 
 SITES = {11: "mall", 12: "station", 13: "campus"}  # node 1 is the SuperLink itself
 SETTINGS = FederationSettings(rounds=1, eval_every=0, eval_at_start=False, min_sites=1, fraction_train=1.0,
@@ -61,7 +62,8 @@ class FakeGrid:
                 reply.metadata.__dict__["_src_node_id"] = 1
                 self.replies[message_id] = reply
             elif node not in self.silent:
-                arrays = ArrayRecord({k: Array(a.numpy() + 1.0) for k, a in message.content["arrays"].items()})
+                received = unpack_record(message.content["arrays"])
+                arrays = ArrayRecord({k: Array(a.numpy() + 1.0) for k, a in received.items()})
                 content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10}),
                                       "site": ConfigRecord({"name": SITES[node]})})
                 reply = Message(content=content, reply_to=message)
