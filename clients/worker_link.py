@@ -101,6 +101,7 @@ def restart_worker(path: Path) -> str:
     if not launch.is_file():
         return f"no {launch} to restart it from; restart the site with fedreid-client"
     spec = json.loads(launch.read_text())
+    path.unlink(missing_ok=True)  # the dead worker's socket: the new one's appears once it listens
     subprocess.Popen(spec["command"], cwd=spec.get("cwd"), env={**os.environ, **spec.get("env", {})})  # noqa: S603
     return "it is being restarted for the next message"
 

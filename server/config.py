@@ -90,8 +90,9 @@ class FederationSettings:
     fraction_train: float
     fraction_evaluate: float
     round_timeout_s: float
-    poll_interval_s: float = 0.5
+    poll_interval_s: float = 0.1
     report_every_s: float = 60.0
+    evaluate_with_next_round: bool = True
 
     def evaluates_after(self, server_round: int) -> bool:
         """Federated evaluation every k rounds and always after the last one."""

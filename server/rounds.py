@@ -30,6 +30,7 @@ from server.bounded import call_within
 from server.config import FederationSettings
 from strategies.fedpav import FedPav
 from strategies.naming import SiteNames
+from strategies.validation import EVALUATE_ROUND_KEY
 from strategies.wire import message_wire_bytes
 
 RoundHook = Callable[[int, ArrayRecord, dict[str, Any]], None]
@@ -160,6 +161,7 @@ class FederationRunner:
         self.settings = settings
         self.site_config = site_config
         self.on_round = on_round
+        self.last_exchange = Exchange([], {}, 0.0, [])  # of the latest training round
 
     @property
     def names(self) -> SiteNames:
@@ -191,11 +193,34 @@ class FederationRunner:
                 "rejected": self.strategy.last_evaluate.rejected, "failed": result.failed,
                 "bytes": result.totals(), "seconds": result.seconds}
 
-    def train_round(self, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
-        """One training round; the global arrays stay as they were when too few replies are usable."""
+    def carries_evaluation(self, server_round: int) -> bool:
+        """Whether the evaluation after ``server_round`` rides on the next round's training messages
+        (every site is trained and evaluated, and a next round exists) instead of an exchange of its own."""
+        settings = self.settings
+        return (settings.evaluate_with_next_round and server_round < settings.rounds
+                and settings.fraction_train >= 1.0 and settings.fraction_evaluate >= 1.0)
+
+    def _carried_evaluation(self, evaluated_round: int, result: Exchange) -> dict[str, Any]:
+        """The evaluation of round ``evaluated_round``'s model from the training replies that carried it."""
+        mean = self.strategy.aggregate_carried_evaluations(evaluated_round, result.replies)
+        if mean is not None:
+            log(INFO, "round %d evaluation (carried by round %d's training): mean Rank-1 %.1f%%, mAP %.1f%% over "
+                "%d sites", evaluated_round, evaluated_round + 1, 100 * mean["rank1"], 100 * mean["mAP"],
+                len(self.strategy.last_evaluate.site_metrics))
+        return {"sites": self.strategy.last_evaluate.site_metrics, "mean": dict(mean) if mean else None,
+                "rejected": self.strategy.last_evaluate.rejected, "failed": result.failed,
+                "bytes": {"sent": 0, "received": 0}, "seconds": 0.0, "carried_by_round": evaluated_round + 1}
+
+    def train_round(self, server_round: int, arrays: ArrayRecord,
+                    evaluate_round: int | None = None) -> tuple[ArrayRecord, dict[str, Any]]:
+        """One training round; the global arrays stay as they were when too few replies are usable.
+        With ``evaluate_round`` every site first evaluates the model it receives (that round's)."""
+        config = self._config()
+        if evaluate_round is not None:
+            config[EVALUATE_ROUND_KEY] = evaluate_round
         result = self._send(f"round {server_round} training", lambda: self.strategy.configure_train(
-            server_round, arrays, self._config(), self.grid))
-        result = result or Exchange([], {}, 0.0, [])
+            server_round, arrays, config, self.grid))
+        result = self.last_exchange = result or Exchange([], {}, 0.0, [])
         aggregation_start = time.perf_counter()
         new_arrays, metrics = self.strategy.aggregate_train(server_round, result.replies)
         aggregation_seconds = time.perf_counter() - aggregation_start
@@ -227,21 +252,39 @@ class FederationRunner:
         return new_arrays, record
 
     def run(self, arrays: ArrayRecord, first_round: int = 1, start_evaluated: bool = False) -> ArrayRecord:
-        """Rounds ``first_round``..R; each one is reported before the next starts. Round 0 (the
-        untrained model) is evaluated first unless disabled or already done (``start_evaluated``)."""
+        """Rounds ``first_round``..R; each one is reported before the next starts, except that a round
+        whose evaluation the next round's training carries is reported right after that training.
+        Round 0 (the untrained model) is evaluated first unless disabled or already done
+        (``start_evaluated``)."""
+        waiting: tuple[int, ArrayRecord, dict[str, Any]] | None = None  # a round whose evaluation rides along
         if first_round == 1 and self.settings.eval_at_start and not start_evaluated:
-            self.on_round(0, arrays, {"round": 0, "train": None, "evaluate": self.evaluate(0, arrays)})
+            start = {"round": 0, "train": None}
+            if self.carries_evaluation(0):
+                waiting = (0, arrays, start)
+            else:
+                self.on_round(0, arrays, {**start, "evaluate": self.evaluate(0, arrays)})
         for server_round in range(first_round, self.settings.rounds + 1):
-            start = time.perf_counter()
-            arrays, train_record = self.train_round(server_round, arrays)
+            start_time = time.perf_counter()
+            evaluate_round = waiting[0] if waiting else None
+            new_arrays, train_record = self.train_round(server_round, arrays, evaluate_round)
             while not train_record["sites"] and not train_record["rejected"]:  # nobody answered at all
                 log(WARNING, "round %d: no site answered (%s); trying round %d again in %.0f s", server_round,
                     _listing(train_record["failed"]) or "none connected", server_round, RETRY_PAUSE_S)
                 time.sleep(RETRY_PAUSE_S)
-                arrays, train_record = self.train_round(server_round, arrays)
-            evaluation = self.evaluate(server_round, arrays) if self.settings.evaluates_after(server_round) else None
-            self.on_round(server_round, arrays, {
-                "round": server_round, "train": train_record, "evaluate": evaluation,
-                "seconds": time.perf_counter() - start,
-            })
+                new_arrays, train_record = self.train_round(server_round, arrays, evaluate_round)
+            if waiting is not None:
+                evaluated_round, evaluated_arrays, record = waiting
+                self.on_round(evaluated_round, evaluated_arrays,
+                              {**record, "evaluate": self._carried_evaluation(evaluated_round, self.last_exchange)})
+                waiting = None
+            arrays = new_arrays
+            record = {"round": server_round, "train": train_record, "seconds": time.perf_counter() - start_time}
+            if not self.settings.evaluates_after(server_round):
+                self.on_round(server_round, arrays, {**record, "evaluate": None})
+            elif self.carries_evaluation(server_round):
+                waiting = (server_round, arrays, record)
+            else:
+                evaluation = self.evaluate(server_round, arrays)
+                self.on_round(server_round, arrays, {**record, "evaluate": evaluation,
+                                                     "seconds": time.perf_counter() - start_time})
         return arrays

@@ -50,8 +50,10 @@ from strategies.packing import TransportSpec, pack_record
 from strategies.screening import ExampleLedger, ScreenSpec, change_norm, clip_change, judge_norms
 from strategies.sparse_records import Tensor, dense_record, encode_record
 from strategies.validation import (
+    EVALUATION_KEY,
     METRICS_KEY,
     ArraySpec,
+    check_carried_evaluation,
     check_evaluate_reply,
     check_train_reply,
     expected_specs,
@@ -143,6 +145,13 @@ def screen(replies: Iterable[tuple[str, Message]], check: Callable[[Message], tu
 def metric_dict(message: Message) -> dict[str, float]:
     """The reply's metrics as plain floats (lists are left out)."""
     return {k: float(v) for k, v in message.content[METRICS_KEY].items() if not isinstance(v, list)}
+
+
+def _checked_metrics(message: Message, key: str, check: Callable[[Message, Iterable[str]], str | None]
+                     ) -> tuple[MetricRecord | None, str | None]:
+    """(the evaluation record under ``key``, None) when ``check`` passes, else (None, its reason)."""
+    reason = check(message, EVAL_METRICS)
+    return (None, reason) if reason else (message.content[key], None)  # type: ignore[return-value]
 
 
 def _average(uploads: list[Upload], weights: np.ndarray) -> ArrayRecord:
@@ -386,13 +395,26 @@ class FedPav(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Keep every site's own Rank-k/mAP/mINP and return their plain mean, as EasyFL reports."""
         named, rejected = self.names.resolve(replies)
-        accepted, malformed = screen(named, lambda m: (None, check_evaluate_reply(m, EVAL_METRICS)))
+        accepted, malformed = screen(named, lambda m: _checked_metrics(m, METRICS_KEY, check_evaluate_reply))
         rejected.update(malformed)
+        return self._keep_evaluations(accepted, rejected)
+
+    def aggregate_carried_evaluations(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The same for evaluations that training replies carried (of the model they were sent);
+        a reply without one, or with a malformed one, is rejected for the evaluation only."""
+        named, rejected = self.names.resolve(replies)
+        accepted, malformed = screen(named, lambda m: _checked_metrics(m, EVALUATION_KEY, check_carried_evaluation))
+        rejected.update(malformed)
+        return self._keep_evaluations(accepted, rejected)
+
+    def _keep_evaluations(self, accepted: list[tuple[str, Message, object]],
+                          rejected: dict[str, str]) -> MetricRecord | None:
         self.last_evaluate = RoundLog(rejected=rejected)
         if not accepted:
             return None
-        for name, message, _ in accepted:
-            self.last_evaluate.site_metrics[name] = metric_dict(message)
+        for name, _, metrics in accepted:
+            self.last_evaluate.site_metrics[name] = {k: float(v) for k, v in metrics.items()  # type: ignore[union-attr]
+                                                     if not isinstance(v, list)}
         per_site = self.last_evaluate.site_metrics.values()
         keys = [*EVAL_METRICS, *(k for k in OPTIONAL_EVAL_METRICS if all(k in m for m in per_site))]
         return MetricRecord({key: float(np.mean([m[key] for m in per_site])) for key in keys})

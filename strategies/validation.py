@@ -130,3 +130,15 @@ def check_evaluate_reply(message: Message, required_metrics: Iterable[str]) -> s
     if not isinstance(content[METRICS_KEY], MetricRecord):
         return "record 'metrics' has the wrong record type"
     return check_metrics(content[METRICS_KEY], required_metrics)
+
+
+def check_carried_evaluation(message: Message, required_metrics: Iterable[str]) -> str | None:
+    """What a training reply's carried evaluation must satisfy; the first violation as a sentence."""
+    if message.has_error():
+        return f"the site reported an error: {message.error.reason}"
+    record = message.content.get(EVALUATION_KEY) if EVALUATION_KEY in message.content.keys() else None
+    if record is None:
+        return "the training reply carries no evaluation of the model it was sent"
+    if not isinstance(record, MetricRecord):
+        return f"record {EVALUATION_KEY!r} has the wrong record type"
+    return check_metrics(record, required_metrics)

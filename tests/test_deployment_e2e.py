@@ -222,7 +222,10 @@ def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins_with_its_head(tiny_s
     assert rounds[1]["train"]["failed"] == ["2-campus"] and set(rounds[1]["train"]["sites"]) == {"0-mall"}
     assert rounds[1]["train"]["aggregated"]
     assert set(rounds[2]["train"]["sites"]) == set(sites)  # rejoined
-    assert "restored this site's head and masks" in deployment.log("client-2-campus.log")
+    assert "restored this site's head and masks" in deployment.log("client-2-campus.log")  # by its new worker
+    mall = deployment.log("client-0-mall.log")  # one site worker served all four of its messages:
+    assert mall.count("message handled") == 4 and mall.count("scanned and checked") == 1, mall  # one scan,
+    assert mall.count("decoded") + mall.count("from the disk cache") == 3, mall  # each image set decoded once
     assert set(rounds[-1]["evaluate"]["sites"]) == set(sites)
 
 

@@ -95,7 +95,9 @@ def load_images(paths: Sequence[Path], height: int, width: int, cache_dir: Path 
         return _IN_PROCESS[key]
     file = cache_dir / f"images-{key}.pt" if cache_dir is not None else None
     images = _read(file, len(paths), height, width) if file is not None and file.is_file() else None
-    if images is None:
+    if images is not None:
+        log.info("%s loaded %d decoded images from the disk cache", label, len(paths))
+    else:
         start = time.perf_counter()
         images = decode_images(paths, height, width, workers)
         log.info("%s decoded %d images at %dx%d in %.1f s (%.0f MB)", label, len(paths), height, width,
