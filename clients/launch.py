@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--synthetic-site", type=int, default=None, metavar="INDEX",
                         help="demo boxes: if --data-root holds no images yet, first generate synthetic camera "
                              "site INDEX there (a folder with real images is never touched)")
+    parser.add_argument("--cpu-threads", type=int, default=None,
+                        help="CPU threads for this site's training (default: every core); set it when several "
+                             "sites or other services share the box, or they slow each other down")
     parser.add_argument("--no-worker", action="store_true",
                         help="do the work in Flower's per-message ClientApp process instead of a long-lived site "
                              "worker (slower: every round re-imports torch and reloads the caches)")
@@ -153,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("FLWR_HOME", str(state_dir / "flwr-home"))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(FLOWER_POLLING)
+    if args.cpu_threads is not None:  # read by torch (OpenMP, MKL) when the worker imports it
+        env.update({"OMP_NUM_THREADS": str(args.cpu_threads), "MKL_NUM_THREADS": str(args.cpu_threads)})
+    for key, value in FLOWER_POLLING.items():  # an operator's own setting wins
+        env.setdefault(key, value)
     worker = None if args.no_worker else start_worker(state_dir, env)
     command = supernode_command(args, state_dir, worker)
     log.info("starting %s", " ".join(command))

@@ -81,7 +81,7 @@ def handle(connection: socket.socket, handlers: dict) -> None:
         context = Context(run_id=int(header["run_id"]), node_id=int(header["node_id"]),
                           node_config=header["node_config"], state=state, run_config=header["run_config"])
         reply = handlers[kind](content, context)
-        answer, parts = {"ok": True}, encode_records(reply, context.state)
+        answer, parts = {"ok": True, "seconds": time.perf_counter() - started}, encode_records(reply, context.state)
     except Exception as error:  # noqa: BLE001 - reported to the ClientApp; the worker serves on
         log.error("%s message failed:\n%s", kind, traceback.format_exc())
         answer, parts = {"ok": False, "error": f"{type(error).__name__}: {error}"}, []

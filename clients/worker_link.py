@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import struct
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from flwr.app import Context, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+log = logging.getLogger("clients.worker_link")
 WORKER_KEY = "worker"  # node_config: the socket of this site's worker
 LAUNCH_FILE = "worker.json"  # in the socket's folder: how to start the worker again
 CONNECT_TIMEOUT_S = 30.0
@@ -106,9 +109,19 @@ def restart_worker(path: Path) -> str:
     return "it is being restarted for the next message"
 
 
+def process_age() -> float:
+    """Seconds since this process started (what Flower's per-message process start-up costs)."""
+    with open("/proc/self/stat", encoding="ascii") as handle:
+        ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime", encoding="ascii") as handle:
+        uptime = float(handle.read().split()[0])
+    return uptime - ticks / os.sysconf("SC_CLK_TCK")
+
+
 def ask_worker(path: Path, kind: str, content: RecordDict, context: Context) -> RecordDict:
     """Have the worker at ``path`` handle one ``kind`` ("train" / "evaluate") message; return the
     reply content and update ``context.state`` in place with what the worker left there."""
+    started = time.perf_counter()
     header = {"kind": kind, "run_id": context.run_id, "node_id": context.node_id,
               "node_config": dict(context.node_config), "run_config": dict(context.run_config)}
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -129,6 +142,8 @@ def ask_worker(path: Path, kind: str, content: RecordDict, context: Context) -> 
                                     f"({error}); {restart_worker(path)}") from None
     if not answer.get("ok"):
         raise WorkerFailed(f"the site worker failed: {answer.get('error')}")
+    log.info("%s message: %.2f s in the site worker, %.2f s with the hand-over; this process started %.2f s ago",
+             kind, float(answer.get("seconds", 0.0)), time.perf_counter() - started, process_age())
     reply, state = decode_record(blobs[0]), decode_record(blobs[1])
     for key in list(context.state.keys()):
         del context.state[key]

@@ -48,8 +48,9 @@ def flwr_environment(flwr_home: Path | None = None) -> dict[str, str]:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1",
-        **FLOWER_POLLING,
     })
+    for key, value in FLOWER_POLLING.items():  # a value already in the environment wins
+        env.setdefault(key, value)
     return env
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from server.certs import create, register
 from server.flower_cli import (
@@ -33,6 +34,7 @@ class Deployment:
         self.sites = sites
         self.insecure = insecure
         self.env = env or {}  # added to every process's environment
+        self.env_filter: Callable[[dict[str, str]], dict[str, str]] = lambda env: env  # a bench's "before" case
         self.certs = root / "certs"
         self.fleet_port, self.control_port = free_port(), free_port()
         self.cli_home = root / "cli-home"
@@ -47,7 +49,8 @@ class Deployment:
     def _spawn(self, command: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log_file = open(self.root / log_name, "ab")  # noqa: SIM115 - the child owns it
         return subprocess.Popen(command, cwd=self.root, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**flwr_environment(None), **self.env, **(env or {})})
+                                start_new_session=True,
+                                env=self.env_filter({**flwr_environment(None), **self.env, **(env or {})}))
 
     def log(self, name: str) -> str:
         path = self.root / name

@@ -34,8 +34,10 @@ class FakeGrid:
 
     def __init__(self, silent: set[int] = frozenset(), refused: set[int] = frozenset(),
                  connected: set[int] | None = None, registered: dict[int, str] | None = None,
-                 unavailable: set[int] = frozenset()) -> None:
+                 unavailable: set[int] = frozenset(), no_evaluation: set[int] = frozenset()) -> None:
         self.silent, self.refused, self.unavailable = silent, refused, unavailable
+        self.no_evaluation = no_evaluation  # nodes whose training replies leave out the evaluation asked for
+        self.sent: list[tuple[str, int, dict]] = []  # (message type, node, config) of every stored message
         self.connected = set(SITES) if connected is None else connected
         self.registered = registered or {}
         self.replies: dict[str, Message] = {}
@@ -62,17 +64,31 @@ class FakeGrid:
                 reply.metadata.__dict__["_src_node_id"] = 1
                 self.replies[message_id] = reply
             elif node not in self.silent:
-                received = unpack_record(message.content["arrays"])
-                arrays = ArrayRecord({k: Array(a.numpy() + 1.0) for k, a in received.items()})
-                content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10}),
-                                      "site": ConfigRecord({"name": SITES[node]})})
-                reply = Message(content=content, reply_to=message)
-                self.replies[message_id] = reply
+                self.replies[message_id] = Message(content=self._answer(message), reply_to=message)
+            self.sent.append((message.metadata.message_type, node, dict(message.content["config"])))
         return ids
+
+    def _answer(self, message: Message) -> RecordDict:
+        """Training: arrays + 1 (and, when asked, an evaluation whose Rank-1 is the round it
+        evaluated / 10); evaluation: Rank-1 = the message's round / 10."""
+        node, config = message.metadata.dst_node_id, message.content["config"]
+        site = ConfigRecord({"name": SITES[node]})
+        if message.metadata.message_type == "evaluate":
+            return RecordDict({"metrics": _ranks(int(config["server-round"])), "site": site})
+        received = unpack_record(message.content["arrays"])
+        arrays = ArrayRecord({k: Array(a.numpy() + 1.0) for k, a in received.items()})
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10}), "site": site})
+        if "evaluate-round" in config and node not in self.no_evaluation:
+            content["evaluation"] = _ranks(int(config["evaluate-round"]))
+        return content
 
     def pull_messages(self, message_ids: list[str]) -> list[Message]:
         self.pulls += 1
         return [self.replies.pop(i) for i in message_ids if i in self.replies]
+
+
+def _ranks(server_round: int) -> MetricRecord:
+    return MetricRecord({"rank1": server_round / 10, "rank5": 0.5, "rank10": 0.6, "mAP": 0.3, "mINP": 0.1})
 
 
 def _runner(grid: FakeGrid, min_sites: int = 1, **settings: float) -> FederationRunner:
@@ -188,6 +204,20 @@ def test_a_round_no_site_answered_is_tried_again_not_counted(monkeypatch: pytest
 class StuckGrid(FakeGrid):
     """A pull that never comes back, as Flower's HttpGrid fetching a reply whose upload was cut off."""
 
+    def _answer(self, message: Message) -> RecordDict:
+        """Training: arrays + 1 (and, when asked, an evaluation whose Rank-1 is the round it
+        evaluated / 10); evaluation: Rank-1 = the message's round / 10."""
+        node, config = message.metadata.dst_node_id, message.content["config"]
+        site = ConfigRecord({"name": SITES[node]})
+        if message.metadata.message_type == "evaluate":
+            return RecordDict({"metrics": _ranks(int(config["server-round"])), "site": site})
+        received = unpack_record(message.content["arrays"])
+        arrays = ArrayRecord({k: Array(a.numpy() + 1.0) for k, a in received.items()})
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10}), "site": site})
+        if "evaluate-round" in config and node not in self.no_evaluation:
+            content["evaluation"] = _ranks(int(config["evaluate-round"]))
+        return content
+
     def pull_messages(self, message_ids: list[str]) -> list[Message]:
         threading.Event().wait()
         return []
@@ -211,3 +241,27 @@ def test_bounded_calls_return_raise_or_give_up_at_the_deadline() -> None:
     began = time.monotonic()
     outcome = call_within(lambda: threading.Event().wait(), time.monotonic() + 0.3)
     assert not outcome.finished and time.monotonic() - began < 2.0
+
+
+def test_an_evaluation_rides_on_the_next_training_round_and_the_last_one_has_its_own_exchange() -> None:
+    """Round 0's and round 2's models are ranked by the sites at the start of rounds 1 and 3; the
+    reply that leaves its evaluation out is turned away for the evaluation only; the last round's
+    evaluation is an exchange of its own."""
+    records: list[dict] = []
+    grid = FakeGrid(no_evaluation={13})
+    settings = replace(SETTINGS, rounds=3, eval_every=2, eval_at_start=True)
+    FederationRunner(grid, FedPav(min_sites=1), settings, ConfigRecord({}),
+                     on_round=lambda _r, _a, record: records.append(record)).run(_start())
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    asked = [(kind, config.get("evaluate-round")) for kind, node, config in grid.sent if node == 11]
+    assert asked == [("train", 0), ("train", None), ("train", 2), ("evaluate", None)]
+    assert records[1]["evaluate"] is None
+    for evaluated, carrier in ((0, 1), (2, 3)):
+        evaluation = records[evaluated]["evaluate"]
+        assert evaluation["carried_by_round"] == carrier
+        assert {site: m["rank1"] for site, m in evaluation["sites"].items()} == {"mall": evaluated / 10,
+                                                                                "station": evaluated / 10}
+        assert "carries no evaluation" in evaluation["rejected"]["campus"]
+        assert set(records[carrier]["train"]["sites"]) == {"mall", "station", "campus"}  # training counts it
+    final = records[3]["evaluate"]
+    assert "carried_by_round" not in final and final["sites"]["campus"]["rank1"] == 0.3
