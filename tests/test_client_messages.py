@@ -5,6 +5,7 @@ The ClientApp is called exactly as Flower calls it (a Message and a Context), on
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from reid.config import SiteRunSpec
 from reid.data.layout import DatasetLayoutError
 from reid.models import ModelSpec, build_model, is_local_key, shared_state
 from reid.train import TrainConfig
+from strategies.packing import is_packed, pack_record, unpack_record
 from strategies.wire import message_wire_bytes
 
 SPEC = SiteRunSpec(model=ModelSpec(backbone="resnet10", last_stride=1, height=64, width=32),
@@ -147,3 +149,18 @@ def test_a_pruning_site_uploads_encoded_tensors_and_keeps_its_masks(tiny_site: P
     second = app(_message("train", global_arrays, spec, 2), context)
     again = decode_record(second.content["arrays"], shapes)["backbone.conv1.weight"]
     assert (again.values[~conv.mask] == 0).all()
+
+
+def test_a_site_answers_a_packed_message_packed_in_the_transport_precision(tiny_site: Path) -> None:
+    global_arrays = _global(SPEC)
+    message = _message("train", pack_record(global_arrays, "bfloat16"), SPEC, 1)
+    message.content["config"]["transport-dtype"] = "bfloat16"
+    reply = app(message, _context(tiny_site))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    arrays = reply.content["arrays"]
+    assert is_packed(arrays)
+    wire = {entry["name"]: entry["wire"] for entry in json.loads(arrays["manifest"].numpy().tobytes())}
+    assert {wire[k] for k in global_arrays.keys() if global_arrays[k].dtype == "float32"} == {"bfloat16"}
+    restored = unpack_record(arrays)
+    assert set(restored.keys()) == set(global_arrays.keys())
+    assert all(restored[k].dtype == global_arrays[k].dtype for k in global_arrays.keys())
