@@ -35,6 +35,7 @@ from clients.worker_link import decode_record, encode_records, receive_frame, se
 
 log = logging.getLogger("clients.worker")
 PARENT_CHECK_S = 1.0
+TRANSFER_TIMEOUT_S = 600.0  # receiving a request or sending a reply; a stuck ClientApp cannot hold the worker
 
 
 def _alive(pid: int) -> bool:
@@ -71,6 +72,7 @@ def bind(path: Path) -> socket.socket:
 def handle(connection: socket.socket, handlers: dict) -> None:
     """Serve one message: run its handler on a Context rebuilt from the request, answer with the
     reply and the updated state, or with the error."""
+    connection.settimeout(TRANSFER_TIMEOUT_S)
     header, blobs = receive_frame(connection)
     kind = str(header.get("kind"))
     started = time.perf_counter()
