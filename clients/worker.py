@@ -96,10 +96,13 @@ def serve(path: Path, parent_pid: int | None) -> None:
     if parent_pid:
         threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="parent-watch").start()
     started = time.perf_counter()
-    from clients.handlers import evaluate_site, train_site  # torch, torchvision, the model code
+    import torch
+
+    from clients.handlers import evaluate_site, train_site  # torchvision, the model code
 
     handlers = {"train": train_site, "evaluate": evaluate_site}
-    log.info("site worker ready on %s (pid %d, imports %.1f s)", path, os.getpid(), time.perf_counter() - started)
+    log.info("site worker ready on %s (pid %d, %d CPU threads, imports %.1f s)", path, os.getpid(),
+             torch.get_num_threads(), time.perf_counter() - started)
     while True:
         connection, _ = server.accept()
         with connection:

@@ -63,7 +63,7 @@ def change_norm(tensors: Mapping[str, "Tensor"], sent: Mapping[str, np.ndarray])
         values = tensor.values
         if values.dtype.kind != "f":
             continue
-        difference = values.astype(np.float64) - np.asarray(sent[key], dtype=np.float64)
+        difference = np.subtract(values, sent[key], dtype=np.float64)  # no float64 copies of the inputs
         if tensor.mask is not None:
             difference = difference[tensor.mask.astype(bool)]
         total += float(np.dot(difference.ravel(), difference.ravel()))

@@ -207,7 +207,7 @@ def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins_with_its_head(tiny_s
                   deployment)
         deployment.stop_client("2-campus")  # dies while round 2 trains
         _wait_for(marker.exists, "the end of round 2", deployment)
-        deployment.start_client("2-campus")  # the box comes back
+        deployment.start_client("2-campus", None, "--cpu-threads", "1")  # the box comes back, sharing its cores
         deployment.wait_for_nodes(2)
         marker.unlink()  # round 3 may start
         status = deployment.wait_finished(run_id, timeout=600)
@@ -222,7 +222,9 @@ def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins_with_its_head(tiny_s
     assert rounds[1]["train"]["failed"] == ["2-campus"] and set(rounds[1]["train"]["sites"]) == {"0-mall"}
     assert rounds[1]["train"]["aggregated"]
     assert set(rounds[2]["train"]["sites"]) == set(sites)  # rejoined
-    assert "restored this site's head and masks" in deployment.log("client-2-campus.log")  # by its new worker
+    campus = deployment.log("client-2-campus.log")
+    assert "restored this site's head and masks" in campus  # by its new worker
+    assert campus.count("site worker ready") == 2 and ", 1 CPU threads," in campus
     mall = deployment.log("client-0-mall.log")  # one site worker served all four of its messages:
     assert mall.count("message handled") == 4 and mall.count("scanned and checked") == 1, mall  # one scan,
     assert mall.count("decoded") + mall.count("from the disk cache") == 3, mall  # each image set decoded once
