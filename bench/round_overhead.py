@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -175,31 +177,40 @@ def overhead_table(records: list[dict], last: int) -> dict[str, float]:
             "overhead": statistics.median(r - t for r, t in rows)}
 
 
+def print_training_table(args: argparse.Namespace, model: str, gpu: int | None, cpu_threads: int) -> None:
+    # one round more than reported: the last one also evaluates (an exchange of its own)
+    training = {label: overhead_table(training_rounds(args.sites_root, args.clients, args.rounds + 1,
+                                                      label == "before", model, gpu, cpu_threads), args.rounds)
+                for label in ("before", "now")}
+    print(f"training rounds: {args.clients} sites over TLS on loopback, model={model}, "
+          f"{'GPU ' + str(gpu) if gpu is not None else 'CPU'}; medians of rounds 2..{args.rounds}")
+    print("| setting | round s | slowest site's training s | overhead s |")
+    print("|---|---:|---:|---:|")
+    for label, row in training.items():
+        print(f"| {label} | {row['round']:.2f} | {row['training']:.2f} | {row['overhead']:.2f} |")
+    print(f"overhead ratio before / now: {training['before']['overhead'] / training['now']['overhead']:.1f}x",
+          flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5, help="rounds per setting (medians over rounds 2..R)")
     parser.add_argument("--values", type=int, default=RESNET50_SHARED_VALUES)
     parser.add_argument("--model", default="small", help="conf/model/<name>.yaml for the training rounds")
-    parser.add_argument("--gpu", type=int, default=None, help="CUDA device of every site (default: CPU)")
+    parser.add_argument("--gpu", type=int, default=None,
+                        help="CUDA device of every site (default: the CPU, then ResNet-50 on GPU 0 if there is one)")
     parser.add_argument("--sites-root", type=Path, default=REPO / "data" / "synthetic")
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="fedreid-client --cpu-threads of every site (they share this machine; 0 = all cores)")
     parser.add_argument("--skip-echo", action="store_true")
     args = parser.parse_args()
     ensure_synthetic_sites(args.sites_root, args.clients, seed=0)
-    # one round more than reported: the last one also evaluates (an exchange of its own)
-    training = {label: overhead_table(training_rounds(args.sites_root, args.clients, args.rounds + 1,
-                                                      label == "before", args.model, args.gpu, args.cpu_threads),
-                                      args.rounds)
-                for label in ("before", "now")}
-    print(f"training rounds: {args.clients} sites over TLS on loopback, model={args.model}, "
-          f"{'GPU ' + str(args.gpu) if args.gpu is not None else 'CPU'}; medians of rounds 2..{args.rounds}")
-    print("| setting | round s | slowest site's training s | overhead s |")
-    print("|---|---:|---:|---:|")
-    for label, row in training.items():
-        print(f"| {label} | {row['round']:.2f} | {row['training']:.2f} | {row['overhead']:.2f} |")
-    print(f"overhead ratio before / now: {training['before']['overhead'] / training['now']['overhead']:.1f}x")
+    setups = [(args.model, args.gpu, args.cpu_threads)]
+    if args.gpu is None and torch.cuda.is_available():  # and the same with ResNet-50 on the GPU
+        setups.append(("resnet50", 0, 0))
+    for model, gpu, cpu_threads in setups:
+        print_training_table(args, model, gpu, cpu_threads)
     if args.skip_echo:
         return
     settings = {"sqlite, unpacked, Flower defaults (before)": ("sqlite", False),
