@@ -28,7 +28,7 @@ from reid.device import pick_device
 from reid.divergence import (
     accuracy,
     cosine_logit_distance,
-    eval_features,
+    eval_outputs,
     eval_logits,
     feature_kl,
     fixed_batch,
@@ -137,15 +137,14 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
     images = training_images(data, spec.model.height, spec.model.width, image_cache_dir(context),
                              spec.train.num_workers)
     probe, _ = fixed_batch(images, PROBE_BATCH, seed=stable_seed(spec.seed, site, server_round, "probe"))
-    before = eval_logits(model, probe, device)  # received backbone with this site's previous head
-    before_features = eval_features(model, probe, device)
+    before, before_features = eval_outputs(model, probe, device)  # received backbone, this site's previous head
     regulariser = kl_regulariser(model, spec.kll) if spec.kll.enabled and server_round >= spec.kll.start_round else None
     torch.manual_seed(stable_seed(spec.seed, site, server_round, "train"))  # dropout (augmentation has its own)
     stats = train_local(model, images, spec.train, device, seed=stable_seed(spec.seed, site, server_round),
                         augment=spec.augment, extra_loss=regulariser,
                         after_step=mask_keeper(model, prune.masks) if prune.masks else None,
                         label=f"[{site} round {server_round}]")
-    after = eval_logits(model, probe, device)
+    after, after_features = eval_outputs(model, probe, device)
     metrics = {
         "num-examples": len(images),
         "num-identities": data.num_train_ids,
@@ -155,7 +154,7 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
         "images-per-second": stats.images_per_second,
         "corrupt-images": data.num_corrupt,
         "cdw-distance": cosine_logit_distance(before, after),
-        "kl-divergence": feature_kl(before_features, eval_features(model, probe, device)),
+        "kl-divergence": feature_kl(before_features, after_features),
     }
     if spec.pruning.enabled:
         batch, targets = fixed_batch(images, VALIDATION_BATCH, seed=stable_seed(spec.seed, site, "validation"))

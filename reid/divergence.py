@@ -54,10 +54,13 @@ FEATURE_TAU = 0.1  # temperature of the softmax over the 512 L2-normalised featu
 
 
 @torch.no_grad()
-def eval_features(model: ReIDNet, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """L2-normalised bottleneck features in eval mode, on the CPU."""
+def eval_outputs(model: ReIDNet, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(identity logits, L2-normalised bottleneck features) in eval mode, on the CPU, from one forward
+    pass (the change measures need both, before and after training)."""
     model.to(device).eval()
-    return F.normalize(model.features(images.to(device)).float(), dim=1).cpu()
+    features = model.features(images.to(device))
+    logits = model.classifier(features) if model.classifier is not None else features
+    return logits.float().cpu(), F.normalize(features.float(), dim=1).cpu()
 
 
 def feature_kl(reference: torch.Tensor, features: torch.Tensor, tau: float = FEATURE_TAU) -> float:
