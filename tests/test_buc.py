@@ -1,0 +1,66 @@
+"""Bottom-up clustering on hand-made features: which pairs merge, what the size penalty does,
+relabelling, and the memory-based loss."""
+
+from __future__ import annotations
+
+import torch
+
+from reid.buc import ClusterMemory, cluster_distances, merge_closest, relabel
+
+
+def _points(*coordinates: tuple[float, float]) -> torch.Tensor:
+    return torch.tensor(coordinates, dtype=torch.float64)
+
+
+def test_relabel_numbers_clusters_densely() -> None:
+    assert relabel(torch.tensor([7, 3, 7, 9])).tolist() == [1, 0, 1, 2]
+
+
+def test_the_closest_pair_merges_first_and_distance_is_the_nearest_members() -> None:
+    features = _points((0, 0), (0.1, 0), (5, 0), (5.3, 0), (10, 0))
+    labels = torch.arange(5)
+    distances = cluster_distances(features, labels, size_penalty=0.0)
+    assert torch.isinf(distances.diagonal()).all()
+    assert abs(float(distances[0, 1]) - 0.1) < 1e-12 and abs(float(distances[2, 3]) - 0.3) < 1e-12
+    assert merge_closest(features, labels, 1, 0.0).tolist() == [0, 0, 1, 2, 3]
+    assert merge_closest(features, labels, 2, 0.0).tolist() == [0, 0, 1, 1, 2]
+
+
+def test_cluster_distance_is_single_linkage_over_members() -> None:
+    features = _points((0, 0), (1, 0), (1.5, 0), (9, 0))
+    labels = torch.tensor([0, 0, 1, 2])  # {0, 1}, {1.5}, {9}
+    distances = cluster_distances(features, labels, 0.0)
+    assert abs(float(distances[0, 1]) - 0.5) < 1e-12  # nearest members, not centres
+    assert abs(float(distances[1, 2]) - 7.5) < 1e-12
+
+
+def test_the_size_penalty_lets_a_small_cluster_merge_before_a_big_one() -> None:
+    # a big cluster {0, 0.1, 0.2} at distance 1.0 from a, and two singletons 1.2 apart
+    features = _points((0, 0), (0.1, 0), (0.2, 0), (1.2, 0), (20, 0), (21.2, 0))
+    labels = torch.tensor([0, 0, 0, 1, 2, 3])
+    assert merge_closest(features, labels, 1, size_penalty=0.0).tolist() == [0, 0, 0, 0, 1, 2]
+    # with the penalty, 1.0 + 0.2 * 4 = 1.8 > 1.2 + 0.2 * 2 = 1.6: the balanced pair goes first
+    assert merge_closest(features, labels, 1, size_penalty=0.2).tolist() == [0, 0, 0, 1, 2, 2]
+
+
+def test_a_chain_of_merges_in_one_step_joins_transitively() -> None:
+    features = _points((0, 0), (1, 0), (2, 0), (50, 0))
+    merged = merge_closest(features, torch.arange(4), 2, 0.0)
+    assert merged.tolist() == [0, 0, 0, 1]
+
+
+def test_memory_loss_prefers_the_right_cluster_and_its_update_moves_the_slot() -> None:
+    torch.manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    memory = ClusterMemory(features, labels, tau=0.1, momentum=0.5)
+    right = memory.loss(features, labels)
+    wrong = memory.loss(features, torch.tensor([1, 2, 2, 0, 0, 1]))
+    assert float(right) < float(wrong)
+    trainable = features.clone().requires_grad_(True)
+    memory.loss(trainable, labels).backward()
+    assert trainable.grad is not None and torch.isfinite(trainable.grad).all() and trainable.grad.abs().sum() > 0
+    before = memory.slots[0].clone()
+    memory.update(features[2:3], torch.tensor([0]))
+    assert abs(float(memory.slots[0].norm()) - 1.0) < 1e-6
+    assert float(memory.slots[0] @ features[2]) > float(before @ features[2])
