@@ -94,13 +94,17 @@ class ClusterMemory:
         sums.index_add_(0, labels, features)
         return F.normalize(sums, dim=1)
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(normalised feature · slot) / tau for every cluster: the non-parametric classifier."""
+        return F.normalize(features, dim=1) @ self.slots.to(features.dtype).t() / self.tau
+
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the softmax over (normalised feature · slot) / tau against the clusters."""
-        logits = F.normalize(features, dim=1) @ self.slots.t() / self.tau
-        return F.cross_entropy(logits, labels)
+        """Cross-entropy of the softmax over the logits against the clusters."""
+        return F.cross_entropy(self.logits(features), labels)
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """slot <- normalise(momentum × slot + (1 - momentum) × feature), image by image."""
-        for feature, label in zip(F.normalize(features.detach(), dim=1), labels.tolist()):
+        features = F.normalize(features.detach().to(self.slots.dtype), dim=1)
+        for feature, label in zip(features, labels.tolist()):
             self.slots[label] = F.normalize(self.momentum * self.slots[label] + (1 - self.momentum) * feature, dim=0)

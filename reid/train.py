@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 AUGMENT_STREAM = 0x5DEECE66D  # mixed into the seed so that batch order and augmentation draw different streams
 
 ExtraLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class FeatureHead(Protocol):
+    """A classifier kept outside the model (FedUReID's cluster memory, reid/buc.py): logits from the
+    bottleneck features, and an update from each batch's features after the optimiser step."""
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor: ...
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None: ...
 """(images, logits) -> scalar loss added to the cross-entropy."""
 
 
@@ -147,13 +156,16 @@ def train_local(
     extra_loss: ExtraLoss | None = None,
     after_step: Callable[[], None] | None = None,
     label: str = "",
+    head: FeatureHead | None = None,
 ) -> TrainStats:
     """Train ``model`` in place for ``cfg.local_epochs`` epochs; logs progress about five times an epoch.
 
     ``extra_loss(images, logits)`` is added to the cross-entropy; ``after_step()`` runs after every
-    optimiser step. The same seed gives the same batches and augmentations on the same device."""
-    if model.classifier is None:
-        raise ValueError("train_local needs a model with an identity classifier")
+    optimiser step. With ``head`` the logits come from it instead of the model's classifier, and it
+    is updated with each batch's features after the step. The same seed gives the same batches and
+    augmentations on the same device."""
+    if model.classifier is None and head is None:
+        raise ValueError("train_local needs a model with an identity classifier, or a feature head")
     tune_for(device)
     model.to(device).train()
     if cfg.channels_last and device.type == "cuda":
@@ -167,7 +179,11 @@ def train_local(
     start = time.perf_counter()
     for epoch, step, steps, x, y in _steps(images, cfg, seed, device, augment):
         with autocast(device):
-            logits = model(x)
+            if head is None:
+                logits = model(x)
+            else:
+                features = model.features(x)
+                logits = head.logits(features)
             loss = criterion(logits, y)
             if extra_loss is not None:
                 loss = loss + extra_loss(x, logits)
@@ -177,6 +193,8 @@ def train_local(
         scaler.update()
         if after_step is not None:  # e.g. re-apply pruning masks, so pruned weights stay zero
             after_step()
+        if head is not None:
+            head.update(features.detach().float(), y)
         loss_sum += loss.detach().float() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)

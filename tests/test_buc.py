@@ -3,9 +3,17 @@ relabelling, and the memory-based loss."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from reid.buc import ClusterMemory, cluster_distances, merge_closest, relabel
+from reid.data.dataset import load_reid_data
+from reid.data.tensor_cache import LabelledImages, training_images
+from reid.features import extract_features
+from reid.models import ModelSpec, build_model
+from reid.train import TrainConfig, train_local
 
 
 def _points(*coordinates: tuple[float, float]) -> torch.Tensor:
@@ -64,3 +72,26 @@ def test_memory_loss_prefers_the_right_cluster_and_its_update_moves_the_slot() -
     memory.update(features[2:3], torch.tensor([0]))
     assert abs(float(memory.slots[0].norm()) - 1.0) < 1e-6
     assert float(memory.slots[0] @ features[2]) > float(before @ features[2])
+
+
+def test_training_with_the_cluster_memory_needs_no_labels_and_learns(tiny_site: Path) -> None:
+    """One BUC stage on a real site: pseudo-labels are image indices, the model has no classifier,
+    the memory's loss falls, and a merge step then leaves fewer, relabelled clusters."""
+    data = load_reid_data(tiny_site, verify=False)
+    decoded = training_images(data, 64, 32)
+    pseudo = LabelledImages(decoded.images, torch.arange(len(decoded)))  # every image its own cluster
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(backbone="resnet10", last_stride=1, height=64, width=32), num_classes=0)
+    device = torch.device("cpu")
+    features = torch.from_numpy(extract_features(model, pseudo.images, device))
+    memory = ClusterMemory(features, pseudo.labels, tau=0.1, momentum=0.5)
+    before_slots = memory.slots.clone()
+    cfg = TrainConfig(batch_size=16, local_epochs=3, lr=0.05, backbone_lr_mult=1.0)
+    first = train_local(model, pseudo, cfg, device, seed=0, head=memory, label="[buc]")
+    second = train_local(model, pseudo, cfg, device, seed=1, head=memory, label="[buc]")
+    assert model.classifier is None and np.isfinite(first.loss) and second.loss < first.loss
+    assert not torch.allclose(memory.slots, before_slots)
+    features = torch.from_numpy(extract_features(model, pseudo.images, device))
+    merged = merge_closest(features, pseudo.labels, len(pseudo) // 4, size_penalty=0.005)
+    assert int(merged.max()) + 1 == len(pseudo) - len(pseudo) // 4
+    assert sorted(set(merged.tolist())) == list(range(int(merged.max()) + 1))
