@@ -1,14 +1,16 @@
 """Bottom-up clustering on hand-made features: which pairs merge, what the size penalty does,
-relabelling, and the memory-based loss."""
+relabelling, the memory-based loss, and the cluster-purity measures."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from reid.buc import ClusterMemory, cluster_distances, merge_closest, relabel
+from reid.cluster_quality import cluster_quality
 from reid.data.dataset import load_reid_data
 from reid.data.tensor_cache import LabelledImages, training_images
 from reid.features import extract_features
@@ -95,3 +97,22 @@ def test_training_with_the_cluster_memory_needs_no_labels_and_learns(tiny_site: 
     merged = merge_closest(features, pseudo.labels, len(pseudo) // 4, size_penalty=0.005)
     assert int(merged.max()) + 1 == len(pseudo) - len(pseudo) // 4
     assert sorted(set(merged.tolist())) == list(range(int(merged.max()) + 1))
+
+
+def test_cluster_quality_on_hand_made_partitions() -> None:
+    identities = np.array([0, 0, 1, 1, 2, 2])
+    perfect = cluster_quality(np.array([5, 5, 3, 3, 9, 9]), identities)  # same partition, other names
+    assert perfect.nmi == pytest.approx(1.0) and perfect.pairwise_f == pytest.approx(1.0)
+    singletons = cluster_quality(np.arange(6), identities)
+    assert singletons.pairwise_precision == 1.0 and singletons.pairwise_recall == 0.0 and singletons.pairwise_f == 0.0
+    one_blob = cluster_quality(np.zeros(6, dtype=int), identities)
+    assert one_blob.nmi == pytest.approx(0.0) and one_blob.pairwise_recall == 1.0
+    assert one_blob.pairwise_precision == pytest.approx(3 / 15)  # 3 same-id pairs among 15
+    # one image of identity 1 joined to identity 0's cluster: pairs together {0,1,2}: 3, of which 1 true
+    mixed = cluster_quality(np.array([0, 0, 0, 1, 2, 2]), identities)
+    assert mixed.pairwise_precision == pytest.approx((1 + 1) / (3 + 1)) and mixed.pairwise_recall == pytest.approx(2 / 3)
+    assert 0 < mixed.nmi < 1
+    # NMI by hand for a 2x2 case: clusters {a,a,b,b} vs ids {0,1,0,1} are independent
+    assert cluster_quality(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])).nmi == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="equally long"):
+        cluster_quality(np.arange(3), np.arange(4))
