@@ -31,9 +31,9 @@ def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     worker = str(context.node_config.get(WORKER_KEY, "") or "")
     if worker:
         return ask_worker(Path(worker), kind, content, context)
-    from clients.handlers import evaluate_site, train_site  # torch and the model code: only where the work runs
+    from clients.handlers import HANDLERS  # torch and the model code: only where the work runs
 
-    return (train_site if kind == "train" else evaluate_site)(content, context)
+    return HANDLERS[kind](content, context)
 
 
 @app.train()

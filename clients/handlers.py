@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
@@ -201,3 +202,7 @@ def _evaluation(model: ReIDNet, data: ReIDData, spec: SiteRunSpec, device: torch
         "mAP": result.mAP, "mAP-market": result.mAP_market, "mINP": result.mINP,
         "num-queries": result.num_valid_queries, "num-gallery": len(data.gallery),
     })
+
+
+Handler = Callable[[RecordDict, Context], RecordDict]
+HANDLERS: dict[str, Handler] = {"train": train_site, "evaluate": evaluate_site}  # by message kind

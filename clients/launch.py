@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 
 from clients.worker_link import LAUNCH_FILE, WORKER_KEY, socket_path
-
 from reid.data.dataset import load_reid_data
 from reid.data.layout import DatasetLayoutError
 from reid.data.synthetic import generate_site
-from server.flower_cli import FLOWER_POLLING
+from server.flower_cli import with_flower_tuning
 
 log = logging.getLogger("fedreid.client")
 
@@ -158,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     if args.cpu_threads is not None:  # read by torch (OpenMP, MKL) when the worker imports it
         env.update({"OMP_NUM_THREADS": str(args.cpu_threads), "MKL_NUM_THREADS": str(args.cpu_threads)})
-    for key, value in FLOWER_POLLING.items():  # an operator's own setting wins
-        env.setdefault(key, value)
+    with_flower_tuning(env)  # Flower's polls and transfer sizes; an operator's own setting wins
     worker = None if args.no_worker else start_worker(state_dir, env)
     command = supernode_command(args, state_dir, worker)
     log.info("starting %s", " ".join(command))

@@ -17,13 +17,25 @@ import os
 import re
 from pathlib import Path
 
-from flwr.app import Context
+from flwr.app import Context, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 log = logging.getLogger("clients.site_state")  # "clients" is the logger the ClientApp process shows
 
 RUN_TAG_KEY = "run-tag"
+
+
+def record_bytes(record: RecordDict) -> bytes:
+    """A RecordDict as Flower's own protobuf bytes (the state file, the worker's channel)."""
+    return recorddict_to_proto(record).SerializeToString()
+
+
+def record_from_bytes(blob: bytes) -> RecordDict:
+    """Inverse of ``record_bytes``; raises on bytes that are not a RecordDict."""
+    proto = ProtoRecordDict()
+    proto.ParseFromString(blob)
+    return recorddict_from_proto(proto)
 
 
 def image_cache_dir(context: Context) -> Path | None:
@@ -47,10 +59,8 @@ def restore_site_state(context: Context, path: Path | None) -> bool:
     """Fill an empty ``context.state`` from ``path``; True when something was restored."""
     if path is None or not path.is_file() or len(context.state) > 0:
         return False
-    proto = ProtoRecordDict()
     try:
-        proto.ParseFromString(path.read_bytes())
-        saved = recorddict_from_proto(proto)
+        saved = record_from_bytes(path.read_bytes())
     except Exception as error:  # noqa: BLE001 - a damaged file must not stop the site
         log.warning("ignoring unreadable site state %s (%s); this site starts with a fresh head", path, error)
         return False
@@ -67,7 +77,7 @@ def persist_site_state(context: Context, path: Path | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     with open(temporary, "wb") as handle:
-        handle.write(recorddict_to_proto(context.state).SerializeToString())
+        handle.write(record_bytes(context.state))
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)

@@ -27,11 +27,16 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context
 
 from clients.logs import configure_logging
-from clients.worker_link import decode_record, encode_records, receive_frame, send_frame
+from clients.site_state import record_bytes, record_from_bytes
+from clients.worker_link import receive_frame, send_frame
+
+if TYPE_CHECKING:  # the handlers import torch: the worker imports them only once its socket listens
+    from clients.handlers import Handler
 
 log = logging.getLogger("clients.worker")
 PARENT_CHECK_S = 1.0
@@ -69,7 +74,7 @@ def bind(path: Path) -> socket.socket:
     return server
 
 
-def handle(connection: socket.socket, handlers: dict) -> None:
+def handle(connection: socket.socket, handlers: dict[str, Handler]) -> None:
     """Serve one message: run its handler on a Context rebuilt from the request, answer with the
     reply and the updated state, or with the error."""
     connection.settimeout(TRANSFER_TIMEOUT_S)
@@ -79,11 +84,12 @@ def handle(connection: socket.socket, handlers: dict) -> None:
     try:
         if kind not in handlers:
             raise ValueError(f"unknown message kind {kind!r}")
-        content, state = decode_record(blobs[0]), decode_record(blobs[1])
+        content, state = record_from_bytes(blobs[0]), record_from_bytes(blobs[1])
         context = Context(run_id=int(header["run_id"]), node_id=int(header["node_id"]),
                           node_config=header["node_config"], state=state, run_config=header["run_config"])
         reply = handlers[kind](content, context)
-        answer, parts = {"ok": True, "seconds": time.perf_counter() - started}, encode_records(reply, context.state)
+        answer = {"ok": True, "seconds": time.perf_counter() - started}
+        parts = [record_bytes(reply), record_bytes(context.state)]
     except Exception as error:  # noqa: BLE001 - reported to the ClientApp; the worker serves on
         log.error("%s message failed:\n%s", kind, traceback.format_exc())
         answer, parts = {"ok": False, "error": f"{type(error).__name__}: {error}"}, []
@@ -98,16 +104,15 @@ def serve(path: Path, parent_pid: int | None) -> None:
     started = time.perf_counter()
     import torch
 
-    from clients.handlers import evaluate_site, train_site  # torchvision, the model code
+    from clients.handlers import HANDLERS  # torchvision, the model code
 
-    handlers = {"train": train_site, "evaluate": evaluate_site}
     log.info("site worker ready on %s (pid %d, %d CPU threads, imports %.1f s)", path, os.getpid(),
              torch.get_num_threads(), time.perf_counter() - started)
     while True:
         connection, _ = server.accept()
         with connection:
             try:
-                handle(connection, handlers)
+                handle(connection, HANDLERS)
             except (ConnectionError, OSError) as error:  # the ClientApp went away mid-message
                 log.warning("lost the ClientApp's connection (%s); waiting for the next message", error)
 

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from clients.site_state import record_bytes, record_from_bytes
 
 log = logging.getLogger("clients.worker_link")
 WORKER_KEY = "worker"  # node_config: the socket of this site's worker
@@ -59,16 +59,6 @@ def socket_path(state_dir: Path) -> Path:
     folder = Path(tempfile.gettempdir()) / f"fedreid-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
     return folder / f"worker-{digest}.sock"
-
-
-def encode_records(*records: RecordDict) -> list[bytes]:
-    return [recorddict_to_proto(record).SerializeToString() for record in records]
-
-
-def decode_record(blob: bytes) -> RecordDict:
-    proto = ProtoRecordDict()
-    proto.ParseFromString(blob)
-    return recorddict_from_proto(proto)
 
 
 def _receive_exactly(connection: socket.socket, count: int) -> bytes:
@@ -135,7 +125,7 @@ def ask_worker(path: Path, kind: str, content: RecordDict, context: Context) -> 
     with connection:
         connection.settimeout(None)  # training takes as long as it takes; the server bounds the round
         try:
-            send_frame(connection, header, encode_records(content, context.state))
+            send_frame(connection, header, [record_bytes(content), record_bytes(context.state)])
             answer, blobs = receive_frame(connection)
         except (ConnectionError, OSError) as error:
             raise WorkerUnavailable(f"the site worker at {path} died while handling this {kind} message "
@@ -144,7 +134,7 @@ def ask_worker(path: Path, kind: str, content: RecordDict, context: Context) -> 
         raise WorkerFailed(f"the site worker failed: {answer.get('error')}")
     log.info("%s message: %.2f s in the site worker, %.2f s with the hand-over; this process started %.2f s ago",
              kind, float(answer.get("seconds", 0.0)), time.perf_counter() - started, process_age())
-    reply, state = decode_record(blobs[0]), decode_record(blobs[1])
+    reply, state = record_from_bytes(blobs[0]), record_from_bytes(blobs[1])
     for key in list(context.state.keys()):
         del context.state[key]
     for key, record in state.items():

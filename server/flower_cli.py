@@ -51,7 +51,12 @@ def flwr_environment(flwr_home: Path | None = None) -> dict[str, str]:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1",
     })
-    for key, value in FLOWER_POLLING.items():  # a value already in the environment wins
+    return with_flower_tuning(env)
+
+
+def with_flower_tuning(env: dict[str, str]) -> dict[str, str]:
+    """``env`` plus FLOWER_POLLING, where it does not set those variables itself (its value wins)."""
+    for key, value in FLOWER_POLLING.items():
         env.setdefault(key, value)
     return env
 

@@ -189,9 +189,14 @@ class FederationRunner:
         if mean is not None:
             log(INFO, "round %d evaluation: mean Rank-1 %.1f%%, mAP %.1f%% over %d sites", server_round,
                 100 * mean["rank1"], 100 * mean["mAP"], len(self.strategy.last_evaluate.site_metrics))
+        return self._evaluation_record(mean, result.failed, result.totals(), result.seconds)
+
+    def _evaluation_record(self, mean: Any, failed: list[str], sent_received: dict[str, int],
+                           seconds: float) -> dict[str, Any]:
+        """An evaluation as ``metrics.jsonl`` keeps it, from the strategy's latest evaluation log."""
         return {"sites": self.strategy.last_evaluate.site_metrics, "mean": dict(mean) if mean else None,
-                "rejected": self.strategy.last_evaluate.rejected, "failed": result.failed,
-                "bytes": result.totals(), "seconds": result.seconds}
+                "rejected": self.strategy.last_evaluate.rejected, "failed": failed,
+                "bytes": sent_received, "seconds": seconds}
 
     def carries_evaluation(self, server_round: int) -> bool:
         """Whether the evaluation after ``server_round`` rides on the next round's training messages
@@ -207,9 +212,8 @@ class FederationRunner:
             log(INFO, "round %d evaluation (carried by round %d's training): mean Rank-1 %.1f%%, mAP %.1f%% over "
                 "%d sites", evaluated_round, evaluated_round + 1, 100 * mean["rank1"], 100 * mean["mAP"],
                 len(self.strategy.last_evaluate.site_metrics))
-        return {"sites": self.strategy.last_evaluate.site_metrics, "mean": dict(mean) if mean else None,
-                "rejected": self.strategy.last_evaluate.rejected, "failed": result.failed,
-                "bytes": {"sent": 0, "received": 0}, "seconds": 0.0, "carried_by_round": evaluated_round + 1}
+        return {**self._evaluation_record(mean, result.failed, {"sent": 0, "received": 0}, 0.0),
+                "carried_by_round": evaluated_round + 1}
 
     def train_round(self, server_round: int, arrays: ArrayRecord,
                     evaluate_round: int | None = None) -> tuple[ArrayRecord, dict[str, Any]]:

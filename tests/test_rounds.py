@@ -204,20 +204,6 @@ def test_a_round_no_site_answered_is_tried_again_not_counted(monkeypatch: pytest
 class StuckGrid(FakeGrid):
     """A pull that never comes back, as Flower's HttpGrid fetching a reply whose upload was cut off."""
 
-    def _answer(self, message: Message) -> RecordDict:
-        """Training: arrays + 1 (and, when asked, an evaluation whose Rank-1 is the round it
-        evaluated / 10); evaluation: Rank-1 = the message's round / 10."""
-        node, config = message.metadata.dst_node_id, message.content["config"]
-        site = ConfigRecord({"name": SITES[node]})
-        if message.metadata.message_type == "evaluate":
-            return RecordDict({"metrics": _ranks(int(config["server-round"])), "site": site})
-        received = unpack_record(message.content["arrays"])
-        arrays = ArrayRecord({k: Array(a.numpy() + 1.0) for k, a in received.items()})
-        content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10}), "site": site})
-        if "evaluate-round" in config and node not in self.no_evaluation:
-            content["evaluation"] = _ranks(int(config["evaluate-round"]))
-        return content
-
     def pull_messages(self, message_ids: list[str]) -> list[Message]:
         threading.Event().wait()
         return []
