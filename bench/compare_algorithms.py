@@ -9,6 +9,12 @@ per round) and a PNG of mean mAP over rounds per method.
     python bench/compare_algorithms.py                      # demo profile: 20 rounds, 3 sites, seed 0
     python bench/compare_algorithms.py --seeds 0 1 2        # three training seeds, averaged
     python bench/compare_algorithms.py --methods fedpav local central
+    python bench/compare_algorithms.py --unsupervised --seeds 0 1 2   # FedUReID vs its baselines and FedPav
+
+With ``--unsupervised`` the table is FedUReID's: mAP and Rank-1, cluster purity against the hidden
+identities (pairwise F and NMI, mean over sites after the last round) and the computation spent
+(training image passes, forward + backward, and clustering feature passes, forward only, summed
+over sites and rounds); written to compare_unsupervised.md/.png.
 
 Results of each (method, seed) are saved under bench/results/runs/ and reused by later runs
 (``--rerun`` to recompute).
@@ -43,7 +49,8 @@ from server.config import compose_config, federation_settings, site_run_spec  # 
 
 METHODS = ["fedpav", "fedpav_cdw", "fedpav_kd", "fedpav_cdw_kd", "fedpav_cluster", "local", "central",
            "fedklpr", "fedklpr_fp16", "fedklpr_no_kll", "fedklpr_no_klaw", "fedklpr_no_praw", "fedklpr_no_pruning",
-           "fedklpr_no_crr"]
+           "fedklpr_no_crr", "fedureid", "fedureid_no_personalization", "local_unsupervised"]
+UNSUPERVISED_METHODS = ["fedureid", "fedureid_no_personalization", "local_unsupervised", "fedpav"]
 
 
 def run_federated(method: str, seed: int, args: argparse.Namespace, out: Path) -> list[dict]:
@@ -104,8 +111,13 @@ def run_central(args: argparse.Namespace, seed: int) -> list[dict]:
 
 def summarise(method: str, runs: list[list[dict]]) -> dict:
     """Final per-site and mean Rank-1/mAP, averaged over seeds, with the spread of the mean mAP."""
-    finals, last3, uploads, last_uploads, curves = [], [], [], [], []
+    finals, last3, uploads, last_uploads, curves, purity, passes = [], [], [], [], [], [], []
     for lines in runs:
+        trained = [line["train"]["sites"] for line in lines if line.get("train") and "sites" in line["train"]]
+        last = trained[-1].values() if trained else [{}]  # `central` trains outside Flower
+        purity.append({k: np.mean([m.get(k, np.nan) for m in last]) for k in ("cluster-f", "cluster-nmi")})
+        passes.append({k: sum(m.get(k, np.nan) for sites in trained for m in sites.values())
+                       for k in ("image-passes", "feature-passes")})
         evaluated = [line for line in lines if line.get("evaluate") and line["round"] > 0]
         finals.append(evaluated[-1]["evaluate"])
         last3.append(np.mean([line["evaluate"]["mean"]["mAP"] for line in evaluated[-3:]]))
@@ -120,7 +132,9 @@ def summarise(method: str, runs: list[list[dict]]) -> dict:
             "mean": {k: float(np.mean([f["mean"][k] for f in finals])) for k in ("rank1", "mAP")},
             "mAP_spread": (float(min(mean_maps)), float(max(mean_maps))), "last3_mAP": float(np.mean(last3)),
             "upload_mb": float(np.mean(uploads)) / 1e6, "last_upload_mb": float(np.mean(last_uploads)) / 1e6,
-            "curve": [(r, float(np.mean([c[i][1] for c in curves]))) for i, (r, _) in enumerate(curves[0])]}
+            "curve": [(r, float(np.mean([c[i][1] for c in curves]))) for i, (r, _) in enumerate(curves[0])],
+            "purity": {k: float(np.mean([p[k] for p in purity])) for k in purity[0]},
+            "passes": {k: float(np.mean([p[k] for p in passes])) for k in passes[0]}}
 
 
 def table(results: list[dict], caption: str) -> str:
@@ -135,6 +149,28 @@ def table(results: list[dict], caption: str) -> str:
                   else f"{r['upload_mb']:.1f}, {r['last_upload_mb']:.1f}")
         lines.append(f"| {r['method']} | {cells} | {100 * r['mean']['rank1']:.1f} | {100 * r['mean']['mAP']:.1f} "
                      f"({100 * low:.1f}-{100 * high:.1f}) | {100 * r['last3_mAP']:.1f} | {upload} |")
+    return "\n".join(lines) + "\n"
+
+
+def unsupervised_table(results: list[dict], caption: str) -> str:
+    """mAP / Rank-1 per site and mean, cluster purity, and computation, one row per method."""
+    sites = sorted(results[0]["sites"])
+    head = ("| method | " + " | ".join(f"{s} mAP / R1" for s in sites) +
+            " | mean mAP (min-max over seeds) | mean R1 | cluster pairwise F / NMI | training image passes | "
+            "clustering feature passes |")
+    lines = [caption, "", head, "|---|" + "---:|" * (len(sites) + 5)]
+
+    def count(value: float) -> str:
+        return "-" if np.isnan(value) else f"{value / 1000:.1f} k"
+
+    for r in results:
+        cells = " | ".join(f"{100 * r['sites'][s]['mAP']:.1f} / {100 * r['sites'][s]['rank1']:.1f}" for s in sites)
+        low, high = r["mAP_spread"]
+        f, nmi = r["purity"]["cluster-f"], r["purity"]["cluster-nmi"]
+        purity = "- (labels)" if np.isnan(f) else f"{f:.2f} / {nmi:.2f}"
+        lines.append(f"| {r['method']} | {cells} | {100 * r['mean']['mAP']:.1f} ({100 * low:.1f}-{100 * high:.1f}) "
+                     f"| {100 * r['mean']['rank1']:.1f} | {purity} | {count(r['passes']['image-passes'])} "
+                     f"| {count(r['passes']['feature-passes'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -153,7 +189,9 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=None, choices=METHODS)
+    parser.add_argument("--unsupervised", action="store_true",
+                        help="FedUReID's comparison (default methods: " + " ".join(UNSUPERVISED_METHODS) + ")")
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--sites-root", type=Path, default=REPO / "data" / "synthetic")
     parser.add_argument("--public-root", type=Path, default=REPO / "data" / "synthetic-public")
@@ -163,6 +201,8 @@ def main() -> None:
     parser.add_argument("--rerun", action="store_true", help="ignore results saved by earlier runs of this bench")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
+    args.methods = args.methods or (UNSUPERVISED_METHODS if args.unsupervised else
+                                    [m for m in METHODS if m not in UNSUPERVISED_METHODS[:3]])
     args.sites_root, args.public_root = args.sites_root.resolve(), args.public_root.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     simulate.ensure_synthetic_sites(args.sites_root, args.sites, 0)
@@ -180,11 +220,14 @@ def main() -> None:
                f"{cfg.model.height}x{cfg.model.width}, {cfg.federation.rounds} rounds x {cfg.train.local_epochs} "
                f"local epoch(s), training seeds {args.seeds}; Rank-1 / mAP (%) after the last round, "
                f"averaged over seeds.")
-    text = table(results, caption)
-    (args.out / "compare_algorithms.md").write_text(text)
-    plot(results, args.out / "compare_algorithms.png")
+    name = "compare_unsupervised" if args.unsupervised else "compare_algorithms"
+    if args.unsupervised:
+        caption = caption.replace(f"x {cfg.train.local_epochs} local epoch(s)", "(unsupervised epochs: see the presets)")
+    text = (unsupervised_table if args.unsupervised else table)(results, caption)
+    (args.out / f"{name}.md").write_text(text)
+    plot(results, args.out / f"{name}.png")
     print("\n" + text)
-    print(f"written: {args.out / 'compare_algorithms.md'}, {args.out / 'compare_algorithms.png'}")
+    print(f"written: {args.out / f'{name}.md'}, {args.out / f'{name}.png'}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-worker", action="store_true",
                         help="do the work in Flower's per-message ClientApp process instead of a long-lived site "
                              "worker (slower: every round re-imports torch and reloads the caches)")
+    parser.add_argument("--images-per-identity", type=float, default=None,
+                        help="FedUReID sites: this site's own estimate of images per person, from which it plans "
+                             "its clustering (default: the run's algorithm.unsupervised.images_per_identity)")
     parser.add_argument("--check-only", action="store_true", help="check the data layout and the key files, then exit")
     return parser.parse_args(argv)
 
@@ -87,7 +90,9 @@ def ensure_synthetic_site(root: Path, index: int) -> bool:
 
 def check_site(args: argparse.Namespace) -> str:
     """The data layout and the TLS files, checked before connecting; raise with what is wrong."""
-    data = load_reid_data(args.data_root.expanduser().resolve(), name=args.dataset, verify=False)
+    # train/ may be unlabelled crops (a FedUReID site); a supervised run names the problem at its first round
+    data = load_reid_data(args.data_root.expanduser().resolve(), name=args.dataset, verify=False,
+                          labelled_train=False)
     if not data.train:
         raise DatasetLayoutError(f"{args.data_root}: the train split holds no usable images")
     if not args.insecure:
@@ -106,6 +111,8 @@ def supernode_command(args: argparse.Namespace, state_dir: Path, worker: Path | 
         node_config += f' {WORKER_KEY}="{worker}"'
     if args.gpu is not None:
         node_config += f" gpu={args.gpu}"
+    if args.images_per_identity is not None:
+        node_config += f" images-per-identity={float(args.images_per_identity)}"
     command = [console_script("flower-supernode"), "--superlink", args.server, "--node-config", node_config,
                "--port", str(args.runtime_port)]
     if args.insecure:

@@ -18,7 +18,7 @@ from typing import Mapping
 
 from reid.data.dataset import ReIDData, load_reid_data
 
-_LOADED: dict[tuple[str, bool], tuple[str, ReIDData]] = {}  # (folder, verify) -> (fingerprint, scan)
+_LOADED: dict[tuple[str, bool, bool], tuple[str, ReIDData]] = {}  # (folder, verify, labelled) -> (fingerprint, scan)
 log = logging.getLogger("clients.site")
 
 
@@ -75,10 +75,11 @@ def folder_fingerprint(root: Path) -> str:
     return digest.hexdigest()
 
 
-def load_site(location: SiteLocation, verify_images: bool = True) -> ReIDData:
+def load_site(location: SiteLocation, verify_images: bool = True, labelled_train: bool = True) -> ReIDData:
     """Scan (and check) the site's images once per process; later messages reuse the scan while
-    the folder's fingerprint is unchanged, and scan again when it changed."""
-    key = (str(location.root), verify_images)
+    the folder's fingerprint is unchanged, and scan again when it changed. ``labelled_train=False``:
+    the training images may be unlabelled crops named in any form (FedUReID)."""
+    key = (str(location.root), verify_images, labelled_train)
     fingerprint = folder_fingerprint(location.root)
     cached = _LOADED.get(key)
     if cached is not None and cached[0] == fingerprint:
@@ -87,7 +88,7 @@ def load_site(location: SiteLocation, verify_images: bool = True) -> ReIDData:
         log.info("%s: the data folder %s changed since the last message; scanning it again", location.name,
                  location.root)
     start = time.perf_counter()
-    data = load_reid_data(location.root, name=location.name, verify=verify_images)
+    data = load_reid_data(location.root, name=location.name, verify=verify_images, labelled_train=labelled_train)
     log.info("%s: scanned and checked %d images in %.1f s", location.name,
              len(data.train) + len(data.query) + len(data.gallery), time.perf_counter() - start)
     _LOADED[key] = (fingerprint, data)

@@ -86,6 +86,13 @@ class ClusterMemory:
         self.tau, self.momentum = tau, momentum
         self.slots = self.centroids(features, labels)
 
+    @classmethod
+    def from_slots(cls, slots: torch.Tensor, tau: float = 0.1, momentum: float = 0.5) -> "ClusterMemory":
+        """A memory that continues from saved slots (a site's state between rounds)."""
+        memory = cls.__new__(cls)
+        memory.tau, memory.momentum, memory.slots = tau, momentum, F.normalize(slots.clone(), dim=1)
+        return memory
+
     @staticmethod
     def centroids(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Each cluster's mean feature, L2-normalised."""
@@ -93,6 +100,10 @@ class ClusterMemory:
         sums = torch.zeros(count, features.shape[1], dtype=features.dtype, device=features.device)
         sums.index_add_(0, labels, features)
         return F.normalize(sums, dim=1)
+
+    def to(self, device: torch.device) -> "ClusterMemory":
+        self.slots = self.slots.to(device)
+        return self
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """(normalised feature · slot) / tau for every cluster: the non-parametric classifier."""
@@ -104,7 +115,12 @@ class ClusterMemory:
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """slot <- normalise(momentum × slot + (1 - momentum) × feature), image by image."""
+        """slot <- normalise(momentum × slot + (1 - momentum) × feature), image by image in batch
+        order; one vectorised step when no cluster occurs twice in the batch (the common case)."""
         features = F.normalize(features.detach().to(self.slots.dtype), dim=1)
+        if len(torch.unique(labels)) == len(labels):
+            mixed = self.momentum * self.slots[labels] + (1 - self.momentum) * features
+            self.slots[labels] = F.normalize(mixed, dim=1)
+            return
         for feature, label in zip(features, labels.tolist()):
             self.slots[label] = F.normalize(self.momentum * self.slots[label] + (1 - self.momentum) * feature, dim=0)

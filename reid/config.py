@@ -14,6 +14,7 @@ from reid.divergence import KLLConfig
 from reid.models import BN_STATS_POLICIES, ModelSpec
 from reid.pruning import CRRConfig, PruningConfig
 from reid.train import TrainConfig
+from reid.unsupervised import UnsupervisedConfig
 
 Scalar = int | float | str | bool
 _UNSET = ""  # transports without None carry optional fields as an empty string
@@ -29,6 +30,7 @@ class SiteRunSpec:
     kll: KLLConfig = field(default_factory=KLLConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     crr: CRRConfig = field(default_factory=CRRConfig)
+    unsupervised: UnsupervisedConfig = field(default_factory=UnsupervisedConfig)
     bn_stats: str = "local"
     seed: int = 0
     verify_images: bool = True
@@ -67,4 +69,4 @@ class SiteRunSpec:
 
 
 _SECTIONS: dict[str, type] = {"model": ModelSpec, "train": TrainConfig, "augment": AugmentSpec, "kll": KLLConfig,
-                              "pruning": PruningConfig, "crr": CRRConfig}
+                              "pruning": PruningConfig, "crr": CRRConfig, "unsupervised": UnsupervisedConfig}

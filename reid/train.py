@@ -70,6 +70,7 @@ class TrainStats:
     images: int
     batches: int
     seconds: float
+    epochs: int = 0  # epochs run (fewer than asked when ``stop_accuracy`` ended training early)
 
     @property
     def images_per_second(self) -> float:
@@ -157,13 +158,15 @@ def train_local(
     after_step: Callable[[], None] | None = None,
     label: str = "",
     head: FeatureHead | None = None,
+    stop_accuracy: float | None = None,
 ) -> TrainStats:
     """Train ``model`` in place for ``cfg.local_epochs`` epochs; logs progress about five times an epoch.
 
     ``extra_loss(images, logits)`` is added to the cross-entropy; ``after_step()`` runs after every
     optimiser step. With ``head`` the logits come from it instead of the model's classifier, and it
-    is updated with each batch's features after the step. The same seed gives the same batches and
-    augmentations on the same device."""
+    is updated with each batch's features after the step. With ``stop_accuracy`` training ends after
+    the first epoch whose training accuracy reaches it (FedUReID's dynamic epochs). The same seed
+    gives the same batches and augmentations on the same device."""
     if model.classifier is None and head is None:
         raise ValueError("train_local needs a model with an identity classifier, or a feature head")
     tune_for(device)
@@ -175,7 +178,9 @@ def train_local(
     criterion = nn.CrossEntropyLoss()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    seen, batches = 0, 0
+    seen, batches, epochs = 0, 0, 0
+    epoch_correct = torch.zeros((), dtype=torch.long, device=device)
+    epoch_seen = 0
     start = time.perf_counter()
     for epoch, step, steps, x, y in _steps(images, cfg, seed, device, augment):
         with autocast(device):
@@ -195,9 +200,12 @@ def train_local(
             after_step()
         if head is not None:
             head.update(features.detach().float(), y)
+        hits = (logits.detach().argmax(1) == y).sum()
         loss_sum += loss.detach().float() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
+        correct += hits
+        epoch_correct += hits
         seen += len(y)
+        epoch_seen += len(y)
         batches += 1
         if step % max(1, steps // 5) == 0 or step == steps:  # the only host-device syncs
             mean_loss = loss_sum.item() / seen
@@ -205,10 +213,19 @@ def train_local(
                 raise FloatingPointError(f"{label} local training diverged (loss {mean_loss}); lower the lr")
             log.info("%s epoch %d/%d batch %d/%d loss %.3f acc %.3f %.1f img/s", label, epoch + 1, cfg.local_epochs,
                      step, steps, mean_loss, correct.item() / seen, seen / (time.perf_counter() - start))
+        if step == steps:
+            epochs += 1
+            epoch_accuracy = epoch_correct.item() / epoch_seen
+            epoch_correct.zero_()
+            epoch_seen = 0
+            if stop_accuracy is not None and epochs < cfg.local_epochs and epoch_accuracy >= stop_accuracy:
+                log.info("%s training accuracy %.3f reached %.3f after epoch %d of %d: stopping early", label,
+                         epoch_accuracy, stop_accuracy, epochs, cfg.local_epochs)
+                break
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     if cfg.channels_last and device.type == "cuda":
         model.to(memory_format=torch.contiguous_format)  # state_dict consumers expect the usual layout
     return TrainStats(loss=loss_sum.item() / max(seen, 1), accuracy=correct.item() / max(seen, 1), images=seen,
-                      batches=batches, seconds=seconds)
+                      batches=batches, seconds=seconds, epochs=epochs)

@@ -31,6 +31,7 @@ from reid.divergence import KLLConfig
 from reid.models import ModelSpec
 from reid.pruning import CRRConfig, PruningConfig
 from reid.train import TrainConfig
+from reid.unsupervised import UnsupervisedConfig
 
 CONF_DIR = Path(conf.__file__).resolve().parent
 
@@ -63,8 +64,24 @@ def _section(cfg: DictConfig, name: str, drop: tuple[str, ...] = ()) -> dict[str
     return {k: v for k, v in values.items() if k not in drop}
 
 
+def check_unsupervised(cfg: DictConfig) -> None:
+    """FedUReID sites train without labels or a classifier: refuse the parts that need them."""
+    algo = cfg.algorithm
+    if not algo.unsupervised.enabled:
+        return
+    clashes = [name for name, on in (
+        (f"weighting={algo.weighting} (only size)", algo.weighting != "size"),
+        ("kd.enabled", algo.kd.enabled), ("kll.enabled", algo.kll.enabled), ("pruning.enabled", algo.pruning.enabled),
+        (f"clustering.method={algo.clustering.method} (only none or singletons)",
+         algo.clustering.method not in ("none", "singletons")),
+    ) if on]
+    if clashes:
+        raise ValueError(f"algorithm {algo.name}: unsupervised training does not combine with {', '.join(clashes)}")
+
+
 def site_run_spec(cfg: DictConfig) -> SiteRunSpec:
     """The part of the configuration every site receives each round."""
+    check_unsupervised(cfg)
     return SiteRunSpec(
         model=ModelSpec(**_section(cfg, "model", drop=("pretrained",))),
         train=TrainConfig(**_section(cfg, "train")),
@@ -72,6 +89,7 @@ def site_run_spec(cfg: DictConfig) -> SiteRunSpec:
         kll=KLLConfig(**_section(cfg.algorithm, "kll")),
         pruning=PruningConfig(**_section(cfg.algorithm, "pruning")),
         crr=CRRConfig(**_section(cfg.algorithm, "crr")),
+        unsupervised=UnsupervisedConfig(**_section(cfg.algorithm, "unsupervised"), rounds=int(cfg.federation.rounds)),
         bn_stats=str(cfg.algorithm.bn_stats),
         seed=int(cfg.seed),
         verify_images=bool(cfg.data.verify_images),

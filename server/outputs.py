@@ -133,7 +133,8 @@ class RunOutputs:
 
 
 def format_table(server_round: int, sites: dict[str, dict[str, float]], site_info: dict[str, dict[str, float]]) -> str:
-    """Per-site Rank-1/5/10, mAP, mINP in percent, with training-set sizes and a mean row.
+    """Per-site Rank-1/5/10, mAP, mINP in percent, with training-set sizes and a mean row. An
+    unsupervised site reports no identities: its column shows the clusters it found instead.
 
     ``mAP`` is torchreid's (valid queries only); ``mAP (Market)`` is the original Market-1501
     trapezoid AP over all queries, which the FedReID code reports (see reid/metrics.py)."""
@@ -147,8 +148,9 @@ def format_table(server_round: int, sites: dict[str, dict[str, float]], site_inf
     for name in sorted(sites):
         info = site_info.get(name, {})
         values = " | ".join(f"{100 * sites[name].get(k, float('nan')):.1f}" for k in keys)
-        lines.append(f"| {name} | {int(info.get('num-examples', 0))} | {int(info.get('num-identities', 0))} "
-                     f"| {values} |")
+        identities = (str(int(info["num-identities"])) if "num-identities" in info
+                      else f"{int(info['clusters'])} clusters" if "clusters" in info else "")
+        lines.append(f"| {name} | {int(info.get('num-examples', 0))} | {identities} | {values} |")
     means = " | ".join(f"{100 * sum(m.get(k, float('nan')) for m in sites.values()) / len(sites):.1f}" for k in keys)
     lines.append(f"| **mean** | | | {means} |")
     return "\n".join(lines) + "\n"

@@ -70,3 +70,23 @@ def test_the_cdw_and_kd_presets_switch_on_what_their_names_say() -> None:
     assert (cdw.weighting, cdw.kd.enabled) == ("cdw", False)
     assert (kd.weighting, kd.kd.enabled) == ("size", True)
     assert (both.weighting, both.kd.enabled) == ("cdw", True)
+
+
+def test_the_fedureid_presets_differ_only_in_their_personalisations() -> None:
+    def unsupervised(name: str) -> dict:
+        cfg = compose_config({"algorithm": name, "overrides": "federation.rounds=7"})
+        spec = site_run_spec(cfg).unsupervised
+        assert spec.enabled and spec.rounds == 7 and cfg.algorithm.weighting == "size"
+        return {**spec.__dict__, "clustering": cfg.algorithm.clustering.method}
+
+    plain, personal, alone = (unsupervised(n) for n in ("fedureid_no_personalization", "fedureid", "local_unsupervised"))
+    assert {k for k in plain if plain[k] != personal[k]} == {"merge", "dynamic_epochs", "update"}
+    assert (plain["merge"], plain["dynamic_epochs"], plain["update"]) == ("fixed", False, "none")
+    assert {k for k in alone if alone[k] != personal[k]} == {"clustering"} and alone["clustering"] == "singletons"
+
+
+@pytest.mark.parametrize("override", ["algorithm.weighting=cdw", "algorithm.kd.enabled=true",
+                                      "algorithm.pruning.enabled=true", "algorithm.clustering.method=kmeans"])
+def test_fedureid_refuses_what_needs_labels_or_a_classifier(override: str) -> None:
+    with pytest.raises(ValueError, match="unsupervised training does not combine with"):
+        site_run_spec(compose_config({"algorithm": "fedureid", "overrides": override}))

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from reid.data.layout import Sample, SplitScan, scan_split
+from reid.data.layout import UNLABELLED_PID, Sample, SplitScan, scan_split
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class ReIDData:
     query: list[Sample]
     gallery: list[Sample]
     reports: dict[str, SplitReport]
+    labelled_train: bool = True  # False: train/ was scanned as unlabelled crops (FedUReID)
 
     @property
     def train_pids(self) -> list[int]:
@@ -79,8 +80,10 @@ class ReIDData:
 
     def summary(self) -> str:
         """One line for logs: sizes, plus every kind of skipped file with its count."""
+        named = all(s.pid != UNLABELLED_PID for s in self.train)  # an unlabelled scan of a labelled folder
+        ids = f"{self.num_train_ids} ids" if named else "unlabelled"
         parts = [
-            f"{self.name}: train {len(self.train)} images / {self.num_train_ids} ids,",
+            f"{self.name}: train {len(self.train)} images / {ids},",
             f"query {len(self.query)}, gallery {len(self.gallery)}",
         ]
         for split, report in self.reports.items():
@@ -96,8 +99,8 @@ class ReIDData:
         return " ".join(parts)
 
 
-def _load_split(root: Path, split: str, verify: bool) -> tuple[list[Sample], SplitReport]:
-    scan: SplitScan = scan_split(root, split)
+def _load_split(root: Path, split: str, verify: bool, labelled: bool = True) -> tuple[list[Sample], SplitReport]:
+    scan: SplitScan = scan_split(root, split, labelled)
     if verify and len(scan.samples) > 2000:
         log.info("checking %d images in %s for corruption ...", len(scan.samples), scan.folder)
     samples, corrupt = drop_unreadable(scan.samples) if verify else (scan.samples, [])
@@ -107,10 +110,14 @@ def _load_split(root: Path, split: str, verify: bool) -> tuple[list[Sample], Spl
     return samples, report
 
 
-def load_reid_data(root: str | Path, name: str | None = None, verify: bool = True) -> ReIDData:
-    """Scan and check a site's three splits; raise DatasetLayoutError naming what is missing."""
+def load_reid_data(root: str | Path, name: str | None = None, verify: bool = True,
+                   labelled_train: bool = True) -> ReIDData:
+    """Scan and check a site's three splits; raise DatasetLayoutError naming what is missing.
+
+    ``labelled_train=False`` accepts training images named in any form (query and gallery keep
+    their labels: evaluation needs them)."""
     root = Path(root)
-    loaded = {split: _load_split(root, split, verify) for split in SPLITS}
+    loaded = {split: _load_split(root, split, verify, labelled_train or split != "train") for split in SPLITS}
     data = ReIDData(
         name=name or root.name,
         root=root,
@@ -118,6 +125,7 @@ def load_reid_data(root: str | Path, name: str | None = None, verify: bool = Tru
         query=loaded["query"][0],
         gallery=loaded["gallery"][0],
         reports={split: loaded[split][1] for split in SPLITS},
+        labelled_train=labelled_train,
     )
     log.info("%s", data.summary())
     return data

@@ -10,6 +10,10 @@ all of them::
 
 pid ``-1`` marks junk boxes and is dropped; pid ``0000`` marks distractors and is kept (they are
 negatives in the gallery). Camera ids may have several digits (MSMT17 has c1..c15).
+
+An unsupervised site (FedUReID) may hold a ``train/`` folder of unlabelled crops named in any way:
+scanned with ``labelled=False``, every image is kept, and a name that happens to follow the layout
+keeps its pid only for reporting cluster purity (``UNLABELLED_PID`` otherwise).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ SPLIT_FOLDERS: dict[str, tuple[str, ...]] = {
     "gallery": ("gallery", "bounding_box_test"),
 }
 JUNK_PID = -1
+UNLABELLED_PID = -2  # an unlabelled training image whose name carries no pid
 _NAME = re.compile(r"^(-?\d+)_c(\d+)")
 
 EXPECTED_LAYOUT = """expected a Market-1501-style layout:
@@ -80,14 +85,20 @@ def find_split_folder(root: Path, split: str) -> Path:
     raise DatasetLayoutError(f"missing {split} folder: {tried} not found; {EXPECTED_LAYOUT}")
 
 
-def scan_split(root: Path, split: str) -> SplitScan:
-    """Scan one split: parse ids and cameras from names, drop junk, remember unparsable names."""
+def scan_split(root: Path, split: str, labelled: bool = True) -> SplitScan:
+    """Scan one split: parse ids and cameras from names, drop junk, remember unparsable names.
+
+    ``labelled=False`` keeps every image whatever its name (junk included: nothing reads its pid)."""
     folder = find_split_folder(root, split)
     scan = SplitScan(folder=folder, samples=[])
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
             continue
         parsed = parse_name(path.name)
+        if not labelled:
+            pid, camid = parsed if parsed is not None else (UNLABELLED_PID, -1)
+            scan.samples.append(Sample(path=path, pid=pid, camid=camid))
+            continue
         if parsed is None:
             scan.unparsed.append(path)
             continue
