@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from reid.buc import ClusterMemory, cluster_distances, merge_closest, relabel
+from reid.buc import ClusterMemory, closest_pairs, cluster_distances, merge_closest, relabel
 from reid.cluster_quality import cluster_quality
 from reid.data.dataset import load_reid_data
 from reid.data.tensor_cache import LabelledImages, training_images
@@ -31,7 +31,7 @@ def test_the_closest_pair_merges_first_and_distance_is_the_nearest_members() -> 
     labels = torch.arange(5)
     distances = cluster_distances(features, labels, size_penalty=0.0)
     assert torch.isinf(distances.diagonal()).all()
-    assert abs(float(distances[0, 1]) - 0.1) < 1e-12 and abs(float(distances[2, 3]) - 0.3) < 1e-12
+    assert abs(float(distances[0, 1]) - 0.1 ** 2) < 1e-12 and abs(float(distances[2, 3]) - 0.3 ** 2) < 1e-12
     assert merge_closest(features, labels, 1, 0.0).tolist() == [0, 0, 1, 2, 3]
     assert merge_closest(features, labels, 2, 0.0).tolist() == [0, 0, 1, 1, 2]
 
@@ -40,8 +40,8 @@ def test_cluster_distance_is_single_linkage_over_members() -> None:
     features = _points((0, 0), (1, 0), (1.5, 0), (9, 0))
     labels = torch.tensor([0, 0, 1, 2])  # {0, 1}, {1.5}, {9}
     distances = cluster_distances(features, labels, 0.0)
-    assert abs(float(distances[0, 1]) - 0.5) < 1e-12  # nearest members, not centres
-    assert abs(float(distances[1, 2]) - 7.5) < 1e-12
+    assert abs(float(distances[0, 1]) - 0.5 ** 2) < 1e-12  # nearest members (squared), not centres
+    assert abs(float(distances[1, 2]) - 7.5 ** 2) < 1e-12
 
 
 def test_the_size_penalty_lets_a_small_cluster_merge_before_a_big_one() -> None:
@@ -49,8 +49,8 @@ def test_the_size_penalty_lets_a_small_cluster_merge_before_a_big_one() -> None:
     features = _points((0, 0), (0.1, 0), (0.2, 0), (1.2, 0), (20, 0), (21.2, 0))
     labels = torch.tensor([0, 0, 0, 1, 2, 3])
     assert merge_closest(features, labels, 1, size_penalty=0.0).tolist() == [0, 0, 0, 0, 1, 2]
-    # with the penalty, 1.0 + 0.2 * 4 = 1.8 > 1.2 + 0.2 * 2 = 1.6: the balanced pair goes first
-    assert merge_closest(features, labels, 1, size_penalty=0.2).tolist() == [0, 0, 0, 1, 2, 2]
+    # with the penalty, 1.0² + 0.3 * 4 = 2.2 > 1.2² + 0.3 * 2 = 2.04: the balanced pair goes first
+    assert merge_closest(features, labels, 1, size_penalty=0.3).tolist() == [0, 0, 0, 1, 2, 2]
 
 
 def test_a_chain_of_merges_in_one_step_joins_transitively() -> None:
@@ -116,3 +116,20 @@ def test_cluster_quality_on_hand_made_partitions() -> None:
     assert cluster_quality(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])).nmi == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="equally long"):
         cluster_quality(np.arange(3), np.arange(4))
+
+
+def test_closest_pairs_come_in_order_across_topk_batches_and_chunks_change_only_rounding() -> None:
+    torch.manual_seed(2)
+    features = torch.nn.functional.normalize(torch.randn(90, 16, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 40, (90,))
+    labels = relabel(labels)
+    whole = cluster_distances(features, labels, 0.01)
+    assert torch.allclose(whole, cluster_distances(features, labels, 0.01, chunk=7), rtol=0, atol=1e-12)
+    pairs = list(closest_pairs(whole, batch=3))  # many topk batches
+    count = whole.shape[0]
+    assert len(pairs) == count * (count - 1) // 2 and len({(a, b) for a, b, _ in pairs}) == len(pairs)
+    assert all(a < b for a, b, _ in pairs)
+    values = [v for _, _, v in pairs]
+    assert values == sorted(values)
+    upper = whole[torch.triu(torch.ones_like(whole, dtype=torch.bool), diagonal=1)]
+    assert values[0] == float(upper.min()) and values[-1] == float(upper.max())
