@@ -10,18 +10,21 @@ import torch
 from torch.nn import functional as F
 
 from reid.data.batch_augment import normalise
+from reid.data.resolution import degrade
 from reid.device import autocast, tune_for
 from reid.models import ReIDNet
 
 
 @torch.no_grad()
-def extract_features(model: ReIDNet, images: torch.Tensor, device: torch.device, batch_size: int = 128) -> np.ndarray:
-    """uint8 [N, 3, H, W] -> features [N, D], float32, L2-normalised, in input order."""
+def extract_features(model: ReIDNet, images: torch.Tensor, device: torch.device, batch_size: int = 128,
+                     scale: float = 1.0) -> np.ndarray:
+    """uint8 [N, 3, H, W] -> features [N, D], float32, L2-normalised, in input order; with
+    ``scale`` < 1 each image is first brought to that resolution (reid/data/resolution.py)."""
     tune_for(device)
     model.to(device).eval()
     feats = []
     for start in range(0, len(images), batch_size):
-        batch = normalise(images[start:start + batch_size].to(device, non_blocking=True))
+        batch = normalise(degrade(images[start:start + batch_size].to(device, non_blocking=True), scale))
         with autocast(device):
             summed = model.features(batch) + model.features(torch.flip(batch, dims=[3]))
         feats.append(F.normalize(summed.float(), dim=1))
