@@ -47,8 +47,10 @@ sys.path.insert(0, str(REPO))
 from reid.data.dataset import load_reid_data  # noqa: E402
 from reid.data.tensor_cache import LabelledImages, training_images  # noqa: E402
 from reid.device import pick_device  # noqa: E402
-from reid.evaluate import evaluate_model  # noqa: E402
-from reid.models import build_model, load_shared_state, shared_state  # noqa: E402
+from reid.data.tensor_cache import load_images  # noqa: E402
+from reid.evaluate import evaluate_at_scales, evaluate_model  # noqa: E402
+from reid.features import adapt_batchnorm  # noqa: E402
+from reid.models import ModelSpec, build_model, load_shared_state, shared_state  # noqa: E402
 from reid.seeding import stable_seed  # noqa: E402
 from reid.train import train_local  # noqa: E402
 from server import simulate  # noqa: E402
@@ -192,6 +194,29 @@ def unsupervised_table(results: list[dict], caption: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cross_site(args: argparse.Namespace, method: str, seed: int) -> str:
+    """A table: each site's own model (``local``: site_models.pt of the run) tested on every site,
+    native / ¼-resolution queries, mAP (%). BatchNorm statistics stay with the sites under
+    bn_stats=local, so each model first recomputes them on the tested site's training images."""
+    folder = sorted((args.runs / method / f"seed{seed}").iterdir())[-1]
+    saved = torch.load(folder / "site_models.pt", weights_only=False)
+    spec, device = ModelSpec(**saved["model"]), pick_device()
+    sites = {p.name: load_reid_data(p) for p in sorted(args.sites_root.iterdir()) if p.is_dir()}
+    lines = [f"`{method}` (seed {seed}): each site's model (rows) tested on every site (columns), mAP (%) with "
+             "native / ¼-resolution queries", "", "| trained on | " + " | ".join(sites) + " |",
+             "|---|" + "---:|" * len(sites)]
+    for trained_on, state in sorted(saved["state_dicts"].items()):
+        cells = []
+        for data in sites.values():
+            model = build_model(spec)
+            model.load_state_dict(state, strict=False)  # no running statistics: they stay on the sites
+            adapt_batchnorm(model, load_images([s.path for s in data.train], spec.height, spec.width), device)
+            results = evaluate_at_scales(model, data, device, (float(LOWEST_SCALE),))
+            cells.append(f"{100 * results[1.0].mAP:.1f} / {100 * results[float(LOWEST_SCALE)].mAP:.1f}")
+        lines.append(f"| {trained_on} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def resdrift_table(results: list[dict], caption: str) -> str:
     """Per method: native and ¼-resolution mAP per site, the drift gap, and what training cost."""
     sites = sorted(results[0]["sites"])
@@ -271,6 +296,8 @@ def main() -> None:
         caption = caption.replace("Synthetic sites", "synthetic-resdrift sites").replace(
             "Rank-1 / mAP (%)", "mAP (%) with native and ¼-resolution queries")
     text = (resdrift_table if drift else unsupervised_table if args.unsupervised else table)(results, caption)
+    if drift and "local" in args.methods:
+        text += "\n" + cross_site(args, "local", args.seeds[0])
     (args.out / f"{name}.md").write_text(text)
     plot(results, args.out / f"{name}.png")
     print("\n" + text)

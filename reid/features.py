@@ -36,3 +36,23 @@ def extract_features(model: ReIDNet, images: torch.Tensor, device: torch.device,
 def cosine_distance(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     """1 - cosine similarity of L2-normalised rows, float32 [Q, G]."""
     return (1.0 - torch.from_numpy(query) @ torch.from_numpy(gallery).T).numpy()
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: ReIDNet, images: torch.Tensor, device: torch.device, batch_size: int = 64) -> None:
+    """Recompute every BatchNorm's running statistics on ``images`` (uint8, unaugmented): what a
+    site does with a model whose statistics stayed elsewhere (``bn_stats=local``). A cumulative
+    average over all batches (momentum None), in train mode, with dropout's randomness unused."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None
+    model.to(device).train()
+    for start in range(0, len(images) - 1, batch_size):  # a batch of one has no batch statistics
+        batch = images[start:start + batch_size]
+        if len(batch) > 1:
+            model.features(normalise(batch.to(device, non_blocking=True)))
+    for module, momentum in zip(norms, saved):
+        module.momentum = momentum
+    model.eval()

@@ -19,6 +19,7 @@ from reid.data.resolution import degrade, parse_scales
 from reid.data.synthetic import RESOLUTION_PROFILES, federation_styles, generate_site, site_names
 from reid.data.tensor_cache import training_images
 from reid.evaluate import evaluate_at_scales, evaluate_model
+from reid.features import adapt_batchnorm
 from reid.models import ModelSpec, build_model
 from reid.raf import MultiResolution, RAFConfig, embedding_distance, map_distance
 from reid.train import TrainConfig, train_local
@@ -152,3 +153,15 @@ def test_local_training_with_raf_counts_its_passes(tiny_site: Path) -> None:
     assert np.isfinite(stats.loss) and stats.images == (len(images) // 16) * 16
     with pytest.raises(ValueError, match="raf.mode"):
         RAFConfig(mode="teach")
+
+
+def test_adapting_batchnorm_takes_the_new_sites_statistics(tiny_site: Path) -> None:
+    data = load_reid_data(tiny_site, verify=False)
+    images = training_images(data, 64, 32).images[:40]
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(backbone="resnet10", last_stride=1, height=64, width=32))
+    adapt_batchnorm(model, images, torch.device("cpu"), batch_size=64)  # one batch: the running mean is its mean
+    with torch.no_grad():
+        expected = model.backbone.conv1(normalise(images)).mean(dim=(0, 2, 3))
+    assert torch.allclose(model.backbone.bn1.running_mean, expected, atol=1e-5)
+    assert not model.training and model.backbone.bn1.momentum == 0.1  # restored
