@@ -165,3 +165,31 @@ def test_adapting_batchnorm_takes_the_new_sites_statistics(tiny_site: Path) -> N
         expected = model.backbone.conv1(normalise(images)).mean(dim=(0, 2, 3))
     assert torch.allclose(model.backbone.bn1.running_mean, expected, atol=1e-5)
     assert not model.training and model.backbone.bn1.momentum == 0.1  # restored
+
+
+@pytest.mark.parametrize("algorithm", ["fedklpr", "fedureid"])
+def test_raf_combines_with_fedklpr_and_fedureid_on_a_site(tiny_site: Path, algorithm: str) -> None:
+    """The presets' site settings with RAF switched on, through the ClientApp as Flower calls it."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from clients.app import app
+    from reid.models import shared_state
+    from server.config import compose_config, site_run_spec
+
+    overrides = ("model=small algorithm.raf.enabled=true algorithm.raf.scales=[0.5] train.batch_size=16 "
+                 "algorithm.unsupervised.epochs_first=1 algorithm.pruning.start_round=1")
+    spec = site_run_spec(compose_config({"algorithm": algorithm, "overrides": overrides}))
+    torch.manual_seed(0)
+    arrays = ArrayRecord(shared_state(build_model(spec.model), spec.bn_stats))
+    config = ConfigRecord({**spec.to_flat(), "server-round": 1})
+    context = Context(run_id=1, node_id=7, node_config={"data-root": str(tiny_site), "dataset": "tiny"},
+                      state=RecordDict(), run_config={})
+    reply = app(Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=7,
+                        message_type="train"), context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    metrics = reply.content["metrics"]
+    assert metrics["image-passes"] == 2 * (metrics["num-examples"] // 16) * 16  # full resolution + ½
+    if algorithm == "fedklpr":
+        assert metrics["pruning-ratio"] > 0  # pruned after the RAF round, as without it
+    else:
+        assert metrics["clusters"] < metrics["num-examples"]
