@@ -16,6 +16,13 @@ identities (pairwise F and NMI, mean over sites after the last round) and the co
 (training image passes, forward + backward, and clustering feature passes, forward only, summed
 over sites and rounds); written to compare_unsupervised.md/.png.
 
+With ``--federation synthetic-resdrift`` (four sites whose cameras differ in resolution, profile
+``resdrift``: every evaluation also with the queries at ½ and ¼ resolution) the table is the
+resolution-drift one: native and ¼-resolution mAP per site, the drift gap (native minus ¼), and
+the training cost per round (image passes and seconds, summed over the sites, measured in the same
+runs); written to compare_resdrift.md/.png. Default methods: fedpav, fedpav_raf,
+fedpav_multires_aug, local.
+
 Results of each (method, seed) are saved under bench/results/runs/ and reused by later runs
 (``--rerun`` to recompute).
 """
@@ -40,8 +47,10 @@ sys.path.insert(0, str(REPO))
 from reid.data.dataset import load_reid_data  # noqa: E402
 from reid.data.tensor_cache import LabelledImages, training_images  # noqa: E402
 from reid.device import pick_device  # noqa: E402
-from reid.evaluate import evaluate_model  # noqa: E402
-from reid.models import build_model, load_shared_state, shared_state  # noqa: E402
+from reid.data.tensor_cache import load_images  # noqa: E402
+from reid.evaluate import evaluate_at_scales, evaluate_model  # noqa: E402
+from reid.features import adapt_batchnorm  # noqa: E402
+from reid.models import ModelSpec, build_model, load_shared_state, shared_state  # noqa: E402
 from reid.seeding import stable_seed  # noqa: E402
 from reid.train import train_local  # noqa: E402
 from server import simulate  # noqa: E402
@@ -51,12 +60,15 @@ METHODS = ["fedpav", "fedpav_cdw", "fedpav_kd", "fedpav_cdw_kd", "fedpav_cluster
            "fedklpr", "fedklpr_fp16", "fedklpr_no_kll", "fedklpr_no_klaw", "fedklpr_no_praw", "fedklpr_no_pruning",
            "fedklpr_no_crr", "fedureid", "fedureid_no_personalization", "local_unsupervised"]
 UNSUPERVISED_METHODS = ["fedureid", "fedureid_no_personalization", "local_unsupervised", "fedpav"]
+RESDRIFT_METHODS = ["fedpav", "fedpav_raf", "fedpav_multires_aug", "local"]
+METHODS += ["fedpav_raf", "fedpav_multires_aug"]
+LOWEST_SCALE = "0.25"
 
 
 def run_federated(method: str, seed: int, args: argparse.Namespace, out: Path) -> list[dict]:
     """One fedreid-sim run; returns its metrics.jsonl lines."""
-    run_dir = out / "runs" / method / f"seed{seed}"
-    argv = ["--algorithm", method, "--profile", args.profile, "--seed", str(seed), "--sites", str(args.sites),
+    run_dir = args.runs / method / f"seed{seed}"
+    argv = ["--federation", args.federation, "--algorithm", method, "--profile", args.profile, "--seed", str(seed), "--sites", str(args.sites),
             "--sites-root", str(args.sites_root), "--public-root", str(args.public_root),
             "--output-dir", str(run_dir), "--flwr-home", str(out / "flwr-home")]
     if args.overrides:
@@ -69,7 +81,7 @@ def run_federated(method: str, seed: int, args: argparse.Namespace, out: Path) -
 
 def cached_run(method: str, seed: int, args: argparse.Namespace) -> list[dict]:
     """The metrics lines of (method, seed), run now unless an earlier run of this bench saved them."""
-    cache = args.out / "runs" / method / f"seed{seed}.jsonl"
+    cache = args.runs / method / f"seed{seed}.jsonl"
     if cache.exists() and not args.rerun:
         return [json.loads(line) for line in cache.read_text().splitlines()]
     lines = run_central(args, seed) if method == "central" else run_federated(method, seed, args, args.out)
@@ -111,8 +123,11 @@ def run_central(args: argparse.Namespace, seed: int) -> list[dict]:
 
 def summarise(method: str, runs: list[list[dict]]) -> dict:
     """Final per-site and mean Rank-1/mAP, averaged over seeds, with the spread of the mean mAP."""
-    finals, last3, uploads, last_uploads, curves, purity, passes = [], [], [], [], [], [], []
+    finals, last3, uploads, last_uploads, curves, purity, passes, cost = [], [], [], [], [], [], [], []
     for lines in runs:
+        per_round = [line["train"]["sites"].values() for line in lines if line.get("train") and "sites" in line["train"]]
+        cost.append({k: float(np.mean([sum(m.get(k, np.nan) for m in sites) for sites in per_round]))
+                     if per_round else np.nan for k in ("image-passes", "train-seconds")})
         trained = [line["train"]["sites"] for line in lines if line.get("train") and "sites" in line["train"]]
         last = trained[-1].values() if trained else [{}]  # `central` trains outside Flower
         purity.append({k: np.mean([m.get(k, np.nan) for m in last]) for k in ("cluster-f", "cluster-nmi")})
@@ -126,10 +141,15 @@ def summarise(method: str, runs: list[list[dict]]) -> dict:
         last_uploads.append(sizes[-1])
         curves.append([(line["round"], line["evaluate"]["mean"]["mAP"]) for line in lines if line.get("evaluate")])
     sites = sorted(finals[0]["sites"])
-    per_site = {s: {k: float(np.mean([f["sites"][s][k] for f in finals])) for k in ("rank1", "mAP")} for s in sites}
+    keys = [k for k in ("rank1", "mAP", f"mAP@{LOWEST_SCALE}", "drift-gap") if all(k in f["sites"][s] for f in finals
+                                                                              for s in sites)]
+    per_site = {s: {k: float(np.mean([f["sites"][s][k] for f in finals])) for k in keys} for s in sites}
+    gaps = [float(np.mean([f["sites"][s]["drift-gap"] for s in sites])) for f in finals] if "drift-gap" in keys else [np.nan]
     mean_maps = [f["mean"]["mAP"] for f in finals]
     return {"method": method, "seeds": len(runs), "sites": per_site,
-            "mean": {k: float(np.mean([f["mean"][k] for f in finals])) for k in ("rank1", "mAP")},
+            "mean": {k: float(np.mean([np.mean([f["sites"][s][k] for s in sites]) for f in finals])) for k in keys},
+            "gap_spread": (float(min(gaps)), float(max(gaps))),
+            "cost": {k: float(np.mean([c[k] for c in cost])) for k in cost[0]},
             "mAP_spread": (float(min(mean_maps)), float(max(mean_maps))), "last3_mAP": float(np.mean(last3)),
             "upload_mb": float(np.mean(uploads)) / 1e6, "last_upload_mb": float(np.mean(last_uploads)) / 1e6,
             "curve": [(r, float(np.mean([c[i][1] for c in curves]))) for i, (r, _) in enumerate(curves[0])],
@@ -174,6 +194,48 @@ def unsupervised_table(results: list[dict], caption: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cross_site(args: argparse.Namespace, method: str, seed: int) -> str:
+    """A table: each site's own model (``local``: site_models.pt of the run) tested on every site,
+    native / ¼-resolution queries, mAP (%). BatchNorm statistics stay with the sites under
+    bn_stats=local, so each model first recomputes them on the tested site's training images."""
+    folder = sorted((args.runs / method / f"seed{seed}").iterdir())[-1]
+    saved = torch.load(folder / "site_models.pt", weights_only=False)
+    spec, device = ModelSpec(**saved["model"]), pick_device()
+    sites = {p.name: load_reid_data(p) for p in sorted(args.sites_root.iterdir()) if p.is_dir()}
+    lines = [f"`{method}` (seed {seed}): each site's model (rows) tested on every site (columns), mAP (%) with "
+             "native / ¼-resolution queries", "", "| trained on | " + " | ".join(sites) + " |",
+             "|---|" + "---:|" * len(sites)]
+    for trained_on, state in sorted(saved["state_dicts"].items()):
+        cells = []
+        for data in sites.values():
+            model = build_model(spec)
+            model.load_state_dict(state, strict=False)  # no running statistics: they stay on the sites
+            adapt_batchnorm(model, load_images([s.path for s in data.train], spec.height, spec.width), device)
+            results = evaluate_at_scales(model, data, device, (float(LOWEST_SCALE),))
+            cells.append(f"{100 * results[1.0].mAP:.1f} / {100 * results[float(LOWEST_SCALE)].mAP:.1f}")
+        lines.append(f"| {trained_on} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def resdrift_table(results: list[dict], caption: str) -> str:
+    """Per method: native and ¼-resolution mAP per site, the drift gap, and what training cost."""
+    sites = sorted(results[0]["sites"])
+    head = ("| method | " + " | ".join(f"{s} mAP native / ¼ / gap" for s in sites) +
+            " | mean native mAP (min-max) | mean ¼ mAP | mean drift gap (min-max over seeds) | "
+            "training image passes / round | training s / round |")
+    lines = [caption, "", head, "|---|" + "---:|" * (len(sites) + 5)]
+    low = f"mAP@{LOWEST_SCALE}"
+    for r in results:
+        cells = " | ".join(f"{100 * r['sites'][s]['mAP']:.1f} / {100 * r['sites'][s][low]:.1f} / "
+                           f"{100 * r['sites'][s]['drift-gap']:.1f}" for s in sites)
+        (low_map, high_map), (low_gap, high_gap) = r["mAP_spread"], r["gap_spread"]
+        lines.append(f"| {r['method']} | {cells} | {100 * r['mean']['mAP']:.1f} ({100 * low_map:.1f}-{100 * high_map:.1f}) "
+                     f"| {100 * r['mean'][low]:.1f} | {100 * r['mean']['drift-gap']:.1f} "
+                     f"({100 * low_gap:.1f}-{100 * high_gap:.1f}) | {r['cost']['image-passes'] / 1000:.1f} k "
+                     f"| {r['cost']['train-seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: list[dict], path: Path) -> None:
     fig, axis = plt.subplots(figsize=(7, 4.5))
     for r in results:
@@ -192,20 +254,27 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS)
     parser.add_argument("--unsupervised", action="store_true",
                         help="FedUReID's comparison (default methods: " + " ".join(UNSUPERVISED_METHODS) + ")")
-    parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--sites-root", type=Path, default=REPO / "data" / "synthetic")
+    parser.add_argument("--federation", default="synthetic", choices=("synthetic", "synthetic-resdrift"),
+                        help="synthetic-resdrift: the resolution-drift benchmark (4 sites, profile resdrift)")
+    parser.add_argument("--sites", type=int, default=None, help="default: 3, or 4 for synthetic-resdrift")
+    parser.add_argument("--sites-root", type=Path, default=None, help="default: data/<federation>")
     parser.add_argument("--public-root", type=Path, default=REPO / "data" / "synthetic-public")
-    parser.add_argument("--profile", default="demo")
+    parser.add_argument("--profile", default=None, help="default: demo, or resdrift for synthetic-resdrift")
     parser.add_argument("--overrides", default="")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; results are averaged")
     parser.add_argument("--rerun", action="store_true", help="ignore results saved by earlier runs of this bench")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
-    args.methods = args.methods or (UNSUPERVISED_METHODS if args.unsupervised else
-                                    [m for m in METHODS if m not in UNSUPERVISED_METHODS[:3]])
-    args.sites_root, args.public_root = args.sites_root.resolve(), args.public_root.resolve()
+    drift = args.federation == "synthetic-resdrift"
+    args.methods = args.methods or (RESDRIFT_METHODS if drift else UNSUPERVISED_METHODS if args.unsupervised else
+                                    [m for m in METHODS if m not in [*UNSUPERVISED_METHODS[:3], *RESDRIFT_METHODS[1:3]]])
+    args.sites = args.sites or (4 if drift else 3)
+    args.profile = args.profile or ("resdrift" if drift else "demo")
+    args.sites_root = (args.sites_root or REPO / "data" / args.federation).resolve()
+    args.public_root = args.public_root.resolve()
+    args.runs = args.out / "runs" / args.federation if drift else args.out / "runs"  # cached results, per federation
     args.out.mkdir(parents=True, exist_ok=True)
-    simulate.ensure_synthetic_sites(args.sites_root, args.sites, 0)
+    simulate.ensure_synthetic_sites(args.sites_root, args.sites, 0, args.federation)
     simulate.ensure_public_set(args.public_root, 0)
     results = []
     for method in args.methods:
@@ -220,10 +289,15 @@ def main() -> None:
                f"{cfg.model.height}x{cfg.model.width}, {cfg.federation.rounds} rounds x {cfg.train.local_epochs} "
                f"local epoch(s), training seeds {args.seeds}; Rank-1 / mAP (%) after the last round, "
                f"averaged over seeds.")
-    name = "compare_unsupervised" if args.unsupervised else "compare_algorithms"
+    name = "compare_resdrift" if drift else "compare_unsupervised" if args.unsupervised else "compare_algorithms"
     if args.unsupervised:
         caption = caption.replace(f"x {cfg.train.local_epochs} local epoch(s)", "(unsupervised epochs: see the presets)")
-    text = (unsupervised_table if args.unsupervised else table)(results, caption)
+    if drift:
+        caption = caption.replace("Synthetic sites", "synthetic-resdrift sites").replace(
+            "Rank-1 / mAP (%)", "mAP (%) with native and ¼-resolution queries")
+    text = (resdrift_table if drift else unsupervised_table if args.unsupervised else table)(results, caption)
+    if drift and "local" in args.methods:
+        text += "\n" + cross_site(args, "local", args.seeds[0])
     (args.out / f"{name}.md").write_text(text)
     plot(results, args.out / f"{name}.png")
     print("\n" + text)

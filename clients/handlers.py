@@ -53,6 +53,7 @@ from reid.pruning import (
     masks_to_numpy,
     prune_step,
 )
+from reid.raf import MultiResolution
 from reid.seeding import stable_seed
 from reid.train import train_local
 from strategies.validation import EVALUATE_ROUND_KEY
@@ -106,10 +107,11 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
     before, before_features = eval_outputs(model, probe, device)  # received backbone, this site's previous head
     regulariser = kl_regulariser(model, spec.kll) if spec.kll.enabled and server_round >= spec.kll.start_round else None
     torch.manual_seed(stable_seed(spec.seed, site, server_round, "train"))  # dropout (augmentation has its own)
+    multires = MultiResolution(spec.raf) if spec.raf.enabled else None
     stats = train_local(model, images, spec.train, device, seed=stable_seed(spec.seed, site, server_round),
                         augment=spec.augment, extra_loss=regulariser,
                         after_step=mask_keeper(model, prune.masks) if prune.masks else None,
-                        label=f"[{site} round {server_round}]")
+                        label=f"[{site} round {server_round}]", multires=multires)
     after, after_features = eval_outputs(model, probe, device)
     metrics = {
         "num-examples": len(images),
@@ -118,6 +120,7 @@ def train_site(content: RecordDict, context: Context) -> RecordDict:
         "train-accuracy": stats.accuracy,
         "train-seconds": stats.seconds,
         "images-per-second": stats.images_per_second,
+        "image-passes": stats.images * (multires.passes_per_image if multires else 1),  # forward + backward
         "corrupt-images": data.num_corrupt,
         "cdw-distance": cosine_logit_distance(before, after),
         "kl-divergence": feature_kl(before_features, after_features),

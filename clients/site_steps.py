@@ -19,7 +19,8 @@ from clients.site_state import RUN_TAG_KEY, image_cache_dir, persist_site_state,
 from reid.config import SiteRunSpec
 from reid.data.dataset import ReIDData
 from reid.device import pick_device
-from reid.evaluate import evaluate_model
+from reid.data.resolution import parse_scales
+from reid.evaluate import evaluate_at_scales
 from reid.models import ReIDNet, load_shared_state, split_state
 from strategies.packing import TRANSPORT_DTYPE_KEY, is_packed, pack_record, unpack_record  # the wire format
 from strategies.sparse_records import decode_record, encode_record
@@ -75,16 +76,27 @@ def load_received(model: ReIDNet, content: RecordDict, bn_stats: str) -> dict[st
 
 def evaluation(model: ReIDNet, data: ReIDData, spec: SiteRunSpec, device: torch.device, context: Context,
                site: str) -> MetricRecord:
-    """Rank-1/5/10, mAP (both conventions) and mINP of ``model`` on this site's query/gallery split."""
-    result = evaluate_model(model, data, device, spec.eval_batch_size, image_cache_dir(context),
-                            spec.train.num_workers, spec.train.device_cache_mb)
+    """Rank-1/5/10, mAP (both conventions) and mINP of ``model`` on this site's query/gallery split;
+    with ``eval_query_scales`` also mAP@s and rank1@s with the queries at s × the resolution, and
+    the drift gap (native mAP minus mAP at the lowest of them)."""
+    scales = parse_scales(spec.eval_query_scales)
+    results = evaluate_at_scales(model, data, device, scales, spec.eval_batch_size, image_cache_dir(context),
+                                 spec.train.num_workers, spec.train.device_cache_mb)
+    result = results[1.0]
     log.info("[%s] Rank-1 %.3f mAP %.3f over %d queries", site, result.rank(1), result.mAP,
              result.num_valid_queries)
-    return MetricRecord({
+    metrics = {
         "rank1": result.rank(1), "rank5": result.rank(5), "rank10": result.rank(10),
         "mAP": result.mAP, "mAP-market": result.mAP_market, "mINP": result.mINP,
         "num-queries": result.num_valid_queries, "num-gallery": len(data.gallery),
-    })
+    }
+    for scale in scales:
+        metrics[f"mAP@{scale:g}"], metrics[f"rank1@{scale:g}"] = results[scale].mAP, results[scale].rank(1)
+    if scales:
+        metrics["drift-gap"] = result.mAP - results[min(scales)].mAP
+        log.info("[%s] mAP at query resolution %s: %s", site, " / ".join(f"{s:g}" for s in scales),
+                 " / ".join(f"{results[s].mAP:.3f}" for s in scales))
+    return MetricRecord(metrics)
 
 
 def training_reply(model: ReIDNet, content: RecordDict, context: Context, spec: SiteRunSpec, location: SiteLocation,

@@ -24,6 +24,7 @@ from reid.config import SiteRunSpec
 from reid.data.dataset import ReIDData
 from reid.data.tensor_cache import cache_key, load_images
 from reid.models import build_model, split_state
+from reid.raf import MultiResolution
 from reid.seeding import stable_seed
 from reid.unsupervised import ClusterState, blend_states, purity_metrics, run_round
 from strategies.validation import EVALUATE_ROUND_KEY
@@ -84,7 +85,8 @@ def train_unsupervised(content: RecordDict, context: Context, spec: SiteRunSpec,
     clusters, report = run_round(model, images, clusters, cfg, spec.train, device,
                                  seed=stable_seed(spec.seed, site, server_round), augment=spec.augment,
                                  images_per_identity=float(own_estimate) if own_estimate else None,
-                                 label=f"[{site} round {server_round}]")
+                                 label=f"[{site} round {server_round}]",
+                                 multires=MultiResolution(spec.raf) if spec.raf.enabled else None)
     save_cluster_state(context.state, clusters, fingerprint)
     if cfg.update == "ema":
         shared = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, spec.bn_stats)[0]
@@ -100,7 +102,7 @@ def train_unsupervised(content: RecordDict, context: Context, spec: SiteRunSpec,
         "clusters": clusters.num_clusters,
         "clusters-merged": report.merged,
         "epochs": stats.epochs,
-        "image-passes": stats.images,  # forward + backward
+        "image-passes": stats.images * report.passes_per_image,  # forward + backward
         "feature-passes": report.feature_passes,  # forward only, for clustering
         **purity_metrics(clusters.labels, [sample.pid for sample in data.train]),  # reporting only
     }

@@ -13,6 +13,7 @@ from reid.data.transforms import AugmentSpec
 from reid.divergence import KLLConfig
 from reid.models import BN_STATS_POLICIES, ModelSpec
 from reid.pruning import CRRConfig, PruningConfig
+from reid.raf import RAFConfig
 from reid.train import TrainConfig
 from reid.unsupervised import UnsupervisedConfig
 
@@ -31,10 +32,12 @@ class SiteRunSpec:
     pruning: PruningConfig = field(default_factory=PruningConfig)
     crr: CRRConfig = field(default_factory=CRRConfig)
     unsupervised: UnsupervisedConfig = field(default_factory=UnsupervisedConfig)
+    raf: RAFConfig = field(default_factory=RAFConfig)
     bn_stats: str = "local"
     seed: int = 0
     verify_images: bool = True
     eval_batch_size: int = 128
+    eval_query_scales: str = ""  # also rank the queries at these resolutions, e.g. "0.5 0.25" (resolution drift)
 
     def __post_init__(self) -> None:
         if self.bn_stats not in BN_STATS_POLICIES:
@@ -69,4 +72,5 @@ class SiteRunSpec:
 
 
 _SECTIONS: dict[str, type] = {"model": ModelSpec, "train": TrainConfig, "augment": AugmentSpec, "kll": KLLConfig,
-                              "pruning": PruningConfig, "crr": CRRConfig, "unsupervised": UnsupervisedConfig}
+                              "pruning": PruningConfig, "crr": CRRConfig, "unsupervised": UnsupervisedConfig,
+                              "raf": RAFConfig}

@@ -1,4 +1,5 @@
-"""Rank a site's gallery for its own queries with a model: extraction plus the standard metric."""
+"""Rank a site's gallery for its own queries with a model: extraction plus the standard metric,
+at the native resolution and, for resolution drift, with the queries at lower resolutions."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ from reid.metrics import RankResult, evaluate_rank
 from reid.models import ReIDNet
 
 def _split_features(model: ReIDNet, samples: list[Sample], device: torch.device, batch_size: int,
-                    cache_dir: Path | None, workers: int, cache_mb: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    images = load_images([s.path for s in samples], model.spec.height, model.spec.width, cache_dir, workers)
-    features = extract_features(model, place(images, device, cache_mb), device, batch_size)
+                    cache_dir: Path | None, workers: int, cache_mb: float,
+                    scales: tuple[float, ...] = (1.0,)) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Features of the split at each of ``scales`` (1 = as stored), its pids and cameras."""
+    images = place(load_images([s.path for s in samples], model.spec.height, model.spec.width, cache_dir, workers),
+                   device, cache_mb)
+    features = [extract_features(model, images, device, batch_size, scale) for scale in scales]
     return features, np.array([s.pid for s in samples]), np.array([s.camid for s in samples])
 
 
@@ -25,6 +29,19 @@ def evaluate_model(model: ReIDNet, data: ReIDData, device: torch.device, batch_s
                    cache_dir: Path | None = None, workers: int = 4, cache_mb: float = 8000.0) -> RankResult:
     """Features of query and gallery (flip-summed, L2), cosine distances, CMC/mAP/mINP; decoded
     images up to ``cache_mb`` (the site's ``train.device_cache_mb``) stay on the GPU."""
-    q_feats, q_pids, q_cams = _split_features(model, data.query, device, batch_size, cache_dir, workers, cache_mb)
-    g_feats, g_pids, g_cams = _split_features(model, data.gallery, device, batch_size, cache_dir, workers, cache_mb)
-    return evaluate_rank(cosine_distance(q_feats, g_feats), q_pids, g_pids, q_cams, g_cams)
+    return evaluate_at_scales(model, data, device, (), batch_size, cache_dir, workers, cache_mb)[1.0]
+
+
+def evaluate_at_scales(model: ReIDNet, data: ReIDData, device: torch.device, query_scales: tuple[float, ...],
+                       batch_size: int = 128, cache_dir: Path | None = None, workers: int = 4,
+                       cache_mb: float = 8000.0) -> dict[float, RankResult]:
+    """{1.0: native result, s: result with every query at s × the resolution, for s in
+    ``query_scales``}, always against the native gallery (a low-resolution camera looking for
+    people a sharp one recorded)."""
+    scales = (1.0, *query_scales)
+    q_feats, q_pids, q_cams = _split_features(model, data.query, device, batch_size, cache_dir, workers, cache_mb,
+                                              scales)
+    (g_feats,), g_pids, g_cams = _split_features(model, data.gallery, device, batch_size, cache_dir, workers,
+                                                 cache_mb)
+    return {scale: evaluate_rank(cosine_distance(features, g_feats), q_pids, g_pids, q_cams, g_cams)
+            for scale, features in zip(scales, q_feats)}

@@ -10,18 +10,21 @@ import torch
 from torch.nn import functional as F
 
 from reid.data.batch_augment import normalise
+from reid.data.resolution import degrade
 from reid.device import autocast, tune_for
 from reid.models import ReIDNet
 
 
 @torch.no_grad()
-def extract_features(model: ReIDNet, images: torch.Tensor, device: torch.device, batch_size: int = 128) -> np.ndarray:
-    """uint8 [N, 3, H, W] -> features [N, D], float32, L2-normalised, in input order."""
+def extract_features(model: ReIDNet, images: torch.Tensor, device: torch.device, batch_size: int = 128,
+                     scale: float = 1.0) -> np.ndarray:
+    """uint8 [N, 3, H, W] -> features [N, D], float32, L2-normalised, in input order; with
+    ``scale`` < 1 each image is first brought to that resolution (reid/data/resolution.py)."""
     tune_for(device)
     model.to(device).eval()
     feats = []
     for start in range(0, len(images), batch_size):
-        batch = normalise(images[start:start + batch_size].to(device, non_blocking=True))
+        batch = normalise(degrade(images[start:start + batch_size].to(device, non_blocking=True), scale))
         with autocast(device):
             summed = model.features(batch) + model.features(torch.flip(batch, dims=[3]))
         feats.append(F.normalize(summed.float(), dim=1))
@@ -33,3 +36,23 @@ def extract_features(model: ReIDNet, images: torch.Tensor, device: torch.device,
 def cosine_distance(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     """1 - cosine similarity of L2-normalised rows, float32 [Q, G]."""
     return (1.0 - torch.from_numpy(query) @ torch.from_numpy(gallery).T).numpy()
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: ReIDNet, images: torch.Tensor, device: torch.device, batch_size: int = 64) -> None:
+    """Recompute every BatchNorm's running statistics on ``images`` (uint8, unaugmented): what a
+    site does with a model whose statistics stayed elsewhere (``bn_stats=local``). A cumulative
+    average over all batches (momentum None), in train mode, with dropout's randomness unused."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None
+    model.to(device).train()
+    for start in range(0, len(images) - 1, batch_size):  # a batch of one has no batch statistics
+        batch = images[start:start + batch_size]
+        if len(batch) > 1:
+            model.features(normalise(batch.to(device, non_blocking=True)))
+    for module, momentum in zip(norms, saved):
+        module.momentum = momentum
+    model.eval()

@@ -99,6 +99,17 @@ class ReIDNet(nn.Module):
         """The 512-d bottleneck output (after BN; dropout acts only in train mode)."""
         return self.bottleneck(self.backbone(x))
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's last spatial feature map [B, C, h, w] (before pooling): what RAF distils."""
+        net = self.backbone
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+    def embedding(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """Pooled, projected and batch-normalised ``feature_map``: ``features`` before dropout."""
+        pooled = torch.flatten(self.backbone.avgpool(feature_map), 1)
+        return self.bottleneck[1](self.bottleneck[0](pooled))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Identity logits when a classifier is attached, else the bottleneck feature."""
         feats = self.features(x)

@@ -27,6 +27,7 @@ from reid.data.tensor_cache import LabelledImages, place
 from reid.data.transforms import AugmentSpec
 from reid.device import autocast, needs_grad_scaler, tune_for
 from reid.models import ReIDNet
+from reid.raf import MultiResolution
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ def train_local(
     label: str = "",
     head: FeatureHead | None = None,
     stop_accuracy: float | None = None,
+    multires: MultiResolution | None = None,
 ) -> TrainStats:
     """Train ``model`` in place for ``cfg.local_epochs`` epochs; logs progress about five times an epoch.
 
@@ -166,10 +168,12 @@ def train_local(
     optimiser step. With ``head`` the logits come from it instead of the model's classifier, and it
     is updated with each batch's features after the step. With ``stop_accuracy`` training ends after
     the first epoch whose training accuracy reaches it (FedUReID's dynamic epochs). The same seed
-    gives the same batches and augmentations on the same device."""
+    gives the same batches and augmentations on the same device. With ``multires`` (RAF, reid/raf.py)
+    every batch also passes at lower resolutions and their loss is added."""
     if model.classifier is None and head is None:
         raise ValueError("train_local needs a model with an identity classifier, or a feature head")
     tune_for(device)
+    classify: Callable[[torch.Tensor], torch.Tensor] = head.logits if head is not None else model.classifier
     model.to(device).train()
     if cfg.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -184,12 +188,16 @@ def train_local(
     start = time.perf_counter()
     for epoch, step, steps, x, y in _steps(images, cfg, seed, device, augment):
         with autocast(device):
-            if head is None:
-                logits = model(x)
-            else:
+            if multires is None:
                 features = model.features(x)
-                logits = head.logits(features)
+            else:  # the full-resolution rows teach the lower-resolution copies of the batch
+                feature_map = model.feature_map(multires.batch(x))
+                embedding = model.embedding(feature_map)
+                features = model.bottleneck[2](embedding[:len(y)])  # dropout
+            logits = classify(features)
             loss = criterion(logits, y)
+            if multires is not None:
+                loss = loss + multires.loss(feature_map, embedding, y, classify, model.bottleneck[2], criterion)
             if extra_loss is not None:
                 loss = loss + extra_loss(x, logits)
         optimizer.zero_grad(set_to_none=True)

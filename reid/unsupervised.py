@@ -51,6 +51,7 @@ from reid.data.tensor_cache import LabelledImages
 from reid.data.transforms import AugmentSpec
 from reid.features import extract_features
 from reid.models import ReIDNet
+from reid.raf import MultiResolution
 from reid.train import TrainConfig, TrainStats, train_local
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class RoundReport:
     """What a round did, for the site's reply: training stats, merging, computation."""
 
     stats: TrainStats
+    passes_per_image: int  # training passes per image and epoch: 1, plus one per RAF scale
     merged: int  # clusters removed by this round's merge
     feature_passes: int  # forward-only image passes spent on clustering features
 
@@ -159,7 +161,8 @@ def _recluster(state: ClusterState, features: torch.Tensor, cfg: UnsupervisedCon
 
 def run_round(model: ReIDNet, images: torch.Tensor, state: ClusterState | None, cfg: UnsupervisedConfig,
               train: TrainConfig, device: torch.device, seed: int, augment: AugmentSpec = AugmentSpec(),
-              images_per_identity: float | None = None, label: str = "") -> tuple[ClusterState, RoundReport]:
+              images_per_identity: float | None = None, label: str = "",
+              multires: MultiResolution | None = None) -> tuple[ClusterState, RoundReport]:
     """One round of FedUReID's local learning on uint8 ``images`` [N, 3, H, W]; trains ``model`` in
     place and returns the site's next state. ``state`` None starts clustering from scratch."""
     per_identity = images_per_identity or cfg.images_per_identity
@@ -181,13 +184,15 @@ def run_round(model: ReIDNet, images: torch.Tensor, state: ClusterState | None, 
     log.info("%s %d images in %d clusters; %d epoch(s) at lr %.4g", label, len(images), state.num_clusters,
              train.local_epochs, train.lr)
     stats = train_local(model, LabelledImages(images, state.labels), train, device, seed=seed, augment=augment,
-                        label=label, head=memory, stop_accuracy=cfg.stop_accuracy if cfg.dynamic_epochs else None)
+                        label=label, head=memory, stop_accuracy=cfg.stop_accuracy if cfg.dynamic_epochs else None,
+                        multires=multires)
     state = replace(state, slots=memory.slots.cpu(), rounds_trained=state.rounds_trained + 1)
     if cfg.relabel == "local":
         state, merged = _recluster(state, features(), cfg, per_identity)
     if merged:
         log.info("%s merged to %d clusters (-%d)", label, state.num_clusters, merged)
-    return state, RoundReport(stats=stats, merged=merged, feature_passes=passes)
+    return state, RoundReport(stats=stats, passes_per_image=multires.passes_per_image if multires else 1,
+                              merged=merged, feature_passes=passes)
 
 
 def purity_metrics(labels: torch.Tensor, hidden_pids: list[int]) -> dict[str, float]:

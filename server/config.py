@@ -30,6 +30,7 @@ from reid.data.transforms import AugmentSpec
 from reid.divergence import KLLConfig
 from reid.models import ModelSpec
 from reid.pruning import CRRConfig, PruningConfig
+from reid.raf import RAFConfig
 from reid.train import TrainConfig
 from reid.unsupervised import UnsupervisedConfig
 
@@ -64,6 +65,12 @@ def _section(cfg: DictConfig, name: str, drop: tuple[str, ...] = ()) -> dict[str
     return {k: v for k, v in values.items() if k not in drop}
 
 
+def _scales(value: Any) -> str:
+    """A YAML list of resolution scales (or a string of them) as the flat string sites receive."""
+    items = value if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else str(value).split()
+    return " ".join(str(float(item)) for item in items)
+
+
 def check_unsupervised(cfg: DictConfig) -> None:
     """FedUReID sites train without labels or a classifier: refuse the parts that need them."""
     algo = cfg.algorithm
@@ -90,10 +97,12 @@ def site_run_spec(cfg: DictConfig) -> SiteRunSpec:
         pruning=PruningConfig(**_section(cfg.algorithm, "pruning")),
         crr=CRRConfig(**_section(cfg.algorithm, "crr")),
         unsupervised=UnsupervisedConfig(**_section(cfg.algorithm, "unsupervised"), rounds=int(cfg.federation.rounds)),
+        raf=RAFConfig(**{**_section(cfg.algorithm, "raf"), "scales": _scales(cfg.algorithm.raf.scales)}),
         bn_stats=str(cfg.algorithm.bn_stats),
         seed=int(cfg.seed),
         verify_images=bool(cfg.data.verify_images),
         eval_batch_size=int(cfg.data.eval_batch_size),
+        eval_query_scales=_scales(cfg.data.eval_query_scales),
     )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reid.data.public import generate_public_set
-from reid.data.synthetic import generate_sites, site_names
+from reid.data.synthetic import FEDERATIONS, RESOLUTION_PROFILES, generate_sites, site_names
 from server.config import compose_config
 from server.flower_cli import (
     SuperLinkConnection,
@@ -58,14 +58,14 @@ class SimulationRequest:
     site_names: tuple[str, ...] = ()  # a benchmark profile's sites (folders of sites_root), in order
 
 
-def ensure_synthetic_sites(root: Path, sites: int, seed: int) -> None:
+def ensure_synthetic_sites(root: Path, sites: int, seed: int, federation: str = "synthetic") -> None:
     """Generate the synthetic sites unless every expected site folder is already there."""
-    names = site_names(sites, seed)
+    names = site_names(sites, seed, federation)
     if all((root / name / split).is_dir() for name in names for split in ("train", "query", "gallery")):
         log.info("using the synthetic sites already in %s", root)
         return
     log.info("generating %d synthetic camera sites in %s (seed %d)", sites, root, seed)
-    generate_sites(root, sites, seed, overwrite=True)
+    generate_sites(root, sites, seed, overwrite=True, federation=federation)
 
 
 def ensure_public_set(root: Path, seed: int) -> None:
@@ -168,9 +168,18 @@ def parse_args(argv: list[str] | None = None) -> SimulationRequest:
     parser.add_argument("--cpus-per-site", type=int, default=1, help="Ray CPUs reserved per simulated site")
     parser.add_argument("--gpus-per-site", type=float, default=0.0, help="Ray GPUs per site, e.g. 0.25 = 4 per GPU")
     parser.add_argument("--no-generate", action="store_true", help="never generate data; use --sites-root as is")
+    parser.add_argument("--federation", default="synthetic", choices=FEDERATIONS,
+                        help="which synthetic sites to generate: synthetic (default), or synthetic-resdrift (4 sites "
+                             "whose cameras differ in resolution; sites-root data/synthetic-resdrift, profile resdrift)")
     parser.add_argument("--flwr-home", type=Path, default=REPO_ROOT / ".flwr",
                         help="Flower's home for this simulation (config, installed app, SuperLink log)")
     args = parser.parse_args(argv)
+    if args.federation == "synthetic-resdrift":  # its own folder, all its sites, its profile, unless told otherwise
+        given = argv if argv is not None else sys.argv[1:]
+        if args.sites_root == REPO_ROOT / "data" / "synthetic":
+            args.sites_root = REPO_ROOT / "data" / args.federation
+        args.sites = args.sites if "--sites" in given else len(RESOLUTION_PROFILES)
+        args.profile = args.profile if "--profile" in given else "resdrift"
     benchmark = compose_config({"profile": args.profile, "overrides": args.overrides}).benchmark
     site_names = tuple(str(s) for s in benchmark.sites)
     if site_names:  # a benchmark profile: its prepared datasets, never generated data
@@ -178,7 +187,7 @@ def parse_args(argv: list[str] | None = None) -> SimulationRequest:
         if args.sites_root == REPO_ROOT / "data" / "synthetic" and benchmark.root:
             args.sites_root = Path(str(benchmark.root))
     if not args.no_generate:
-        ensure_synthetic_sites(args.sites_root, args.sites, args.seed)
+        ensure_synthetic_sites(args.sites_root, args.sites, args.seed, args.federation)
         ensure_public_set(args.public_root, args.seed)
     request = SimulationRequest(
         sites=args.sites, sites_root=args.sites_root, output_dir=args.output_dir,

@@ -65,7 +65,9 @@ CDW_DISTANCE = "cdw-distance"
 KL_DIVERGENCE = "kl-divergence"
 KEPT_FRACTION = "kept-fraction"
 EVAL_METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
-OPTIONAL_EVAL_METRICS = ("mAP-market",)  # Market-1501's trapezoid mAP over all queries
+COUNT_METRICS = ("num-queries", "num-gallery")  # kept per site, not averaged
+# Beyond EVAL_METRICS, every metric all sites report is averaged too: Market-1501's trapezoid mAP
+# ("mAP-market"), and under resolution drift "mAP@0.5", "rank1@0.25", ..., "drift-gap".
 REQUIRED_METRICS = {"size": (), "cdw": (CDW_DISTANCE,), "klpwa": (KL_DIVERGENCE, KEPT_FRACTION)}
 
 Refiner = Callable[[int, ArrayRecord, list[ArrayRecord]], ArrayRecord]
@@ -416,5 +418,6 @@ class FedPav(FedAvg):
             self.last_evaluate.site_metrics[name] = {k: float(v) for k, v in metrics.items()  # type: ignore[union-attr]
                                                      if not isinstance(v, list)}
         per_site = self.last_evaluate.site_metrics.values()
-        keys = [*EVAL_METRICS, *(k for k in OPTIONAL_EVAL_METRICS if all(k in m for m in per_site))]
+        common = set.intersection(*(set(m) for m in per_site)) - set(EVAL_METRICS) - set(COUNT_METRICS)
+        keys = [*EVAL_METRICS, *sorted(common)]
         return MetricRecord({key: float(np.mean([m[key] for m in per_site])) for key in keys})

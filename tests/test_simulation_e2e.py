@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,10 +40,13 @@ def _run_folder(tmp: Path) -> Path:
 
 
 def test_three_sites_two_rounds_write_every_output(tiny_sites: Path, tmp_path: Path) -> None:
+    """FedPav with RAF (every other end-to-end test runs plain FedPav), evaluated also with the
+    queries at ½ and ¼ resolution."""
     sites = tmp_path / "sites"
     shutil.copytree(tiny_sites, sites)
     (sites / "2-campus" / "train" / "0003_c1s1_999999_01.jpg").write_bytes(b"\xff\xd8 broken jpeg")
-    result = _simulate(sites, tmp_path, "--overrides", "federation.eval_at_start=true federation.eval_every=1")
+    result = _simulate(sites, tmp_path, "--algorithm", "fedpav_raf", "--overrides",
+                       "federation.eval_at_start=true federation.eval_every=1 data.eval_query_scales=[0.5,0.25]")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     folder = _run_folder(tmp_path)
     assert f"outputs: {folder}" in result.stdout
@@ -58,6 +62,14 @@ def test_three_sites_two_rounds_write_every_output(tiny_sites: Path, tmp_path: P
         assert line["train"]["seconds"] > 0 and line["seconds"] > 0
         weights = [s["weight"] for s in line["train"]["sites"].values()]
         assert sum(weights) == pytest.approx(1.0)
+        for metrics in line["train"]["sites"].values():  # full resolution plus the two RAF students
+            assert metrics["image-passes"] == 3 * (metrics["num-examples"] // 32) * 32
+    for line in lines:  # each site's drift gap, and the means the server keeps
+        for metrics in line["evaluate"]["sites"].values():
+            assert metrics["drift-gap"] == pytest.approx(metrics["mAP"] - metrics["mAP@0.25"])
+            assert 0 <= metrics["mAP@0.5"] <= 1 and 0 <= metrics["rank1@0.25"] <= 1
+        mean = line["evaluate"]["mean"]
+        assert mean["mAP@0.25"] == pytest.approx(np.mean([m["mAP@0.25"] for m in line["evaluate"]["sites"].values()]))
     assert lines[1]["train"]["sites"]["2-campus"]["corrupt-images"] == 1
     assert lines[1]["train"]["sites"]["0-mall"]["corrupt-images"] == 0
     for metrics in lines[2]["evaluate"]["sites"].values():

@@ -8,6 +8,11 @@ small CNN well below 100% Rank-1 while training clearly beats an untrained netwo
 
 Every random choice comes from a generator keyed by (seed, site, identity, camera, image), so the
 output is byte-for-byte deterministic and independent of generation order.
+
+Resolution drift (``synthetic-resdrift``): a site may carry a ``ResolutionProfile`` that fixes how
+its cameras capture: per camera, a factor by which each 128x64 box is shrunk and blown up again
+(4 = a 32x16 capture), plus its blur. Its four sites are sharp-only, low-resolution-only, mixed
+(sharp and low-resolution cameras) and medium.
 """
 
 from __future__ import annotations
@@ -38,6 +43,21 @@ VIEWS = ("front", "back", "side")
 
 
 @dataclass(frozen=True)
+class ResolutionProfile:
+    """How a site's cameras capture: camera c shrinks every box by ``factors[c % len(factors)]``
+    (then blows it back up to 128x64, bilinear) and blurs it with a radius drawn from ``blur``."""
+
+    name: str
+    factors: tuple[float, ...]
+    blur: tuple[float, float]
+
+    def capture_size(self, camera: int) -> tuple[int, int]:
+        """(height, width) the camera really captures."""
+        factor = self.factors[camera % len(self.factors)]
+        return int(OUT_HEIGHT / factor), int(OUT_WIDTH / factor)
+
+
+@dataclass(frozen=True)
 class SiteStyle:
     """What makes one camera site look unlike the others."""
 
@@ -58,6 +78,7 @@ class SiteStyle:
     num_distractors: int = 10
     num_junk: int = 4
     infrared: bool = False  # night-time infrared cameras: grey images, colour cues gone
+    resolution: ResolutionProfile | None = None  # None: each camera draws its own mild resolution loss
 
 
 DEFAULT_STYLES = (
@@ -67,6 +88,28 @@ DEFAULT_STYLES = (
     SiteStyle("airport", 40, 20, 5, 0.80, 0.40, (225, 225, 230), (180, 180, 185), (0.95, 1.30), 0.08, (0.0, 0.6), (0.80, 0.95)),
     SiteStyle("street", 28, 14, 4, 0.12, 0.50, (140, 125, 115), (85, 85, 90), (0.60, 1.20), 0.22, (0.4, 1.5), (0.68, 0.88)),
 )
+
+
+RESOLUTION_PROFILES = (
+    ResolutionProfile("sharp", (1.0,), (0.0, 0.3)),  # 128x64 cameras only
+    ResolutionProfile("lowres", (4.0,), (0.5, 1.0)),  # 32x16 cameras only, blown up and blurred
+    ResolutionProfile("mixed", (1.0, 4.0), (0.0, 0.6)),  # sharp and low-resolution cameras
+    ResolutionProfile("medium", (2.0,), (0.3, 0.7)),  # 64x32 cameras
+)
+FEDERATIONS = ("synthetic", "synthetic-resdrift")
+
+
+def federation_styles(federation: str, num_sites: int, seed: int = 0) -> list[SiteStyle]:
+    """The site styles of a named synthetic federation: ``synthetic`` (the default camera sites)
+    or ``synthetic-resdrift`` (the first sites' looks, each with one resolution profile)."""
+    if federation == "synthetic":
+        return [_style_for(i, seed) for i in range(num_sites)]
+    if federation == "synthetic-resdrift":
+        if num_sites > len(RESOLUTION_PROFILES):
+            raise ValueError(f"synthetic-resdrift has {len(RESOLUTION_PROFILES)} sites, {num_sites} were asked for")
+        return [replace(DEFAULT_STYLES[i], name=profile.name, resolution=profile)
+                for i, profile in enumerate(RESOLUTION_PROFILES[:num_sites])]
+    raise ValueError(f"unknown synthetic federation {federation!r}; choose one of {FEDERATIONS}")
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -163,13 +206,15 @@ class Camera:
     infrared: bool = False
 
 
-def make_camera(rng: np.random.Generator, style: SiteStyle) -> Camera:
-    """Draw one camera of a site: site-typical but each camera visibly different."""
+def make_camera(rng: np.random.Generator, style: SiteStyle, index: int = 0) -> Camera:
+    """Draw one camera of a site: site-typical but each camera visibly different; a site with a
+    resolution profile fixes camera ``index``'s capture size and blur (the draws stay the same, so
+    the other properties do not move)."""
     def jitter(colour: tuple[int, int, int], amount: float) -> tuple[int, int, int]:
         return tuple(int(np.clip(c + rng.normal(0, amount), 0, 255)) for c in colour)  # type: ignore[return-value]
 
     views = rng.dirichlet([1.2, 1.2, 1.0])
-    return Camera(
+    camera = Camera(
         gain=rng.uniform(*style.gain),
         cast=tuple(float(x) for x in np.clip(1 + rng.normal(0, style.cast, 3), 0.6, 1.4)),  # type: ignore[arg-type]
         gamma=rng.uniform(0.8, 1.25),
@@ -186,6 +231,10 @@ def make_camera(rng: np.random.Generator, style: SiteStyle) -> Camera:
         light_slope=rng.uniform(-0.25, 0.25),
         infrared=style.infrared,
     )
+    profile = style.resolution
+    if profile is None:
+        return camera
+    return replace(camera, low_res=profile.factors[index % len(profile.factors)], blur=rng.uniform(*profile.blur))
 
 
 def _draw_background(rng: np.random.Generator, cam: Camera) -> Image.Image:
@@ -405,7 +454,7 @@ def generate_site(
     style = style or _style_for(site_index, seed)
     site_root = Path(root)
     _prepare_split_folders(site_root, overwrite)
-    cameras = [make_camera(_rng(seed, site_index, 1, c), style) for c in range(style.num_cameras)]
+    cameras = [make_camera(_rng(seed, site_index, 1, c), style, c) for c in range(style.num_cameras)]
     summary = SiteSummary(style.name, site_root, {"train": 0, "query": 0, "gallery": 0})
     num_ids = style.num_train_ids + style.num_test_ids
     frame = 0
@@ -443,18 +492,20 @@ def generate_site(
     return summary
 
 
-def site_names(num_sites: int, seed: int = 0) -> list[str]:
+def site_names(num_sites: int, seed: int = 0, federation: str = "synthetic") -> list[str]:
     """Folder names of the sites generate_sites writes: '<index>-<style>' so they sort in order."""
-    return [f"{i}-{_style_for(i, seed).name}" for i in range(num_sites)]
+    return [f"{i}-{style.name}" for i, style in enumerate(federation_styles(federation, num_sites, seed))]
 
 
-def generate_sites(root: str | Path, num_sites: int = 3, seed: int = 0, overwrite: bool = False) -> list[SiteSummary]:
-    """Write ``num_sites`` sites under ``root``/<index>-<name>/ (refuses to touch non-empty folders
-    unless ``overwrite``)."""
+def generate_sites(root: str | Path, num_sites: int = 3, seed: int = 0, overwrite: bool = False,
+                   federation: str = "synthetic") -> list[SiteSummary]:
+    """Write ``num_sites`` sites of ``federation`` under ``root``/<index>-<name>/ (refuses to touch
+    non-empty folders unless ``overwrite``)."""
     root = Path(root)
     summaries = []
-    for index, name in enumerate(site_names(num_sites, seed)):
-        summary = generate_site(root / name, index, seed, overwrite=overwrite)
+    styles = federation_styles(federation, num_sites, seed)
+    for index, (name, style) in enumerate(zip(site_names(num_sites, seed, federation), styles)):
+        summary = generate_site(root / name, index, seed, style=style, overwrite=overwrite)
         log.info("synthetic site %s: %s", name, summary.counts)
         summaries.append(summary)
     return summaries
@@ -469,7 +520,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sites", type=int, default=3, help="number of sites")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed writes the same bytes")
     parser.add_argument("--overwrite", action="store_true", help="replace site folders that already hold images")
+    parser.add_argument("--federation", default="synthetic", choices=FEDERATIONS,
+                        help="synthetic-resdrift: four sites whose cameras differ in resolution")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for summary in generate_sites(args.out, args.sites, args.seed, overwrite=args.overwrite):
+    for summary in generate_sites(args.out, args.sites, args.seed, overwrite=args.overwrite,
+                                  federation=args.federation):
         print(f"{summary.root}: {summary.counts}")
