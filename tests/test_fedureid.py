@@ -225,3 +225,26 @@ def test_an_ema_site_starts_from_a_blend_of_the_global_and_its_last_model(tiny_s
     received, previous = torch.from_numpy(fresh[key].numpy()), torch.from_numpy(first[key].numpy())
     expected = 0.75 * received + 0.25 * previous if update == "ema" else received
     assert torch.allclose(starts[0][key], expected, atol=1e-6)
+
+
+def test_global_relabelling_clusters_with_the_received_model_before_training(tiny_site: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = replace(SPEC, unsupervised=replace(UNSUPERVISED, relabel="global"))
+    context = _context(tiny_site)
+    first = app(_message(_global(), 1, spec), context).content
+    count = first["metrics"]["num-examples"]
+    assert first["metrics"]["clusters"] == count and first["metrics"]["clusters-merged"] == 0  # nothing yet
+    seen = []
+    run_round = clients.unsupervised_site.run_round
+
+    def spy(model: torch.nn.Module, images: torch.Tensor, state: object, *args: object, **kwargs: object) -> object:
+        result = run_round(model, images, state, *args, **kwargs)  # type: ignore[arg-type]
+        seen.append((state, result[0]))
+        return result
+
+    monkeypatch.setattr(clients.unsupervised_site, "run_round", spy)
+    second = app(_message(first["arrays"], 2, spec), context).content["metrics"]
+    assert 0 < second["clusters-merged"] and second["clusters"] == count - second["clusters-merged"]
+    (before, after), = seen
+    assert before.num_clusters == count and after.merges_done == 1
+    assert second["feature-passes"] == 2 * count  # one clustering pass, at the start of the round
