@@ -15,7 +15,7 @@ from tests.deployment import Deployment
 from tests.test_simulation_e2e import _run_folder, _simulate
 
 SITES = ("0-mall", "1-station", "2-campus")
-QUICK = "algorithm.unsupervised.epochs_first=3 algorithm.unsupervised.epochs_later=1"
+QUICK = "algorithm.unsupervised.epochs_first=2 algorithm.unsupervised.epochs_later=1"
 
 
 def _with_unlabelled_campus(tiny_sites: Path, root: Path) -> Path:
@@ -44,7 +44,7 @@ def test_fedureid_simulation_clusters_every_site_and_evaluates(tiny_sites: Path,
     first, second = (r["train"]["sites"] for r in rounds)
     for site in SITES:
         images = first[site]["num-examples"]
-        assert first[site]["epochs"] <= 3 and second[site]["epochs"] == 1
+        assert first[site]["epochs"] <= 2 and second[site]["epochs"] == 1
         # personalized merging over 2 rounds: one merge, straight to images / 8 clusters
         assert first[site]["clusters"] == second[site]["clusters"] == max(1, round(images / 8))
         assert first[site]["image-passes"] > second[site]["image-passes"] > 0
