@@ -47,7 +47,7 @@ def test_fedureid_simulation_clusters_every_site_and_evaluates(tiny_sites: Path,
         assert first[site]["epochs"] <= 2 and second[site]["epochs"] == 1
         # personalized merging over 2 rounds: one merge, straight to images / 8 clusters
         assert first[site]["clusters"] == second[site]["clusters"] == max(1, round(images / 8))
-        assert first[site]["image-passes"] > second[site]["image-passes"] > 0
+        assert first[site]["image-passes"] >= second[site]["image-passes"] > 0
     assert "cluster-nmi" in first["0-mall"] and "cluster-nmi" not in first["2-campus"]  # no names to compare with
     assert set(rounds[-1]["evaluate"]["sites"]) == set(SITES)
     assert "clusters |" in (folder / "results.md").read_text()
