@@ -1,0 +1,13 @@
+"""fedreid from Python: run a federation, read a finished run, compare presets.
+
+    import fedreid
+    result = fedreid.simulate(algorithm="fedpav", sites="data/synthetic", rounds=20)
+    result.table          # per-site Rank-1/5/10, mAP, mINP of the last evaluation
+
+A thin facade over the command-line tools: the same Flower simulation as ``fedreid-sim``, the same
+run folders as a deployment writes.
+"""
+
+from fedreid.api import FedReIDError, RunFolderError, RunResult, SimulationFailed, compare, load_run, simulate
+
+__all__ = ["FedReIDError", "RunFolderError", "RunResult", "SimulationFailed", "compare", "load_run", "simulate"]
