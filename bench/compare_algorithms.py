@@ -19,8 +19,9 @@ over sites and rounds); written to compare_unsupervised.md/.png.
 With ``--federation synthetic-resdrift`` (four sites whose cameras differ in resolution, profile
 ``resdrift``: every evaluation also with the queries at ½ and ¼ resolution) the table is the
 resolution-drift one: native and ¼-resolution mAP per site, the drift gap (native minus ¼), and
-the training cost per round (image passes and seconds, summed over the sites, measured in the same
-runs); written to compare_resdrift.md/.png. Default methods: fedpav, fedpav_raf,
+the training cost per round (image passes, summed over the sites; seconds side by side in
+bench/raf_cost.py, since runs of this bench do not share a machine's load); written to
+compare_resdrift.md/.png. Default methods: fedpav, fedpav_raf,
 fedpav_multires_aug, local.
 
 Results of each (method, seed) are saved under bench/results/runs/ and reused by later runs
@@ -222,8 +223,8 @@ def resdrift_table(results: list[dict], caption: str) -> str:
     sites = sorted(results[0]["sites"])
     head = ("| method | " + " | ".join(f"{s} mAP native / ¼ / gap" for s in sites) +
             " | mean native mAP (min-max) | mean ¼ mAP | mean drift gap (min-max over seeds) | "
-            "training image passes / round | training s / round |")
-    lines = [caption, "", head, "|---|" + "---:|" * (len(sites) + 5)]
+            "training image passes / round |")
+    lines = [caption, "", head, "|---|" + "---:|" * (len(sites) + 4)]
     low = f"mAP@{LOWEST_SCALE}"
     for r in results:
         cells = " | ".join(f"{100 * r['sites'][s]['mAP']:.1f} / {100 * r['sites'][s][low]:.1f} / "
@@ -231,8 +232,7 @@ def resdrift_table(results: list[dict], caption: str) -> str:
         (low_map, high_map), (low_gap, high_gap) = r["mAP_spread"], r["gap_spread"]
         lines.append(f"| {r['method']} | {cells} | {100 * r['mean']['mAP']:.1f} ({100 * low_map:.1f}-{100 * high_map:.1f}) "
                      f"| {100 * r['mean'][low]:.1f} | {100 * r['mean']['drift-gap']:.1f} "
-                     f"({100 * low_gap:.1f}-{100 * high_gap:.1f}) | {r['cost']['image-passes'] / 1000:.1f} k "
-                     f"| {r['cost']['train-seconds']:.1f} |")
+                     f"({100 * low_gap:.1f}-{100 * high_gap:.1f}) | {r['cost']['image-passes'] / 1000:.1f} k |")
     return "\n".join(lines) + "\n"
 
 
