@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 
 matplotlib.use("Agg")
@@ -140,7 +141,8 @@ def summarise(method: str, runs: list[list[dict]]) -> dict:
         sizes = [line["train"]["bytes"]["received"] for line in lines if line.get("train")]
         uploads.append(np.mean(sizes))
         last_uploads.append(sizes[-1])
-        curves.append([(line["round"], line["evaluate"]["mean"]["mAP"]) for line in lines if line.get("evaluate")])
+        curves.append([(line["round"], np.mean([m["mAP"] for m in line["evaluate"]["sites"].values()]))
+                       for line in lines if line.get("evaluate")])
     sites = sorted(finals[0]["sites"])
     keys = [k for k in ("rank1", "mAP", f"mAP@{LOWEST_SCALE}", "drift-gap") if all(k in f["sites"][s] for f in finals
                                                                               for s in sites)]
@@ -154,6 +156,8 @@ def summarise(method: str, runs: list[list[dict]]) -> dict:
             "mAP_spread": (float(min(mean_maps)), float(max(mean_maps))), "last3_mAP": float(np.mean(last3)),
             "upload_mb": float(np.mean(uploads)) / 1e6, "last_upload_mb": float(np.mean(last_uploads)) / 1e6,
             "curve": [(r, float(np.mean([c[i][1] for c in curves]))) for i, (r, _) in enumerate(curves[0])],
+            "curve_band": [(r, float(min(c[i][1] for c in curves)), float(max(c[i][1] for c in curves)))
+                           for i, (r, _) in enumerate(curves[0])],
             "purity": {k: float(np.mean([p[k] for p in purity])) for k in purity[0]},
             "passes": {k: float(np.mean([p[k] for p in passes])) for k in passes[0]}}
 
@@ -236,14 +240,48 @@ def resdrift_table(results: list[dict], caption: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+FAMILIES = {  # one panel each; a reference method may appear in several
+    "FedReID options and baselines": ["fedpav", "fedpav_cdw", "fedpav_kd", "fedpav_cdw_kd", "fedpav_cluster", "local",
+                                      "central"],
+    "FedKLPR and its ablations": ["fedpav", "fedklpr", "fedklpr_fp16", "fedklpr_no_kll", "fedklpr_no_klaw",
+                                  "fedklpr_no_praw", "fedklpr_no_pruning", "fedklpr_no_crr"],
+    "FedUReID (no labels)": ["fedureid", "fedureid_no_personalization", "local_unsupervised", "fedpav"],
+    "Resolution drift": ["fedpav", "fedpav_raf", "fedpav_multires_aug", "local"],
+}
+MARKERS = "os^vD<>pP*Xh"
+
+
+def _style(method: str) -> dict:
+    """The same colour and marker for a method in every panel and figure, distinct across methods."""
+    index = METHODS.index(method) if method in METHODS else len(METHODS)
+    hue = (2 * index) % 20 + (index // 10) % 2  # ten hues dark, then the same ten light: neighbours differ
+    return {"color": plt.get_cmap("tab20")(hue), "marker": MARKERS[index % len(MARKERS)]}
+
+
 def plot(results: list[dict], path: Path) -> None:
-    fig, axis = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        axis.plot(*zip(*[(x, 100 * y) for x, y in r["curve"]]), marker="o", label=r["method"])
-    axis.set_xlabel("round")
-    axis.set_ylabel("mean mAP over sites (%)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    """Mean mAP over rounds, one panel per family of methods, the seeds' min-max as a band."""
+    by_method = {r["method"]: r for r in results}
+    panels = [(title, [m for m in members if m in by_method]) for title, members in FAMILIES.items()]
+    panels = [(title, members) for title, members in panels if members and not any(  # no panel inside another
+        set(members) < set(others) for _, others in panels)]
+    covered = {m for _, members in panels for m in members}
+    if set(by_method) - covered:
+        panels.append(("other", [m for m in by_method if m not in covered]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False, sharey=True)
+    for axis, (title, members) in zip(axes[0], panels):
+        for method in members:
+            r, style = by_method[method], _style(method)
+            rounds, means = zip(*[(x, 100 * y) for x, y in r["curve"]])
+            axis.plot(rounds, means, label=f"{method} ({r['seeds']} seeds)", linewidth=1.6, markersize=5, **style)
+            _, low, high = zip(*r["curve_band"])
+            axis.fill_between(rounds, [100 * v for v in low], [100 * v for v in high], color=style["color"], alpha=0.15,
+                              linewidth=0)
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("round")
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("mean mAP over sites (%); band: min-max over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
