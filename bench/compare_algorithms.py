@@ -125,12 +125,10 @@ def run_central(args: argparse.Namespace, seed: int) -> list[dict]:
 
 def summarise(method: str, runs: list[list[dict]]) -> dict:
     """Final per-site and mean Rank-1/mAP, averaged over seeds, with the spread of the mean mAP."""
-    finals, last3, uploads, last_uploads, curves, purity, passes, cost = [], [], [], [], [], [], [], []
+    finals, last3, uploads, last_uploads, curves, purity, passes, train_rounds = [], [], [], [], [], [], [], []
     for lines in runs:
-        per_round = [line["train"]["sites"].values() for line in lines if line.get("train") and "sites" in line["train"]]
-        cost.append({k: float(np.mean([sum(m.get(k, np.nan) for m in sites) for sites in per_round]))
-                     if per_round else np.nan for k in ("image-passes", "train-seconds")})
         trained = [line["train"]["sites"] for line in lines if line.get("train") and "sites" in line["train"]]
+        train_rounds.append(len(trained))
         last = trained[-1].values() if trained else [{}]  # `central` trains outside Flower
         purity.append({k: np.mean([m.get(k, np.nan) for m in last]) for k in ("cluster-f", "cluster-nmi")})
         passes.append({k: sum(m.get(k, np.nan) for sites in trained for m in sites.values())
@@ -152,7 +150,8 @@ def summarise(method: str, runs: list[list[dict]]) -> dict:
     return {"method": method, "seeds": len(runs), "sites": per_site,
             "mean": {k: float(np.mean([np.mean([f["sites"][s][k] for s in sites]) for f in finals])) for k in keys},
             "gap_spread": (float(min(gaps)), float(max(gaps))),
-            "cost": {k: float(np.mean([c[k] for c in cost])) for k in cost[0]},
+            "passes_per_round": float(np.mean([p["image-passes"] / n if n else np.nan
+                                               for p, n in zip(passes, train_rounds)])),
             "mAP_spread": (float(min(mean_maps)), float(max(mean_maps))), "last3_mAP": float(np.mean(last3)),
             "upload_mb": float(np.mean(uploads)) / 1e6, "last_upload_mb": float(np.mean(last_uploads)) / 1e6,
             "curve": [(r, float(np.mean([c[i][1] for c in curves]))) for i, (r, _) in enumerate(curves[0])],
@@ -162,41 +161,48 @@ def summarise(method: str, runs: list[list[dict]]) -> dict:
             "passes": {k: float(np.mean([p[k] for p in passes])) for k in passes[0]}}
 
 
+def markdown(caption: str, header: list[str], rows: list[list[str]]) -> str:
+    """A caption and a Markdown table: first column left-aligned, the others right-aligned."""
+    lines = [caption, "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def table(results: list[dict], caption: str) -> str:
     sites = sorted(results[0]["sites"])
-    head = "| method | " + " | ".join(f"{s} R1 / mAP" for s in sites) + \
-        " | mean R1 | mean mAP (min-max over seeds) | mean mAP, last 3 evals | upload MB / round (mean, last) |"
-    lines = [caption, "", head, "|---|" + "---:|" * (len(sites) + 4)]
+    header = ["method", *(f"{s} R1 / mAP" for s in sites), "mean R1", "mean mAP (min-max over seeds)",
+              "mean mAP, last 3 evals", "upload MB / round (mean, last)"]
+    rows = []
     for r in results:
-        cells = " | ".join(f"{100 * r['sites'][s]['rank1']:.1f} / {100 * r['sites'][s]['mAP']:.1f}" for s in sites)
         low, high = r["mAP_spread"]
         upload = ("0 (outside Flower)" if r["method"] == "central"
                   else f"{r['upload_mb']:.1f}, {r['last_upload_mb']:.1f}")
-        lines.append(f"| {r['method']} | {cells} | {100 * r['mean']['rank1']:.1f} | {100 * r['mean']['mAP']:.1f} "
-                     f"({100 * low:.1f}-{100 * high:.1f}) | {100 * r['last3_mAP']:.1f} | {upload} |")
-    return "\n".join(lines) + "\n"
+        rows.append([r["method"], *(f"{100 * r['sites'][s]['rank1']:.1f} / {100 * r['sites'][s]['mAP']:.1f}"
+                                    for s in sites),
+                     f"{100 * r['mean']['rank1']:.1f}", f"{100 * r['mean']['mAP']:.1f} ({100 * low:.1f}-{100 * high:.1f})",
+                     f"{100 * r['last3_mAP']:.1f}", upload])
+    return markdown(caption, header, rows)
 
 
 def unsupervised_table(results: list[dict], caption: str) -> str:
     """mAP / Rank-1 per site and mean, cluster purity, and computation, one row per method."""
     sites = sorted(results[0]["sites"])
-    head = ("| method | " + " | ".join(f"{s} mAP / R1" for s in sites) +
-            " | mean mAP (min-max over seeds) | mean R1 | cluster pairwise F / NMI | training image passes | "
-            "clustering feature passes |")
-    lines = [caption, "", head, "|---|" + "---:|" * (len(sites) + 5)]
+    header = ["method", *(f"{s} mAP / R1" for s in sites), "mean mAP (min-max over seeds)", "mean R1",
+              "cluster pairwise F / NMI", "training image passes", "clustering feature passes"]
 
     def count(value: float) -> str:
         return "-" if np.isnan(value) else f"{value / 1000:.1f} k"
 
+    rows = []
     for r in results:
-        cells = " | ".join(f"{100 * r['sites'][s]['mAP']:.1f} / {100 * r['sites'][s]['rank1']:.1f}" for s in sites)
         low, high = r["mAP_spread"]
         f, nmi = r["purity"]["cluster-f"], r["purity"]["cluster-nmi"]
-        purity = "- (labels)" if np.isnan(f) else f"{f:.2f} / {nmi:.2f}"
-        lines.append(f"| {r['method']} | {cells} | {100 * r['mean']['mAP']:.1f} ({100 * low:.1f}-{100 * high:.1f}) "
-                     f"| {100 * r['mean']['rank1']:.1f} | {purity} | {count(r['passes']['image-passes'])} "
-                     f"| {count(r['passes']['feature-passes'])} |")
-    return "\n".join(lines) + "\n"
+        rows.append([r["method"], *(f"{100 * r['sites'][s]['mAP']:.1f} / {100 * r['sites'][s]['rank1']:.1f}"
+                                    for s in sites),
+                     f"{100 * r['mean']['mAP']:.1f} ({100 * low:.1f}-{100 * high:.1f})", f"{100 * r['mean']['rank1']:.1f}",
+                     "- (labels)" if np.isnan(f) else f"{f:.2f} / {nmi:.2f}", count(r["passes"]["image-passes"]),
+                     count(r["passes"]["feature-passes"])])
+    return markdown(caption, header, rows)
 
 
 def cross_site(args: argparse.Namespace, method: str, seed: int) -> str:
@@ -207,9 +213,7 @@ def cross_site(args: argparse.Namespace, method: str, seed: int) -> str:
     saved = torch.load(folder / "site_models.pt", weights_only=False)
     spec, device = ModelSpec(**saved["model"]), pick_device()
     sites = {p.name: load_reid_data(p) for p in sorted(args.sites_root.iterdir()) if p.is_dir()}
-    lines = [f"`{method}` (seed {seed}): each site's model (rows) tested on every site (columns), mAP (%) with "
-             "native / ¼-resolution queries", "", "| trained on | " + " | ".join(sites) + " |",
-             "|---|" + "---:|" * len(sites)]
+    rows = []
     for trained_on, state in sorted(saved["state_dicts"].items()):
         cells = []
         for data in sites.values():
@@ -218,26 +222,27 @@ def cross_site(args: argparse.Namespace, method: str, seed: int) -> str:
             adapt_batchnorm(model, load_images([s.path for s in data.train], spec.height, spec.width), device)
             results = evaluate_at_scales(model, data, device, (float(LOWEST_SCALE),))
             cells.append(f"{100 * results[1.0].mAP:.1f} / {100 * results[float(LOWEST_SCALE)].mAP:.1f}")
-        lines.append(f"| {trained_on} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([trained_on, *cells])
+    return markdown(f"`{method}` (seed {seed}): each site's model (rows) tested on every site (columns), mAP (%) "
+                    "with native / ¼-resolution queries", ["trained on", *sites], rows)
 
 
 def resdrift_table(results: list[dict], caption: str) -> str:
     """Per method: native and ¼-resolution mAP per site, the drift gap, and what training cost."""
     sites = sorted(results[0]["sites"])
-    head = ("| method | " + " | ".join(f"{s} mAP native / ¼ / gap" for s in sites) +
-            " | mean native mAP (min-max) | mean ¼ mAP | mean drift gap (min-max over seeds) | "
-            "training image passes / round |")
-    lines = [caption, "", head, "|---|" + "---:|" * (len(sites) + 4)]
     low = f"mAP@{LOWEST_SCALE}"
+    header = ["method", *(f"{s} mAP native / ¼ / gap" for s in sites), "mean native mAP (min-max)", "mean ¼ mAP",
+              "mean drift gap (min-max over seeds)", "training image passes / round"]
+    rows = []
     for r in results:
-        cells = " | ".join(f"{100 * r['sites'][s]['mAP']:.1f} / {100 * r['sites'][s][low]:.1f} / "
-                           f"{100 * r['sites'][s]['drift-gap']:.1f}" for s in sites)
         (low_map, high_map), (low_gap, high_gap) = r["mAP_spread"], r["gap_spread"]
-        lines.append(f"| {r['method']} | {cells} | {100 * r['mean']['mAP']:.1f} ({100 * low_map:.1f}-{100 * high_map:.1f}) "
-                     f"| {100 * r['mean'][low]:.1f} | {100 * r['mean']['drift-gap']:.1f} "
-                     f"({100 * low_gap:.1f}-{100 * high_gap:.1f}) | {r['cost']['image-passes'] / 1000:.1f} k |")
-    return "\n".join(lines) + "\n"
+        rows.append([r["method"], *(f"{100 * r['sites'][s]['mAP']:.1f} / {100 * r['sites'][s][low]:.1f} / "
+                                    f"{100 * r['sites'][s]['drift-gap']:.1f}" for s in sites),
+                     f"{100 * r['mean']['mAP']:.1f} ({100 * low_map:.1f}-{100 * high_map:.1f})",
+                     f"{100 * r['mean'][low]:.1f}",
+                     f"{100 * r['mean']['drift-gap']:.1f} ({100 * low_gap:.1f}-{100 * high_gap:.1f})",
+                     f"{r['passes_per_round'] / 1000:.1f} k"])
+    return markdown(caption, header, rows)
 
 
 FAMILIES = {  # one panel each; a reference method may appear in several
