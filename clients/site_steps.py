@@ -101,11 +101,14 @@ def evaluation(model: ReIDNet, data: ReIDData, spec: SiteRunSpec, device: torch.
 
 def training_reply(model: ReIDNet, content: RecordDict, context: Context, spec: SiteRunSpec, location: SiteLocation,
                    metrics: dict[str, float], evaluated: MetricRecord | None,
-                   masks: dict[str, np.ndarray] | None = None) -> RecordDict:
+                   masks: dict[str, np.ndarray] | None = None, keep_shared_as: str | None = None) -> RecordDict:
     """Keep the LOCAL part of the trained model in ``context.state`` (and on disk), and answer with
-    the SHARED part: pruned tensors in the sparse encoding, packed when the server sent it packed."""
+    the SHARED part: pruned tensors in the sparse encoding, packed when the server sent it packed.
+    ``keep_shared_as``: also keep the SHARED part in the state under that key (FedUReID's ema)."""
     shared, local = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, spec.bn_stats)
     context.state[LOCAL_STATE_KEY] = ArrayRecord(local)
+    if keep_shared_as is not None:
+        context.state[keep_shared_as] = ArrayRecord(shared)
     persist_site_state(context, site_state_file(content, context))
     arrays = encode_record({k: v.numpy() for k, v in shared.items()}, masks or {}, spec.pruning.value_dtype)
     if is_packed(content["arrays"]):  # answer in the form the server chose

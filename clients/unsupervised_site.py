@@ -23,7 +23,7 @@ from clients.site_steps import evaluation, load_received, restore_local_state, t
 from reid.config import SiteRunSpec
 from reid.data.dataset import ReIDData
 from reid.data.tensor_cache import cache_key, load_images
-from reid.models import build_model, split_state
+from reid.models import build_model
 from reid.raf import MultiResolution
 from reid.seeding import stable_seed
 from reid.unsupervised import ClusterState, blend_states, purity_metrics, run_round
@@ -79,7 +79,7 @@ def train_unsupervised(content: RecordDict, context: Context, spec: SiteRunSpec,
         previous = context.state[PREVIOUS_LOCAL_KEY].to_torch_state_dict()
         model.load_state_dict(blend_states(received, previous, cfg.ema_local), strict=False)
     images = load_images(paths, spec.model.height, spec.model.width, image_cache_dir(context),
-                         spec.train.num_workers, label=site)
+                         spec.train.num_workers, label=site, key=fingerprint)
     own_estimate = context.node_config.get(IMAGES_PER_IDENTITY)
     torch.manual_seed(stable_seed(spec.seed, site, server_round, "train"))  # dropout (augmentation has its own)
     clusters, report = run_round(model, images, clusters, cfg, spec.train, device,
@@ -88,9 +88,6 @@ def train_unsupervised(content: RecordDict, context: Context, spec: SiteRunSpec,
                                  label=f"[{site} round {server_round}]",
                                  multires=MultiResolution(spec.raf) if spec.raf.enabled else None)
     save_cluster_state(context.state, clusters, fingerprint)
-    if cfg.update == "ema":
-        shared = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, spec.bn_stats)[0]
-        context.state[PREVIOUS_LOCAL_KEY] = ArrayRecord(shared)
     stats = report.stats
     metrics: dict[str, float] = {
         "num-examples": len(images),
@@ -108,4 +105,5 @@ def train_unsupervised(content: RecordDict, context: Context, spec: SiteRunSpec,
     }
     if device.type == "cuda":
         metrics["gpu-peak-mb"] = torch.cuda.max_memory_allocated(device) / 1e6
-    return training_reply(model, content, context, spec, location, metrics, evaluated)
+    return training_reply(model, content, context, spec, location, metrics, evaluated,
+                          keep_shared_as=PREVIOUS_LOCAL_KEY if cfg.update == "ema" else None)

@@ -49,10 +49,8 @@ def adapt_batchnorm(model: ReIDNet, images: torch.Tensor, device: torch.device, 
         module.reset_running_stats()
         module.momentum = None
     model.to(device).train()
-    for start in range(0, len(images) - 1, batch_size):  # a batch of one has no batch statistics
-        batch = images[start:start + batch_size]
-        if len(batch) > 1:
-            model.features(normalise(batch.to(device, non_blocking=True)))
+    for start in range(0, len(images) - 1, batch_size):  # stops short of a last batch of one (no statistics)
+        model.features(normalise(images[start:start + batch_size].to(device, non_blocking=True)))
     for module, momentum in zip(norms, saved):
         module.momentum = momentum
     model.eval()

@@ -87,9 +87,10 @@ def _write(file: Path, images: torch.Tensor) -> None:
 
 
 def load_images(paths: Sequence[Path], height: int, width: int, cache_dir: Path | None = None,
-                workers: int = 4, label: str = "") -> torch.Tensor:
-    """The decoded images (host memory), from this process's memo, the disk cache, or PIL."""
-    key = cache_key(paths, height, width)
+                workers: int = 4, label: str = "", key: str | None = None) -> torch.Tensor:
+    """The decoded images (host memory), from this process's memo, the disk cache, or PIL.
+    ``key``: their ``cache_key``, when the caller has it already (one stat per file, not two)."""
+    key = key or cache_key(paths, height, width)
     if key in _IN_PROCESS:
         _IN_PROCESS.move_to_end(key)
         return _IN_PROCESS[key]
