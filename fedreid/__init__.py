@@ -4,10 +4,15 @@
     result = fedreid.simulate(algorithm="fedpav", sites="data/synthetic", rounds=20)
     result.table          # per-site Rank-1/5/10, mAP, mINP of the last evaluation
 
+    @fedreid.register_backbone("tiny")   # your own nn.Module as the backbone: model.backbone=tiny
+    def tiny() -> torch.nn.Module: ...
+
 A thin facade over the command-line tools: the same Flower simulation as ``fedreid-sim``, the same
 run folders as a deployment writes.
 """
 
 from fedreid.api import FedReIDError, RunFolderError, RunResult, SimulationFailed, compare, load_run, simulate
+from reid.backbones import register_backbone
 
-__all__ = ["FedReIDError", "RunFolderError", "RunResult", "SimulationFailed", "compare", "load_run", "simulate"]
+__all__ = ["FedReIDError", "RunFolderError", "RunResult", "SimulationFailed", "compare", "load_run",
+           "register_backbone", "simulate"]

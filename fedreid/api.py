@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from reid.backbones import registered_factory, save_factory
 from server.config import compose_config
 from server.outputs import CHECKPOINT_FILE, CONFIG_FILE
 from server.simulate import SimulationError, parse_args, run_simulation
@@ -107,17 +108,28 @@ def _overrides(overrides: Mapping[str, Any] | str | None, rounds: int | None) ->
     return " ".join(p for p in parts if p)
 
 
-def _preflight(algorithm: str, profile: str, overrides: str, sites: Path, generate: bool) -> None:
+def _preflight(algorithm: str, profile: str, overrides: str, sites: Path, generate: bool) -> Any:
     """Refuse, before any process starts, what would only fail inside the run: an unknown preset or
-    profile, a bad override, a sites folder that is not there."""
+    profile, a bad override, a sites folder that is not there. Returns the composed configuration."""
     try:
-        compose_config({"algorithm": algorithm, "profile": profile, "overrides": overrides})
+        cfg = compose_config({"algorithm": algorithm, "profile": profile, "overrides": overrides})
     except Exception as error:  # Hydra raises several types; each names what it could not find
         raise FedReIDError(f"cannot compose algorithm={algorithm!r} profile={profile!r} overrides={overrides!r}: "
                            f"{error}") from None
     if not generate and not sites.is_dir():
         raise FedReIDError(f"sites folder {sites.resolve()} does not exist; it must hold one folder per site, "
                            f"each with train/, query/ and gallery/ (or pass generate=True for synthetic sites)")
+    return cfg
+
+
+def _ship_registered_backbone(cfg: Any, output_dir: Path) -> str:
+    """The override that lets the simulation's processes build a backbone registered in this one:
+    its factory, written by value next to the runs (empty when no registered backbone is used)."""
+    name = cfg.model.backbone
+    if cfg.model.get("backbone_factory") or registered_factory(name) is None:
+        return ""
+    path = save_factory(name, output_dir.resolve() / "backbones" / f"{name}.pkl")
+    return f"model.backbone_factory={path}"
 
 
 def simulate(algorithm: str = "fedpav", sites: str | Path = "data/synthetic", *, rounds: int | None = None,
@@ -137,9 +149,10 @@ def simulate(algorithm: str = "fedpav", sites: str | Path = "data/synthetic", *,
     if not generate:
         argv.append("--no-generate")
     text = _overrides(overrides, rounds)
+    cfg = _preflight(algorithm, profile, text, Path(sites), generate)
+    text = " ".join(part for part in (text, _ship_registered_backbone(cfg, Path(output_dir))) if part)
     if text:
         argv += ["--overrides", text]
-    _preflight(algorithm, profile, text, Path(sites), generate)
     try:
         request = parse_args(argv)
         folder = run_simulation(request)

@@ -1,4 +1,4 @@
-"""ReIDNet: torchvision backbone -> 512-d bottleneck -> per-site identity classifier.
+"""ReIDNet: backbone (reid.backbones) -> 512-d bottleneck -> per-site identity classifier.
 
 The module also declares the one rule that decides which state keys travel between a site and
 the server (SHARED) and which never leave the site (LOCAL): the identity classifier is LOCAL,
@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 from torch.hub import load_state_dict_from_url
 from torchvision import models as tvm
-from torchvision.models.resnet import BasicBlock, ResNet
+
+from reid.backbones import build_backbone, set_last_stride
 
 log = logging.getLogger(__name__)
 
@@ -26,19 +26,6 @@ BN_STATS_SUFFIXES = ("running_mean", "running_var")
 BN_COUNTER_SUFFIX = "num_batches_tracked"
 BN_STATS_POLICIES = ("average", "local")
 IMAGENET = "imagenet"  # model.pretrained=imagenet: torchvision's weights by name
-
-
-def _resnet10() -> ResNet:
-    """torchvision's ResNet with one BasicBlock per stage: a quick CPU backbone for tests and demos."""
-    return ResNet(BasicBlock, [1, 1, 1, 1])
-
-
-BACKBONES: dict[str, tuple[Callable[[], ResNet], int]] = {
-    "resnet10": (_resnet10, 512),
-    "resnet18": (lambda: tvm.resnet18(weights=None), 512),
-    "resnet34": (lambda: tvm.resnet34(weights=None), 512),
-    "resnet50": (lambda: tvm.resnet50(weights=None), 2048),
-}
 
 
 @dataclass(frozen=True)
@@ -51,15 +38,7 @@ class ModelSpec:
     dropout: float = 0.5
     height: int = 256
     width: int = 128
-
-
-def _set_last_stride(net: ResNet, stride: int) -> None:
-    """Stride of layer4's first block (stride 1 doubles the final feature map, as in BoT)."""
-    block = net.layer4[0]
-    conv = block.conv2 if hasattr(block, "conv3") else block.conv1  # Bottleneck strides conv2
-    conv.stride = (stride, stride)
-    if block.downsample is not None:
-        block.downsample[0].stride = (stride, stride)
+    backbone_factory: str = ""  # your own backbone: "package.module:function" (see reid.backbones)
 
 
 class ReIDNet(nn.Module):
@@ -67,15 +46,13 @@ class ReIDNet(nn.Module):
 
     def __init__(self, spec: ModelSpec, num_classes: int = 0) -> None:
         super().__init__()
-        if spec.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {spec.backbone!r}; choose one of {sorted(BACKBONES)}")
-        build, feat_dim = BACKBONES[spec.backbone]
+        built = build_backbone(spec.backbone, spec.height, spec.width, spec.backbone_factory or "")
         self.spec = spec
-        self.backbone = build()
-        self.backbone.fc = nn.Identity()
-        _set_last_stride(self.backbone, spec.last_stride)
+        self.backbone = built.module
+        self._feature_map, self._pool = built.feature_map, built.pool
+        set_last_stride(self.backbone, spec.last_stride)
         self.bottleneck = nn.Sequential(
-            nn.Linear(feat_dim, spec.bottleneck_dim),
+            nn.Linear(built.dim, spec.bottleneck_dim),
             nn.BatchNorm1d(spec.bottleneck_dim),
             nn.Dropout(spec.dropout),
         )
@@ -97,18 +74,15 @@ class ReIDNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The 512-d bottleneck output (after BN; dropout acts only in train mode)."""
-        return self.bottleneck(self.backbone(x))
+        return self.bottleneck(self._pool(self.backbone, self.feature_map(x)))
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's last spatial feature map [B, C, h, w] (before pooling): what RAF distils."""
-        net = self.backbone
-        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+        """The backbone's last feature map [B, C, h, w] (before pooling): what RAF distils."""
+        return self._feature_map(self.backbone, x)
 
     def embedding(self, feature_map: torch.Tensor) -> torch.Tensor:
         """Pooled, projected and batch-normalised ``feature_map``: ``features`` before dropout."""
-        pooled = torch.flatten(self.backbone.avgpool(feature_map), 1)
-        return self.bottleneck[1](self.bottleneck[0](pooled))
+        return self.bottleneck[1](self.bottleneck[0](self._pool(self.backbone, feature_map)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Identity logits when a classifier is attached, else the bottleneck feature."""
@@ -131,8 +105,8 @@ def imagenet_state_dict(backbone: str) -> tuple[dict[str, torch.Tensor], str]:
     try:
         weights = tvm.get_model_weights(backbone).DEFAULT
     except ValueError:
-        raise ValueError(f"torchvision has no ImageNet weights for backbone {backbone!r}; use model=resnet50 "
-                         f"(or another torchvision ResNet) with model.pretrained=imagenet") from None
+        raise ValueError(f"torchvision has no ImageNet weights for backbone {backbone!r}; model.pretrained=imagenet "
+                         f"needs a torchvision classification model by name (resnet50, convnext_tiny, ...)") from None
     try:
         return load_state_dict_from_url(weights.url, progress=True, check_hash=True), weights.url
     except Exception as error:  # URLError, timeouts, a hash mismatch, a full disk: all end the same way

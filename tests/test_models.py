@@ -88,8 +88,8 @@ def test_pretrained_file_errors_are_clear(tmp_path: Path) -> None:
     torch.save(resnet18(weights=None).state_dict(), wrong)
     with pytest.raises(ValueError, match="does not fit backbone resnet50"):
         build_model(ModelSpec(backbone="resnet50"), pretrained=wrong)
-    with pytest.raises(ValueError, match="unknown backbone"):
-        build_model(ModelSpec(backbone="vgg16"))
+    with pytest.raises(ValueError, match="unknown backbone 'resnet5000'"):
+        build_model(ModelSpec(backbone="resnet5000"))
 
 
 def test_imagenet_weights_by_name_are_fetched_through_the_torch_cache(monkeypatch: pytest.MonkeyPatch) -> None:
