@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-load gpu-check bench venv clean
+.PHONY: demo test test-load test-browser gpu-check bench venv clean
 
 # Re-install only when the dependency list changes; the stamp is written after a successful install.
 $(STAMP): pyproject.toml
@@ -27,6 +28,13 @@ test: $(STAMP)
 ## Load tests (not in `make test`): 20 SuperNodes over TLS, 100 simulated sites; figures on stdout.
 test-load: $(STAMP)
 	$(BIN)/python -m pytest -m load -s -q
+
+## report.html rendered by headless Chromium (Debian's chromium package, installed here when missing);
+## the screenshot lands in outputs/report-screenshot.png.
+test-browser: $(STAMP)
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	$(BIN)/python -m pytest -m browser -s -q
 
 ## On a CUDA machine: the tests that need no Ray, then a TLS deployment per algorithm with ResNet-50 on the GPU.
 gpu-check: $(STAMP)

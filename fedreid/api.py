@@ -14,10 +14,9 @@ from typing import Any, Mapping, Sequence
 
 from reid.backbones import registered_factory, save_factory
 from server.config import compose_config
-from server.outputs import CHECKPOINT_FILE, CONFIG_FILE
+from server.outputs import CHECKPOINT_FILE, CONFIG_FILE, TABLE_KEYS
+from server.report import REPORT_FILE
 from server.simulate import SimulationError, parse_args, run_simulation
-
-TABLE_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP", "mAP-market")
 
 
 class FedReIDError(RuntimeError):
@@ -44,6 +43,12 @@ class RunResult:
     def checkpoint(self) -> Path | None:
         """The global model of the last recorded round (``global_model.pt``), if written."""
         path = self.run_dir / CHECKPOINT_FILE
+        return path if path.is_file() else None
+
+    @property
+    def report(self) -> Path | None:
+        """``report.html``: table, figures, bytes, incidents and configuration in one page."""
+        path = self.run_dir / REPORT_FILE
         return path if path.is_file() else None
 
     @property

@@ -21,6 +21,7 @@ from server.faults import pause_point
 from server.outputs import CHECKPOINT_FILE, CONFIG_FILE, PLOT_FILE, RunOutputs, hold_run_folder, make_run_dir
 from server.plots import plot_site_metrics
 from server.public_steps import PublicSteps
+from server.report import write_report
 from server.resume import ResumePoint, find_run_folder, load_resume_point
 from server.rounds import FederationRunner
 from server.telemetry import FederationGauges
@@ -160,6 +161,7 @@ def main(grid: Grid, context: Context) -> None:
             outputs.save_site_models(strategy.site_models, strategy.site_nodes, server_round, spec.model, extra)
         if record.get("evaluate"):
             plot_site_metrics(outputs.rounds, outputs.folder / PLOT_FILE, title=f"{cfg.algorithm.name}")
+            write_report(outputs.folder)
         gauges.record_round(record)
 
     site_config = ConfigRecord({**spec.to_flat(), RUN_TAG_KEY: outputs.folder.name,
@@ -170,6 +172,7 @@ def main(grid: Grid, context: Context) -> None:
     arrays = point.arrays if point.arrays is not None else initial_arrays(cfg)
     runner.run(arrays, first_round=point.next_round, start_evaluated=any(r["round"] == 0 for r in point.rounds))
     table = outputs.write_table(_site_info(outputs))
+    report = write_report(outputs.folder)
     log(INFO, "\n%s", table)
-    log(INFO, "run finished in %.0f s; results, %s and %s are in %s", time.time() - started, CHECKPOINT_FILE,
-        PLOT_FILE, outputs.folder)
+    log(INFO, "run finished in %.0f s; results, %s, %s and %s are in %s", time.time() - started, CHECKPOINT_FILE,
+        PLOT_FILE, report.name, outputs.folder)

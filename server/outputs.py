@@ -6,6 +6,7 @@
 ``site_models.pt`` with clustering: the model each site trains from next
 ``metrics.png``    Rank-1 and mAP per site over rounds
 ``config.yaml``    the composed configuration
+``report.html``    all of the above for a person, in one self-contained page (server/report.py)
 """
 
 from __future__ import annotations
@@ -132,25 +133,33 @@ class RunOutputs:
         return text
 
 
+TABLE_HEADER = ("site", "train images", "identities", "Rank-1", "Rank-5", "Rank-10", "mAP", "mINP", "mAP (Market)")
+TABLE_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP", "mAP-market")
+
+
+def table_rows(sites: dict[str, dict[str, float]], site_info: dict[str, dict[str, float]]) -> list[list[str]]:
+    """The per-site rows under ``TABLE_HEADER`` (metrics in percent, one decimal) and a mean row. An
+    unsupervised site reports no identities: its column shows the clusters it found instead."""
+    rows = []
+    for name in sorted(sites):
+        info = site_info.get(name, {})
+        identities = (str(int(info["num-identities"])) if "num-identities" in info
+                      else f"{int(info['clusters'])} clusters" if "clusters" in info else "")
+        rows.append([name, str(int(info.get("num-examples", 0))), identities,
+                     *(f"{100 * sites[name].get(k, float('nan')):.1f}" for k in TABLE_KEYS)])
+    rows.append(["mean", "", "", *(f"{100 * sum(m.get(k, float('nan')) for m in sites.values()) / len(sites):.1f}"
+                                   for k in TABLE_KEYS)])
+    return rows
+
+
 def format_table(server_round: int, sites: dict[str, dict[str, float]], site_info: dict[str, dict[str, float]]) -> str:
-    """Per-site Rank-1/5/10, mAP, mINP in percent, with training-set sizes and a mean row. An
-    unsupervised site reports no identities: its column shows the clusters it found instead.
+    """Per-site Rank-1/5/10, mAP, mINP in percent, with training-set sizes and a mean row, in Markdown.
 
     ``mAP`` is torchreid's (valid queries only); ``mAP (Market)`` is the original Market-1501
     trapezoid AP over all queries, which the FedReID code reports (see reid/metrics.py)."""
-    lines = [
-        f"Per-site results after round {server_round} (global model, each site's own query/gallery)",
-        "",
-        "| site | train images | identities | Rank-1 | Rank-5 | Rank-10 | mAP | mINP | mAP (Market) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    keys = ("rank1", "rank5", "rank10", "mAP", "mINP", "mAP-market")
-    for name in sorted(sites):
-        info = site_info.get(name, {})
-        values = " | ".join(f"{100 * sites[name].get(k, float('nan')):.1f}" for k in keys)
-        identities = (str(int(info["num-identities"])) if "num-identities" in info
-                      else f"{int(info['clusters'])} clusters" if "clusters" in info else "")
-        lines.append(f"| {name} | {int(info.get('num-examples', 0))} | {identities} | {values} |")
-    means = " | ".join(f"{100 * sum(m.get(k, float('nan')) for m in sites.values()) / len(sites):.1f}" for k in keys)
-    lines.append(f"| **mean** | | | {means} |")
+    rows = table_rows(sites, site_info)
+    rows[-1][0] = "**mean**"
+    lines = [f"Per-site results after round {server_round} (global model, each site's own query/gallery)", "",
+             "| " + " | ".join(TABLE_HEADER) + " |", "|---|" + "---:|" * (len(TABLE_HEADER) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"

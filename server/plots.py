@@ -27,7 +27,7 @@ def plot_site_metrics(rounds: list[dict[str, Any]], path: Path, title: str = "")
             axis.plot(*zip(*points), marker="o", label=site)
         means = [(r["round"], 100 * r["evaluate"]["mean"][key]) for r in evaluated if r["evaluate"].get("mean")]
         if means:
-            axis.plot(*zip(*means), linestyle="--", color="black", label="mean")
+            axis.plot(*zip(*means), linestyle="--", marker="x", color="black", label="mean")
         axis.set_ylabel(label)
     axes[1].legend(loc="lower right", fontsize=8)
     trained = [r for r in rounds if (r.get("train") or {}).get("bytes")]
@@ -41,9 +41,14 @@ def plot_site_metrics(rounds: list[dict[str, Any]], path: Path, title: str = "")
     axes[2].set_ylim(0, 1.2 * top if top > 0 else 1)
     if trained:
         axes[2].legend(loc="lower right", fontsize=8)
+    recorded = sorted({r["round"] for r in rounds})
     for axis in axes:
         axis.set_xlabel("round")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(recorded) <= 12:  # few rounds: a tick at each (one round alone would get fractional ticks)
+            axis.set_xticks(recorded)
+            axis.set_xlim(recorded[0] - 0.5, recorded[-1] + 0.5)
+        else:
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

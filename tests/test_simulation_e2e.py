@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import socket
@@ -90,6 +91,12 @@ def test_three_sites_two_rounds_write_every_output(tiny_sites: Path, tmp_path: P
 
     assert (folder / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "model:" in (folder / "config.yaml").read_text()
+    report = (folder / "report.html").read_text()  # one page, the figure inside it, no script
+    assert base64.b64encode((folder / "metrics.png").read_bytes()).decode() in report and "<script" not in report
+    assert all(f"<td>{name}</td>" in report for name in names) and "fedpav_raf, resnet10 at 64x32" in report
+    mb_up = f"{lines[2]['train']['bytes']['received'] / 1e6:.2f}"
+    assert f"<tr><td>2</td><td>3</td>" in report and f"<td>{mb_up}</td>" in report
+    assert "None: every site that was asked answered" in report
     assert _port_is_closed(tmp_path / "flwr-home")
 
 
@@ -110,6 +117,8 @@ def test_a_site_that_fails_is_left_out_and_the_run_goes_on(tiny_sites: Path, tmp
     assert [row["site"] for row in result.table] == ["0-mall", "2-campus"]
     assert result.table[0]["mAP"] == pytest.approx(100 * line["evaluate"]["sites"]["0-mall"]["mAP"])
     assert result.checkpoint is not None and result.checkpoint.is_file()
+    report = result.report.read_text()  # the rejected site and its reason, for a person
+    assert "<td>rejected</td><td><details><summary>" in report and "missing gallery folder" in report
     assert fedreid.load_run(result.run_dir).history == result.history
     with pytest.raises(fedreid.RunFolderError, match="no metrics.jsonl"):
         fedreid.load_run(tmp_path)
