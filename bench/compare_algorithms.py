@@ -292,6 +292,50 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (fewer bytes, higher mAP), by bytes."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -np.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_bytes_against_map(results: list[dict], path: Path) -> None:
+    """Mean upload MB per round against final mean mAP, one point per method with the seeds' min-max
+    as error bars, and the Pareto front; ``central`` moves no bytes and is drawn as a reference line."""
+    shown = [r for r in results if r["method"] != "central"]
+    points = [(r["upload_mb"], 100 * r["mean"]["mAP"]) for r in shown]
+    fig, axis = plt.subplots(figsize=(8.5, 5.6))
+    front = pareto_front(points)
+    axis.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="grey",
+              linestyle="--", linewidth=1.2, label="Pareto front (fewer bytes, higher mAP)", zorder=1)
+    top = max(x for x, _ in points)
+    same = {}  # methods that move the same bytes (every FedPav option) are spread sideways to stay legible
+    for index, (x, _) in enumerate(points):
+        same.setdefault(round(x / (0.02 * top)), []).append(index)
+    offsets = {i: (k - (len(group) - 1) / 2) * 0.012 * top for group in same.values() for k, i in enumerate(group)}
+    for index, (r, (x, y)) in enumerate(zip(shown, points)):
+        low, high = (100 * v for v in r["mAP_spread"])
+        style = _style(r["method"])
+        axis.errorbar(x + offsets[index], y, yerr=[[y - low], [high - y]], fmt=style["marker"], color=style["color"], markersize=8,
+                      capsize=3, label=r["method"], zorder=2)
+    for r in results:
+        if r["method"] == "central":
+            axis.axhline(100 * r["mean"]["mAP"], color=_style("central")["color"], linestyle=":",
+                         label="central (pooled data, no bytes)")
+    axis.set_xlabel("mean upload per training round, all sites (MB); equal bytes drawn side by side")
+    axis.set_ylabel("final mean mAP over sites (%); bars: min-max over seeds")
+    axis.set_xlim(0, 1.1 * top)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS)
@@ -343,8 +387,12 @@ def main() -> None:
         text += "\n" + cross_site(args, "local", args.seeds[0])
     (args.out / f"{name}.md").write_text(text)
     plot(results, args.out / f"{name}.png")
+    written = [args.out / f"{name}.md", args.out / f"{name}.png"]
+    if name == "compare_algorithms":
+        plot_bytes_against_map(results, args.out / "bytes_vs_map.png")
+        written.append(args.out / "bytes_vs_map.png")
     print("\n" + text)
-    print(f"written: {args.out / f'{name}.md'}, {args.out / f'{name}.png'}")
+    print("written: " + ", ".join(str(p) for p in written))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from server.progress import RoundProgress
 
 
 UNREACHABLE = "Connection to the SuperLink is unavailable"  # what the flwr CLI says when it cannot connect
@@ -132,17 +135,40 @@ class SuperLinkConnection:
 
     def flwr(self, *args: str, timeout: float | None = 300, stream: bool = False,
              attempts: int = 4) -> subprocess.CompletedProcess[str]:
-        """Run `flwr ARGS` (output captured unless ``stream``; ``timeout`` None = no limit). When the CLI
-        could not reach the SuperLink at all (a busy machine, a SuperLink still starting), the same call
-        is tried again, up to ``attempts`` times: nothing happened on the SuperLink's side."""
+        """Run `flwr ARGS` (output captured unless ``stream``: then its lines go through a progress bar
+        over the rounds; ``timeout`` None = no limit). When the CLI could not reach the SuperLink at
+        all (a busy machine, a SuperLink still starting), the same call is tried again, up to
+        ``attempts`` times: nothing happened on the SuperLink's side."""
+        if stream:
+            return self._stream(args, timeout)
         for attempt in range(1, attempts + 1):
             done = subprocess.run([console_script("flwr"), *args], env=flwr_environment(self.home), text=True,
-                                  capture_output=not stream, timeout=timeout, check=False)
-            if stream or UNREACHABLE not in (done.stdout or "") + (done.stderr or ""):
+                                  capture_output=True, timeout=timeout, check=False)
+            if UNREACHABLE not in done.stdout + done.stderr:
                 break
             if attempt < attempts:
                 time.sleep(2.0 * attempt)
         return done
+
+    def _stream(self, args: tuple[str, ...], timeout: float | None) -> subprocess.CompletedProcess[str]:
+        """`flwr ARGS` with its output shown line by line as it comes (see server/progress.py)."""
+        command = [console_script("flwr"), *args]
+        with subprocess.Popen(command, env=flwr_environment(self.home), text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, bufsize=1) as process, RoundProgress() as progress:
+            assert process.stdout is not None
+            timer = threading.Timer(timeout, process.kill) if timeout is not None else None
+            if timer is not None:
+                timer.start()
+            try:
+                for line in process.stdout:
+                    progress.feed(line)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            code = process.wait()
+        if timeout is not None and code < 0:
+            raise subprocess.TimeoutExpired(command, timeout)
+        return subprocess.CompletedProcess(command, code)
 
     def online_nodes(self) -> int:
         try:
