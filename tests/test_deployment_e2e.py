@@ -15,6 +15,7 @@ from typing import Callable
 import pytest
 import torch
 
+import fedreid
 from server.certs import create
 from server.flower_cli import free_port
 from tests.deployment import Deployment
@@ -83,6 +84,12 @@ def test_tls_federation_names_sites_by_their_registered_keys(tiny_sites: Path, t
     assert (folder / "global_model.pt").stat().st_size > 1_000_000
     saved = list((tmp_path / "site-state" / "1-station").glob("*.state"))  # where a restarted box finds it
     assert [p.name for p in saved] == [f"{folder.name}.state"]
+
+    result = fedreid.load_run(folder)  # a deployment's folder reads back as a simulation's does
+    assert result.rounds == 1 and [row["site"] for row in result.table] == ["1-station"]
+    assert result.table[0]["mAP"] == pytest.approx(100 * line["evaluate"]["sites"]["1-station"]["mAP"])
+    assert result.checkpoint == folder / "global_model.pt" and "federation:" in result.config_text
+    assert "claimed by more than one node" in result.report.read_text()  # the page names the turned-away site
 
 
 def test_client_launcher_refuses_a_wrong_layout_before_connecting(tmp_path: Path, tiny_site: Path) -> None:
