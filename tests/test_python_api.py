@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import fedreid
+
 pytestmark = pytest.mark.ray
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -47,19 +49,38 @@ def test_the_three_line_example_runs_and_returns_the_table(tiny_sites: Path, tmp
     assert "'site': '0-mall'" in capsys.readouterr().out  # what print(result.table) shows
 
 
-def test_a_registered_backbone_trains_one_simulated_round(tiny_sites: Path, tmp_path: Path) -> None:
-    """The factory is defined here, in this process; the sites and the server run in others."""
+def test_a_registered_backbone_trains_and_a_broken_site_is_left_out(tiny_sites: Path, tmp_path: Path) -> None:
+    """The README's own-backbone example: the factory is defined here, in this process; the sites and
+    the server run in others. One site has no gallery: it is rejected with its reason, the others go on."""
     code = readme_examples()[1]
     assert "@fedreid.register_backbone" in code
-    namespace = run_example(code, copy_sites(tiny_sites, tmp_path), tmp_path)
-    result = namespace["result"]
+    sites = copy_sites(tiny_sites, tmp_path)
+    shutil.rmtree(sites / "1-station" / "gallery")
+    result = run_example(code, sites, tmp_path)["result"]
     assert "backbone: tiny_cnn" in result.config_text
     shipped = tmp_path / "outputs" / "backbones" / "tiny_cnn.pkl"
     assert f"backbone_factory: {shipped}" in result.config_text and shipped.is_file()
-    trained = [r for r in result.history if r.get("round") == 1 and r.get("train")]
-    assert trained and trained[0]["train"]["aggregate"]["sites-accepted"] == 3, trained
     # The model the sites trained is the README's network: its conv shapes are in the checkpoint.
     state = torch.load(result.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     assert tuple(state["backbone.3.weight"].shape) == (64, 32, 3, 3)
     assert tuple(state["bottleneck.0.weight"].shape) == (512, 64)
-    assert [row["site"] for row in result.table] == ["0-mall", "1-station", "2-campus"]
+
+    assert result.rounds == 1
+    line = result.history[-1]
+    assert set(line["train"]["sites"]) == {"0-mall", "2-campus"} and line["train"]["aggregate"]["sites-accepted"] == 2
+    (reason,) = line["train"]["rejected"].values()
+    assert "missing gallery folder" in reason and "1-station" in reason
+    assert [row["site"] for row in result.table] == ["0-mall", "2-campus"]
+    assert result.table[0]["mAP"] == pytest.approx(100 * line["evaluate"]["sites"]["0-mall"]["mAP"])
+    report = result.report.read_text()  # the rejected site and its reason, for a person
+    assert "<td>rejected</td><td><details><summary>missing gallery folder" in report
+    assert fedreid.load_run(result.run_dir).history == result.history
+
+
+def test_mistakes_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    with pytest.raises(fedreid.RunFolderError, match="no metrics.jsonl"):
+        fedreid.load_run(tmp_path)
+    with pytest.raises(fedreid.FedReIDError, match="fedpav_typo"):
+        fedreid.simulate("fedpav_typo", tmp_path, profile="test", generate=False)
+    with pytest.raises(fedreid.FedReIDError, match="does not exist"):
+        fedreid.simulate("fedpav", tmp_path / "nowhere", profile="test", generate=False)

@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-import fedreid
-
 from reid.models import ModelSpec, build_model, shared_state
 
 pytestmark = pytest.mark.ray  # Ray's simulation engine: left out by `make gpu-check`
@@ -98,31 +96,3 @@ def test_three_sites_two_rounds_write_every_output(tiny_sites: Path, tmp_path: P
     assert f"<tr><td>2</td><td>3</td>" in report and f"<td>{mb_up}</td>" in report
     assert "None: every site that was asked answered" in report
     assert _port_is_closed(tmp_path / "flwr-home")
-
-
-def test_a_site_that_fails_is_left_out_and_the_run_goes_on(tiny_sites: Path, tmp_path: Path) -> None:
-    """Through the Python API (the README's "From Python"), which runs the same simulation."""
-    sites = tmp_path / "sites"
-    shutil.copytree(tiny_sites, sites)
-    shutil.rmtree(sites / "1-station" / "gallery")
-    result = fedreid.simulate("fedpav", sites, rounds=1, profile="test", output_dir=tmp_path / "outputs",
-                              overrides={"federation.eval_at_start": "false"}, generate=False,
-                              flwr_home=tmp_path / "flwr-home")
-    assert result.run_dir == _run_folder(tmp_path) and result.rounds == 1
-    line = result.history[-1]
-    assert set(line["train"]["sites"]) == {"0-mall", "2-campus"}
-    (reason,) = line["train"]["rejected"].values()
-    assert "missing gallery folder" in reason and "1-station" in reason
-    assert set(line["evaluate"]["sites"]) == {"0-mall", "2-campus"}
-    assert [row["site"] for row in result.table] == ["0-mall", "2-campus"]
-    assert result.table[0]["mAP"] == pytest.approx(100 * line["evaluate"]["sites"]["0-mall"]["mAP"])
-    assert result.checkpoint is not None and result.checkpoint.is_file()
-    report = result.report.read_text()  # the rejected site and its reason, for a person
-    assert "<td>rejected</td><td><details><summary>" in report and "missing gallery folder" in report
-    assert fedreid.load_run(result.run_dir).history == result.history
-    with pytest.raises(fedreid.RunFolderError, match="no metrics.jsonl"):
-        fedreid.load_run(tmp_path)
-    with pytest.raises(fedreid.FedReIDError, match="fedpav_typo"):  # refused before anything starts
-        fedreid.simulate("fedpav_typo", sites, profile="test", generate=False)
-    with pytest.raises(fedreid.FedReIDError, match="does not exist"):
-        fedreid.simulate("fedpav", tmp_path / "nowhere", profile="test", generate=False)
