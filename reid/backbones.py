@@ -112,9 +112,7 @@ def _adapt_torchvision(net: nn.Module, name: str) -> Backbone:
     if isinstance(net, tvm.VisionTransformer):
         dim, net.heads = net.hidden_dim, nn.Identity()
         return Backbone(net, _vit_map, _global_average, dim)
-    raise ValueError(f"torchvision model {name!r} ({type(net).__name__}) is not a supported family (ResNet, "
-                     f"ConvNeXt, EfficientNet, MobileNet, DenseNet, RegNet, Swin, ViT); register it yourself "
-                     f"with reid.backbones.register_backbone")
+    raise ValueError(f"torchvision model {name!r} ({type(net).__name__}) has no adapter")  # check_backbone's job
 
 
 def set_last_stride(net: nn.Module, stride: int) -> None:
@@ -129,11 +127,29 @@ def set_last_stride(net: nn.Module, stride: int) -> None:
         block.downsample[0].stride = (stride, stride)
 
 
-def _torchvision(name: str, height: int, width: int) -> Backbone:
+# torchvision's model modules whose classes _adapt_torchvision knows
+FAMILIES = {"resnet": "ResNet", "convnext": "ConvNeXt", "efficientnet": "EfficientNet", "mobilenetv2": "MobileNet",
+            "mobilenetv3": "MobileNet", "densenet": "DenseNet", "regnet": "RegNet", "swin_transformer": "Swin",
+            "vision_transformer": "ViT"}
+
+
+def check_backbone(name: str, factory: str = "") -> None:
+    """Refuse a backbone name that nothing here can build, without building it (a pre-flight check)."""
+    if factory or name in _REGISTRY or name == "resnet10":
+        return
     if name not in tvm.list_models(module=tvm):
         raise ValueError(f"unknown backbone {name!r}: not resnet10, not a registered backbone and not a torchvision "
                          f"classification model (supported families include {', '.join(SUPPORTED_TORCHVISION)}); "
                          f"for your own network see reid.backbones.register_backbone or model.backbone_factory")
+    family = tvm.get_model_builder(name).__module__.rsplit(".", 1)[-1]
+    if family not in FAMILIES:
+        raise ValueError(f"torchvision model {name!r} ({family}) is not in a supported family "
+                         f"({', '.join(sorted(set(FAMILIES.values())))}); wrap it as your own backbone with "
+                         f"reid.backbones.register_backbone")
+
+
+def _torchvision(name: str, height: int, width: int) -> Backbone:
+    check_backbone(name)
     kwargs = {}
     if name.startswith("vit_"):
         if height != width:

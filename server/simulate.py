@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from reid.backbones import check_backbone
 from reid.data.public import generate_public_set
 from reid.data.synthetic import FEDERATIONS, RESOLUTION_PROFILES, generate_sites, site_names
 from server.config import compose_config
@@ -180,7 +181,9 @@ def parse_args(argv: list[str] | None = None) -> SimulationRequest:
             args.sites_root = REPO_ROOT / "data" / args.federation
         args.sites = args.sites if "--sites" in given else len(RESOLUTION_PROFILES)
         args.profile = args.profile if "--profile" in given else "resdrift"
-    benchmark = compose_config({"profile": args.profile, "overrides": args.overrides}).benchmark
+    composed = compose_config({"profile": args.profile, "overrides": args.overrides})
+    check_backbone(str(composed.model.backbone), str(composed.model.get("backbone_factory") or ""))  # before any work
+    benchmark = composed.benchmark
     site_names = tuple(str(s) for s in benchmark.sites)
     if site_names:  # a benchmark profile: its prepared datasets, never generated data
         args.sites, args.no_generate = len(site_names), True
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         request = parse_args(argv)
         folder = run_simulation(request)
-    except (SimulationError, FileExistsError) as error:
+    except (SimulationError, FileExistsError, ValueError) as error:
         log.error("%s", error)
         return 1
     print("\n" + (folder / "results.md").read_text())

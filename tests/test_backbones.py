@@ -53,7 +53,7 @@ def test_every_supported_torchvision_backbone_builds_with_a_derived_split(name: 
 
 
 def test_families_outside_the_adapters_and_non_square_vit_are_refused_clearly() -> None:
-    with pytest.raises(ValueError, match="'squeezenet1_0' .SqueezeNet. is not a supported family"):
+    with pytest.raises(ValueError, match="'squeezenet1_0' .squeezenet. is not in a supported family"):
         build_model(ModelSpec(backbone="squeezenet1_0", height=64, width=32))
     with pytest.raises(ValueError, match="vit_b_16 takes square images"):
         build_model(ModelSpec(backbone="vit_b_16", height=256, width=128))

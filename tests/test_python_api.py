@@ -82,5 +82,7 @@ def test_mistakes_are_refused_before_anything_starts(tmp_path: Path) -> None:
         fedreid.load_run(tmp_path)
     with pytest.raises(fedreid.FedReIDError, match="fedpav_typo"):
         fedreid.simulate("fedpav_typo", tmp_path, profile="test", generate=False)
+    with pytest.raises(fedreid.FedReIDError, match="unknown backbone 'resnet5000'"):
+        fedreid.simulate("fedpav", tmp_path, profile="test", overrides={"model.backbone": "resnet5000"})
     with pytest.raises(fedreid.FedReIDError, match="does not exist"):
         fedreid.simulate("fedpav", tmp_path / "nowhere", profile="test", generate=False)
