@@ -173,7 +173,8 @@ class _Registered:
 _REGISTRY: dict[str, _Registered] = {}
 
 
-def register_backbone(name: str, factory: Factory | None = None, *, feature_dim: int | None = None):
+def register_backbone(name: str, factory: Factory | None = None, *,
+                      feature_dim: int | None = None) -> Factory | Callable[[Factory], Factory]:
     """Make ``model.backbone=name`` build ``factory()``: an ``nn.Module`` from [B, 3, H, W] images to a
     [B, C, h, w] feature map (pooled by global averaging) or to [B, D] vectors. ``feature_dim`` (C or
     D) is found by one forward pass when not given. Usable as a decorator: ``@register_backbone("x")``."""
