@@ -309,14 +309,17 @@ def plot_bytes_against_map(results: list[dict], path: Path) -> None:
     shown = [r for r in results if r["method"] != "central"]
     points = [(r["upload_mb"], 100 * r["mean"]["mAP"]) for r in shown]
     fig, axis = plt.subplots(figsize=(8.5, 5.6))
-    front = pareto_front(points)
-    axis.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="grey",
-              linestyle="--", linewidth=1.2, label="Pareto front (fewer bytes, higher mAP)", zorder=1)
     top = max(x for x, _ in points)
+    bins = [round(x / (0.02 * top)) for x, _ in points]  # bytes within 2 % are the same bytes (metrics vary)
     same = {}  # methods that move the same bytes (every FedPav option) are spread sideways to stay legible
-    for index, (x, _) in enumerate(points):
-        same.setdefault(round(x / (0.02 * top)), []).append(index)
+    for index, key in enumerate(bins):
+        same.setdefault(key, []).append(index)
     offsets = {i: (k - (len(group) - 1) / 2) * 0.012 * top for group in same.values() for k, i in enumerate(group)}
+    front = pareto_front([(key, y) for key, (_, y) in zip(bins, points)])
+    drawn = [(points[i][0] + offsets[i], points[i][1]) for i in front]
+    axis.step(*zip(*drawn), where="post", color="grey", linestyle="--", linewidth=1.2,
+              label="Pareto front (fewer bytes, higher mAP): ringed", zorder=1)
+    axis.scatter(*zip(*drawn), s=260, facecolors="none", edgecolors="black", linewidths=1.2, zorder=3)
     for index, (r, (x, y)) in enumerate(zip(shown, points)):
         low, high = (100 * v for v in r["mAP_spread"])
         style = _style(r["method"])
