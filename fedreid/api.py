@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from reid.backbones import registered_factory, save_factory
 from server.config import compose_config
-from server.outputs import CHECKPOINT_FILE, CONFIG_FILE, TABLE_KEYS
+from server.outputs import CHECKPOINT_FILE, CONFIG_FILE, TABLE_KEYS, site_facts
 from server.report import REPORT_FILE
 from server.simulate import SimulationError, parse_args, run_simulation
 
@@ -62,9 +62,7 @@ class RunResult:
         evaluations = [r for r in self.history if r.get("evaluate")]
         if not evaluations:
             return []
-        trained: dict[str, dict[str, float]] = {}
-        for record in self.history:
-            trained.update((record.get("train") or {}).get("sites") or {})
+        trained = site_facts(self.history)
         rows = []
         for site, metrics in sorted(evaluations[-1]["evaluate"]["sites"].items()):
             info = trained.get(site, {})

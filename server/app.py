@@ -18,7 +18,8 @@ from reid.distill import DistillConfig
 from reid.models import build_model, shared_state
 from server.config import compose_config, federation_settings, site_run_spec
 from server.faults import pause_point
-from server.outputs import CHECKPOINT_FILE, CONFIG_FILE, PLOT_FILE, RunOutputs, hold_run_folder, make_run_dir
+from server.outputs import (CHECKPOINT_FILE, CONFIG_FILE, PLOT_FILE, RunOutputs, hold_run_folder, make_run_dir,
+                            site_facts)
 from server.plots import plot_site_metrics
 from server.public_steps import PublicSteps
 from server.report import write_report
@@ -86,15 +87,6 @@ def initial_arrays(cfg: DictConfig) -> ArrayRecord:
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, num_classes=0, pretrained=cfg.model.pretrained)
     return ArrayRecord(shared_state(model, spec.bn_stats))
-
-
-def _site_info(outputs: RunOutputs) -> dict[str, dict[str, float]]:
-    """Latest training-set facts each site reported (for the table)."""
-    info: dict[str, dict[str, float]] = {}
-    for record in outputs.rounds:
-        if record.get("train"):
-            info.update(record["train"]["sites"])
-    return info
 
 
 _held: list[Any] = []  # the run folder's lock file, open for as long as this process runs
@@ -171,7 +163,7 @@ def main(grid: Grid, context: Context) -> None:
     restore_history(strategy, outputs.rounds)
     arrays = point.arrays if point.arrays is not None else initial_arrays(cfg)
     runner.run(arrays, first_round=point.next_round, start_evaluated=any(r["round"] == 0 for r in point.rounds))
-    table = outputs.write_table(_site_info(outputs))
+    table = outputs.write_table(site_facts(outputs.rounds))
     report = write_report(outputs.folder)
     log(INFO, "\n%s", table)
     log(INFO, "run finished in %.0f s; results, %s, %s and %s are in %s", time.time() - started, CHECKPOINT_FILE,

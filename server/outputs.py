@@ -133,6 +133,15 @@ class RunOutputs:
         return text
 
 
+def site_facts(rounds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The latest training-round metrics each site reported (training images, identities or
+    clusters, ...), from ``metrics.jsonl`` records: what the tables put beside the evaluation."""
+    facts: dict[str, dict[str, float]] = {}
+    for record in rounds:
+        facts.update((record.get("train") or {}).get("sites") or {})
+    return facts
+
+
 TABLE_HEADER = ("site", "train images", "identities", "Rank-1", "Rank-5", "Rank-10", "mAP", "mINP", "mAP (Market)")
 TABLE_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP", "mAP-market")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from server.outputs import CONFIG_FILE, METRICS_FILE, PLOT_FILE, TABLE_HEADER, table_rows
+from server.outputs import CONFIG_FILE, METRICS_FILE, PLOT_FILE, TABLE_HEADER, site_facts, table_rows
 
 REPORT_FILE = "report.html"
 
@@ -57,12 +57,9 @@ def _results(rounds: list[dict[str, Any]]) -> str:
     if not evaluated:
         return "<p>No evaluation was completed yet.</p>"
     last = evaluated[-1]
-    info: dict[str, dict[str, float]] = {}
-    for record in rounds:
-        info.update((record.get("train") or {}).get("sites") or {})
     caption = (f"<p>After round {last['round']}: the global model on each site's own query/gallery, in percent. "
                f"mAP counts queries with a true match; mAP (Market) is Market-1501's over all queries.</p>")
-    return caption + _table(TABLE_HEADER, table_rows(last["evaluate"]["sites"], info), mean_last=True)
+    return caption + _table(TABLE_HEADER, table_rows(last["evaluate"]["sites"], site_facts(rounds)), mean_last=True)
 
 
 def _megabytes(count: float) -> str:
