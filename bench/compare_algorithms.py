@@ -57,6 +57,7 @@ from reid.seeding import stable_seed  # noqa: E402
 from reid.train import train_local  # noqa: E402
 from server import simulate  # noqa: E402
 from server.config import compose_config, federation_settings, site_run_spec  # noqa: E402
+from server.outputs import markdown_table  # noqa: E402
 
 METHODS = ["fedpav", "fedpav_cdw", "fedpav_kd", "fedpav_cdw_kd", "fedpav_cluster", "local", "central",
            "fedklpr", "fedklpr_fp16", "fedklpr_no_kll", "fedklpr_no_klaw", "fedklpr_no_praw", "fedklpr_no_pruning",
@@ -161,13 +162,6 @@ def summarise(method: str, runs: list[list[dict]]) -> dict:
             "passes": {k: float(np.mean([p[k] for p in passes])) for k in passes[0]}}
 
 
-def markdown(caption: str, header: list[str], rows: list[list[str]]) -> str:
-    """A caption and a Markdown table: first column left-aligned, the others right-aligned."""
-    lines = [caption, "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def table(results: list[dict], caption: str) -> str:
     sites = sorted(results[0]["sites"])
     header = ["method", *(f"{s} R1 / mAP" for s in sites), "mean R1", "mean mAP (min-max over seeds)",
@@ -181,7 +175,7 @@ def table(results: list[dict], caption: str) -> str:
                                     for s in sites),
                      f"{100 * r['mean']['rank1']:.1f}", f"{100 * r['mean']['mAP']:.1f} ({100 * low:.1f}-{100 * high:.1f})",
                      f"{100 * r['last3_mAP']:.1f}", upload])
-    return markdown(caption, header, rows)
+    return markdown_table(caption, header, rows)
 
 
 def unsupervised_table(results: list[dict], caption: str) -> str:
@@ -202,7 +196,7 @@ def unsupervised_table(results: list[dict], caption: str) -> str:
                      f"{100 * r['mean']['mAP']:.1f} ({100 * low:.1f}-{100 * high:.1f})", f"{100 * r['mean']['rank1']:.1f}",
                      "- (labels)" if np.isnan(f) else f"{f:.2f} / {nmi:.2f}", count(r["passes"]["image-passes"]),
                      count(r["passes"]["feature-passes"])])
-    return markdown(caption, header, rows)
+    return markdown_table(caption, header, rows)
 
 
 def cross_site(args: argparse.Namespace, method: str, seed: int) -> str:
@@ -223,7 +217,7 @@ def cross_site(args: argparse.Namespace, method: str, seed: int) -> str:
             results = evaluate_at_scales(model, data, device, (float(LOWEST_SCALE),))
             cells.append(f"{100 * results[1.0].mAP:.1f} / {100 * results[float(LOWEST_SCALE)].mAP:.1f}")
         rows.append([trained_on, *cells])
-    return markdown(f"`{method}` (seed {seed}): each site's model (rows) tested on every site (columns), mAP (%) "
+    return markdown_table(f"`{method}` (seed {seed}): each site's model (rows) tested on every site (columns), mAP (%) "
                     "with native / ¼-resolution queries", ["trained on", *sites], rows)
 
 
@@ -242,7 +236,7 @@ def resdrift_table(results: list[dict], caption: str) -> str:
                      f"{100 * r['mean'][low]:.1f}",
                      f"{100 * r['mean']['drift-gap']:.1f} ({100 * low_gap:.1f}-{100 * high_gap:.1f})",
                      f"{r['passes_per_round'] / 1000:.1f} k"])
-    return markdown(caption, header, rows)
+    return markdown_table(caption, header, rows)
 
 
 FAMILIES = {  # one panel each; a reference method may appear in several

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from flwr.app import ArrayRecord
@@ -168,7 +168,12 @@ def format_table(server_round: int, sites: dict[str, dict[str, float]], site_inf
     trapezoid AP over all queries, which the FedReID code reports (see reid/metrics.py)."""
     rows = table_rows(sites, site_info)
     rows[-1][0] = "**mean**"
-    lines = [f"Per-site results after round {server_round} (global model, each site's own query/gallery)", "",
-             "| " + " | ".join(TABLE_HEADER) + " |", "|---|" + "---:|" * (len(TABLE_HEADER) - 1)]
+    return markdown_table(f"Per-site results after round {server_round} (global model, each site's own "
+                          f"query/gallery)", TABLE_HEADER, rows)
+
+
+def markdown_table(caption: str, header: Sequence[str], rows: list[list[str]]) -> str:
+    """A caption and a Markdown table: first column left-aligned, the others right-aligned."""
+    lines = [caption, "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
