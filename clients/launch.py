@@ -3,29 +3,44 @@
     fedreid-client --server fl.example.org:9092 --dataset mall --data-root /data/mall \\
         --ca certs/ca.crt --key certs/sites/mall [--gpu 0]
 
-A thin wrapper over Flower's `flower-supernode`: it first checks the site's data layout (and
-fails with the path and the expected layout if it is wrong, before any connection is made), then
-replaces itself with a SuperNode whose `node_config` carries the site's dataset name, data root,
-GPU and state folder. TLS (verified against `--ca`) and SuperNode authentication (`--key`, the
-site's private key from `fedreid-certs create`) are on unless `--insecure` (local trials only).
+It first checks the site's data layout (and fails with the path and the expected layout if it is
+wrong, before any connection is made), then runs and watches two processes:
+
+* Flower's `flower-supernode --isolation process`, whose `node_config` carries the site's dataset
+  name, data root, GPU and state folder, and whose Runtime API listens on this box only. TLS
+  (verified against `--ca`) and SuperNode authentication (`--key`, the site's private key from
+  `fedreid-certs create`) are on unless `--insecure` (local trials only).
+* the site worker (clients/worker.py), the SuperNode's executor: it takes every task and runs the
+  fedreid installed here on it, never the code of the app the server submitted, and refuses apps
+  that are not that fedreid (clients/trust.py). Only these two share the SuperExec secret
+  (`<state-dir>/superexec.secret`, new at every start) that taking a task needs.
+
+A worker that dies is started again at once (the task it died in is answered as failed, so the
+server names the site in that round); when the SuperNode ends, the worker is stopped and
+`fedreid-client` exits with the SuperNode's exit code. `--run-submitted-app` gives Flower's own
+behaviour instead: a process per message that runs the submitted app's code (a warning says so).
 
 The state folder (default `./fedreid-state/<dataset>`) keeps what must survive a restart of the
-box: the site's classifier head and pruning masks (written by the ClientApp after every round) and
-Flower's own home (the installed app).
+box: the site's classifier head, BatchNorm statistics, pruning masks and clusters (written after
+every round), its decoded images, and Flower's own home.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import ctypes
 import logging
 import os
+import secrets
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from clients.worker_link import LAUNCH_FILE, WORKER_KEY, socket_path
+from clients.trust import ALLOWED_MODULES_KEY
+from clients.executor import AnswerOnDeath
+from clients.location import IMAGES_PER_IDENTITY
 from reid.data.dataset import load_reid_data
 from reid.data.layout import DatasetLayoutError
 from reid.data.synthetic import generate_site
@@ -60,9 +75,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu-threads", type=int, default=None,
                         help="CPU threads for this site's training (default: every core); set it when several "
                              "sites or other services share the box, or they slow each other down")
-    parser.add_argument("--no-worker", action="store_true",
-                        help="do the work in Flower's per-message ClientApp process instead of a long-lived site "
-                             "worker (slower: every round re-imports torch and reloads the caches)")
+    parser.add_argument("--allow-app-hash", action="append", default=[], metavar="SHA256",
+                        help="accept only runs whose app (FAB) has this sha256 (repeatable; `flwr build` prints it); "
+                             "by default any FAB whose site code equals the fedreid installed here")
+    parser.add_argument("--allow-module", action="append", default=[], metavar="NAME",
+                        help="let runs use model.backbone_factory=NAME.module:function (repeatable); the module "
+                             "must be installed on this box. By default no run may import code here")
+    parser.add_argument("--run-submitted-app", action="store_true",
+                        help="UNSAFE: let Flower run the app the server submitted, in a new process per message, "
+                             "instead of the fedreid installed here; that code reads this site's images")
     parser.add_argument("--images-per-identity", type=float, default=None,
                         help="FedUReID sites: this site's own estimate of images per person, from which it plans "
                              "its clustering (default: the run's algorithm.unsupervised.images_per_identity)")
@@ -104,17 +125,26 @@ def check_site(args: argparse.Namespace) -> str:
     return data.summary()
 
 
-def supernode_command(args: argparse.Namespace, state_dir: Path, worker: Path | None = None) -> list[str]:
+SECRET_FILE = "superexec.secret"
+PR_SET_PDEATHSIG = 1
+POLL_S = 0.2
+STOP_WAIT_S = 15.0
+
+
+def supernode_command(args: argparse.Namespace, state_dir: Path, secret: Path | None) -> list[str]:
+    """``flower-supernode`` for this site; with ``secret``, in process isolation (our worker executes)."""
     root = args.data_root.expanduser().resolve()
     node_config = f'dataset="{args.dataset}" data-root="{root}" state-dir="{state_dir}"'
-    if worker is not None:
-        node_config += f' {WORKER_KEY}="{worker}"'
     if args.gpu is not None:
         node_config += f" gpu={args.gpu}"
     if args.images_per_identity is not None:
-        node_config += f" images-per-identity={float(args.images_per_identity)}"
+        node_config += f" {IMAGES_PER_IDENTITY}={float(args.images_per_identity)}"
+    if args.allow_module:
+        node_config += f' {ALLOWED_MODULES_KEY}="{" ".join(args.allow_module)}"'
     command = [console_script("flower-supernode"), "--superlink", args.server, "--node-config", node_config,
-               "--port", str(args.runtime_port)]
+               "--host", "127.0.0.1", "--port", str(args.runtime_port)]
+    if secret is not None:
+        command += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     if args.insecure:
         command.append("--insecure")
     else:
@@ -125,21 +155,90 @@ def supernode_command(args: argparse.Namespace, state_dir: Path, worker: Path | 
     return command
 
 
-def start_worker(state_dir: Path, env: dict[str, str], wait_s: float = 120.0) -> Path:
-    """Start the site worker (clients/worker.py) for the SuperNode this process is about to become,
-    record how to start it again, and return its socket once it listens."""
-    path = socket_path(state_dir)
-    command = [sys.executable, "-m", "clients.worker", "--socket", str(path), "--parent-pid", str(os.getpid())]
-    path.with_name(LAUNCH_FILE).write_text(json.dumps({"command": command, "cwd": os.getcwd()}))
+def worker_command(args: argparse.Namespace, state_dir: Path, secret: Path) -> list[str]:
+    command = [sys.executable, "-m", "clients.worker", "--runtime-api", f"127.0.0.1:{args.runtime_port}",
+               "--secret-file", str(secret), "--state-dir", str(state_dir), "--site", args.dataset,
+               "--parent-pid", str(os.getpid())]
+    for digest in args.allow_app_hash:
+        command += ["--allow-app-hash", digest]
+    return command
+
+
+def write_secret(state_dir: Path) -> Path:
+    """A fresh SuperExec secret, readable by this user only: whoever holds it can take the site's tasks."""
+    path = state_dir / SECRET_FILE
     path.unlink(missing_ok=True)
-    worker = subprocess.Popen(command, env=env)  # noqa: S603 - inherits stderr: one log per site
-    deadline = time.monotonic() + wait_s
-    while not path.exists():
-        if worker.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the site worker did not start (exit code {worker.poll()}); see the log above")
-        time.sleep(0.05)
-    log.info("site worker %d listens on %s", worker.pid, path)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
     return path
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when fedreid-client dies, however it dies (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the worker still watches its parent
+        pass
+
+
+def spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A child in a process group of its own, so that a stop signal reaches it once, from us (a
+    SuperNode signalled twice quits before it signs off at the SuperLink, which then refuses the
+    box's next start until its old session times out); it still gets SIGTERM if we are killed."""
+    return subprocess.Popen(command, env=env, start_new_session=True,  # noqa: S603 - logs: they inherit ours
+                            preexec_fn=_die_with_parent)  # noqa: PLW1509 - no threads here yet
+
+
+def _stop(*processes: subprocess.Popen[bytes]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + STOP_WAIT_S
+    for process in processes:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def supervise(args: argparse.Namespace, state_dir: Path, env: dict[str, str]) -> int:
+    """Run the SuperNode and the site worker; restart the worker whenever it dies; return the
+    SuperNode's exit code once it ends (or 0 on SIGTERM / Ctrl-C)."""
+    stopping: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    secret = write_secret(state_dir)
+    command = supernode_command(args, state_dir, secret)
+    log.info("starting %s", " ".join(command))
+    supernode = spawn(command, env)
+    worker = spawn(worker_command(args, state_dir, secret), env)
+    restarts = 0
+    try:
+        while not stopping:
+            if supernode.poll() is not None:
+                log.info("the SuperNode exited with code %d", supernode.returncode)
+                return supernode.returncode
+            if worker.poll() is not None:
+                restarts += 1
+                log.warning("the site worker (pid %d) exited with code %d; starting it again (restart %d)",
+                            worker.pid, worker.returncode, restarts)
+                if AnswerOnDeath(state_dir).phase() == AnswerOnDeath.REPLYING:
+                    log.warning("it died while handing its reply to the SuperNode, which would wait for the rest "
+                                "of it for ever; restarting the SuperNode too (the site's state is on its disk)")
+                    _stop(supernode)
+                    supernode = spawn(command, env)
+                worker = spawn(worker_command(args, state_dir, secret), env)
+            time.sleep(POLL_S)
+        log.info("stopping the site (signal %d)", stopping[0])
+        return 0
+    finally:
+        _stop(worker, supernode)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,8 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_threads is not None:  # read by torch (OpenMP, MKL) when the worker imports it
         env.update({"OMP_NUM_THREADS": str(args.cpu_threads), "MKL_NUM_THREADS": str(args.cpu_threads)})
     with_flower_tuning(env)  # Flower's polls and transfer sizes; an operator's own setting wins
-    worker = None if args.no_worker else start_worker(state_dir, env)
-    command = supernode_command(args, state_dir, worker)
+    if not args.run_submitted_app:
+        return supervise(args, state_dir, env)
+    log.warning("--run-submitted-app: Flower will install and run, once per message, the code of whatever app the "
+                "server submits, beside this site's images; nothing on this site limits what that code reads or "
+                "sends. Use it only with a server you trust")
+    command = supernode_command(args, state_dir, None)
     log.info("starting %s", " ".join(command))
     sys.stdout.flush()
     os.execvpe(command[0], command, env)  # the SuperNode takes over this process (signals, exit code)

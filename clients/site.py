@@ -1,95 +1,194 @@
-"""Which data a site trains on: named by ``node_config`` in deployment, by partition id in simulation.
+"""One camera site in one run: everything a site does, and everything it keeps, starts here.
 
-Deployment: ``flower-supernode --node-config 'dataset="market" data-root="/data/market"'``.
-Simulation: every virtual SuperNode gets a ``partition-id``; the run config's ``sites-root``
-holds one folder per site and partition i takes the i-th folder in sorted order, or the i-th of
-the run config's ``site-names`` when a benchmark preset names its sites.
+A ``Site`` lives as long as its process serves the run: in a deployment, the site worker keeps one
+per run (clients/worker.py); in a simulation, each Ray actor keeps one per partition
+(clients/app.py). It holds what is expensive to rebuild and safe to lose:
+
+* where its data is (clients/location.py) and the scanned, checked file list with the folder's
+  fingerprint (rescanned when a file is added, removed or rewritten);
+* the decoded images (reid/data/tensor_cache.py, in memory and under ``<state-dir>/image-cache``);
+* its device (``gpu`` in node_config, else the first GPU, else the CPU);
+* the state folder (``state-dir``), where the state file and the image cache live.
+
+What must survive a restart is never held here but in the ``state`` each call is given
+(``context.state``, the one source of truth, kept by the SuperNode) and mirrored in the state file
+(clients/kept.py): the classifier head, BatchNorm statistics, pruning masks, FedUReID clusters.
+
+``train(content, state)`` and ``evaluate(content, state)`` answer one message each; the rounds
+themselves are in clients/supervised.py (FedPav / FedReID / FedKLPR) and clients/unsupervised.py
+(FedUReID). Every reply is built and checked by clients/outgoing.py; knobs that would run code on
+a deployed site are checked by clients/trust.py first.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from clients import outgoing
+from clients.kept import (LOCAL_STATE_KEY, RUN_TAG_KEY, persist_site_state, restore_local_state,
+                          restore_site_state, state_file)
+from clients.location import SiteLocation, folder_fingerprint, locate_site
+from clients.trust import check_backbone_factory
+from reid.config import SiteRunSpec
 from reid.data.dataset import ReIDData, load_reid_data
+from reid.data.resolution import parse_scales
+from reid.device import pick_device
+from reid.evaluate import evaluate_at_scales
+from reid.models import ReIDNet, build_model, load_shared_state, split_state
+from strategies.packing import is_packed, unpack_record
+from strategies.sparse_records import decode_record
 
-_LOADED: dict[tuple[str, bool, bool], tuple[str, ReIDData]] = {}  # (folder, verify, labelled) -> (fingerprint, scan)
-log = logging.getLogger("clients.site")
-
-
-class SiteConfigError(ValueError):
-    """The node or run configuration does not say where this site's data is."""
-
-
-@dataclass(frozen=True)
-class SiteLocation:
-    """A site's name and the root of its Market-style folders."""
-
-    name: str
-    root: Path
+log = logging.getLogger("clients")
 
 
-def locate_site(node_config: Mapping[str, object], run_config: Mapping[str, object]) -> SiteLocation:
-    """Resolve the site from node_config (deployment) or from partition-id + sites-root (simulation)."""
-    if "data-root" in node_config:
-        root = Path(str(node_config["data-root"])).expanduser().resolve()
-        return SiteLocation(name=str(node_config.get("dataset", root.name)), root=root)
-    if "partition-id" not in node_config:
-        raise SiteConfigError("node_config names no data: start the SuperNode with "
-                              "--node-config 'dataset=\"NAME\" data-root=\"/path/to/site\"'")
-    sites_root = Path(str(run_config.get("sites-root", ""))).expanduser().resolve()
-    if not str(run_config.get("sites-root", "")) or not sites_root.is_dir():
-        raise SiteConfigError(f"simulation needs run config 'sites-root' to be a folder with one sub-folder "
-                              f"per site; got {str(run_config.get('sites-root', ''))!r} (resolved {sites_root})")
-    names = str(run_config.get("site-names", "") or "").split()
-    if names:  # a benchmark preset names its sites: exactly those folders, in that order
-        missing = [n for n in names if not (sites_root / n).is_dir()]
-        if missing:
-            raise SiteConfigError(f"{sites_root} lacks the site folder(s) {missing}; prepare them with "
-                                  f"`fedreid-prepare <dataset> <raw dir> {sites_root}/<name>`")
-        sites = [sites_root / n for n in names]
-    else:
-        sites = sorted(p for p in sites_root.iterdir() if p.is_dir())
-    partition = int(node_config["partition-id"])  # type: ignore[arg-type]
-    wanted = int(node_config.get("num-partitions", len(sites)))  # type: ignore[arg-type]
-    if wanted > len(sites):
-        raise SiteConfigError(f"{wanted} simulated sites requested but {sites_root} holds only {len(sites)} "
-                              f"site folders: {[p.name for p in sites]}")
-    return SiteLocation(name=sites[partition].name, root=sites[partition])
+@dataclass
+class Received:
+    """The global model a message brought, decoded into the site's model."""
+
+    tensors: dict[str, torch.Tensor]  # as received (dense values)
+    declared: dict[str, tuple[int, ...]]  # the SHARED keys and shapes of the model: all a reply may carry
 
 
-def folder_fingerprint(root: Path) -> str:
-    """Changes when a file under ``root`` is added, removed or rewritten (size or mtime): a listing
-    and a stat per file, far cheaper than scanning and checking the images again."""
-    digest = hashlib.sha256()
-    for folder, subfolders, files in os.walk(root):
-        subfolders.sort()
-        for name in sorted(files):
-            stat = os.stat(os.path.join(folder, name))
-            digest.update(f"{folder}/{name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+class Site:
+    """One site in one run (see the module's docstring)."""
+
+    def __init__(self, location: SiteLocation, node_config: Mapping[str, object]) -> None:
+        self.location = location
+        self.node_config = dict(node_config)
+        folder = str(node_config.get("state-dir", "") or "")
+        self.state_dir = Path(folder).expanduser() if folder else None
+        gpu = node_config.get("gpu")
+        self.device = pick_device(None if gpu in (None, "") else int(gpu))  # type: ignore[arg-type]
+        self._scans: dict[tuple[bool, bool], tuple[str, ReIDData]] = {}  # (verify, labelled) -> (fingerprint, scan)
+
+    @property
+    def name(self) -> str:
+        return self.location.name
+
+    @property
+    def image_cache_dir(self) -> Path | None:
+        """``<state-dir>/image-cache``: decoded images survive a restart of the worker or the box."""
+        return self.state_dir / "image-cache" if self.state_dir is not None else None
+
+    # -- one message each ------------------------------------------------------------------------
+
+    def train(self, content: RecordDict, state: RecordDict) -> RecordDict:
+        """Load the global SHARED arrays and this site's head, train locally, reply with the SHARED
+        arrays; ``state`` keeps what the site keeps (and the state file mirrors it)."""
+        spec, data = self.round_inputs(content, state)
+        if spec.unsupervised.enabled:
+            from clients.unsupervised import train_unsupervised
+
+            return train_unsupervised(self, content, state, spec, data)
+        from clients.supervised import train_supervised
+
+        return train_supervised(self, content, state, spec, data)
+
+    def evaluate(self, content: RecordDict, state: RecordDict) -> RecordDict:
+        """Rank this site's gallery for its own queries with the global backbone; only numbers leave."""
+        spec, data = self.round_inputs(content, state)
+        model = build_model(spec.model, num_classes=0)
+        self.load_received(model, content, spec.bn_stats)
+        restore_local_state(model, state, self.name)
+        return outgoing.evaluation_reply(self.name, self.evaluation(model, data, spec))
+
+    # -- the steps both kinds of training share --------------------------------------------------
+
+    def round_inputs(self, content: RecordDict, state: RecordDict) -> tuple[SiteRunSpec, ReIDData]:
+        """The round's settings (refused when they would run code this site did not allow) and the
+        site's data (training images unlabelled when the run is unsupervised); a state that a fresh
+        SuperNode does not have yet is first read back from the state file."""
+        spec = SiteRunSpec.from_flat(dict(content["config"]))
+        check_backbone_factory(spec.model.backbone_factory, self.node_config, self.location.deployed)
+        restore_site_state(state, self.state_file(content))
+        return spec, self.data(spec.verify_images, labelled=not spec.unsupervised.enabled)
+
+    def data(self, verify: bool = True, labelled: bool = True) -> ReIDData:
+        """Scan (and check) the site's images once; later messages reuse the scan while the folder's
+        fingerprint is unchanged. ``labelled=False``: training crops may be named in any form."""
+        fingerprint = folder_fingerprint(self.location.root)
+        cached = self._scans.get((verify, labelled))
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        if cached is not None:
+            log.info("%s: the data folder %s changed since the last message; scanning it again", self.name,
+                     self.location.root)
+        start = time.perf_counter()
+        data = load_reid_data(self.location.root, name=self.name, verify=verify, labelled_train=labelled)
+        log.info("%s: scanned and checked %d images in %.1f s", self.name,
+                 len(data.train) + len(data.query) + len(data.gallery), time.perf_counter() - start)
+        self._scans[(verify, labelled)] = (fingerprint, data)
+        return data
+
+    def state_file(self, content: RecordDict) -> Path | None:
+        return state_file(self.state_dir, str(content["config"].get(RUN_TAG_KEY, "")))
+
+    @staticmethod
+    def load_received(model: ReIDNet, content: RecordDict, bn_stats: str) -> Received:
+        """Decode the received global arrays (packed or not, dense or sparse-encoded) into ``model``."""
+        expected = split_state(model.state_dict(), bn_stats)[0]
+        record = unpack_record(content["arrays"])
+        shapes = {k: tuple(expected[k].shape) for k in record.keys() if k in expected}
+        received = {k: torch.from_numpy(t.values) for k, t in decode_record(record, shapes).items()}
+        received.update({k: torch.from_numpy(record[k].numpy()) for k in record.keys() if k not in expected})
+        load_shared_state(model, received, bn_stats)  # refuses unexpected or missing keys
+        return Received(received, {k: tuple(v.shape) for k, v in expected.items()})
+
+    def evaluation(self, model: ReIDNet, data: ReIDData, spec: SiteRunSpec) -> MetricRecord:
+        """Rank-1/5/10, mAP (both conventions) and mINP of ``model`` on this site's query/gallery split;
+        with ``eval_query_scales`` also mAP@s and rank1@s with the queries at s × the resolution, and
+        the drift gap (native mAP minus mAP at the lowest of them)."""
+        scales = parse_scales(spec.eval_query_scales)
+        results = evaluate_at_scales(model, data, self.device, scales, spec.eval_batch_size, self.image_cache_dir,
+                                     spec.train.num_workers, spec.train.device_cache_mb)
+        result = results[1.0]
+        log.info("[%s] Rank-1 %.3f mAP %.3f over %d queries", self.name, result.rank(1), result.mAP,
+                 result.num_valid_queries)
+        metrics = {
+            "rank1": result.rank(1), "rank5": result.rank(5), "rank10": result.rank(10),
+            "mAP": result.mAP, "mAP-market": result.mAP_market, "mINP": result.mINP,
+            "num-queries": result.num_valid_queries, "num-gallery": len(data.gallery),
+        }
+        for scale in scales:
+            metrics[f"mAP@{scale:g}"], metrics[f"rank1@{scale:g}"] = results[scale].mAP, results[scale].rank(1)
+        if scales:
+            metrics["drift-gap"] = result.mAP - results[min(scales)].mAP
+            log.info("[%s] mAP at query resolution %s: %s", self.name, " / ".join(f"{s:g}" for s in scales),
+                     " / ".join(f"{results[s].mAP:.3f}" for s in scales))
+        return outgoing.metric_record(metrics)
+
+    def training_reply(self, model: ReIDNet, content: RecordDict, state: RecordDict, spec: SiteRunSpec,
+                       received: Received, metrics: dict[str, float], evaluated: MetricRecord | None,
+                       masks: Mapping | None = None, keep_shared_as: str | None = None) -> RecordDict:
+        """Keep the LOCAL part of the trained model in ``state`` (and on disk), and answer with the
+        SHARED part. ``keep_shared_as``: also keep the SHARED part under that key (FedUReID's ema)."""
+        shared, local = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, spec.bn_stats)
+        state[LOCAL_STATE_KEY] = ArrayRecord(local)
+        if keep_shared_as is not None:
+            state[keep_shared_as] = ArrayRecord(shared)
+        persist_site_state(state, self.state_file(content))
+        return outgoing.training_reply(self.name, shared, received.declared, content["config"],
+                                       is_packed(content["arrays"]), metrics, evaluated, masks or {},
+                                       spec.pruning.value_dtype)
 
 
-def load_site(location: SiteLocation, verify_images: bool = True, labelled_train: bool = True) -> ReIDData:
-    """Scan (and check) the site's images once per process; later messages reuse the scan while
-    the folder's fingerprint is unchanged, and scan again when it changed. ``labelled_train=False``:
-    the training images may be unlabelled crops named in any form (FedUReID)."""
-    key = (str(location.root), verify_images, labelled_train)
-    fingerprint = folder_fingerprint(location.root)
-    cached = _LOADED.get(key)
-    if cached is not None and cached[0] == fingerprint:
-        return cached[1]
-    if cached is not None:
-        log.info("%s: the data folder %s changed since the last message; scanning it again", location.name,
-                 location.root)
-    start = time.perf_counter()
-    data = load_reid_data(location.root, name=location.name, verify=verify_images, labelled_train=labelled_train)
-    log.info("%s: scanned and checked %d images in %.1f s", location.name,
-             len(data.train) + len(data.query) + len(data.gallery), time.perf_counter() - start)
-    _LOADED[key] = (fingerprint, data)
-    return data
+_SITES: dict[tuple[int, str], Site] = {}  # (run, node config) -> its Site, in this process
+
+
+def site_for(run_id: int, node_config: Mapping[str, object], run_config: Mapping[str, object]) -> Site:
+    """This process's ``Site`` for the run and the node (a Ray actor may serve several partitions);
+    the Sites of other runs are let go."""
+    key = (run_id, json.dumps(dict(node_config), sort_keys=True, default=str))
+    if key not in _SITES:
+        for stale in [k for k in _SITES if k[0] != run_id]:
+            del _SITES[stale]
+        _SITES[key] = Site(locate_site(node_config, run_config), node_config)
+    return _SITES[key]

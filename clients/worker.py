@@ -1,19 +1,18 @@
-"""The site worker: one long-lived process per deployed site that does the ClientApp's work.
+"""The site worker: the one long-lived process that runs a deployed site's tasks, with installed code.
 
-    python -m clients.worker --socket <state-dir>/worker.sock --parent-pid <SuperNode pid>
+    python -m clients.worker --runtime-api 127.0.0.1:9094 --secret-file <state-dir>/superexec.secret \\
+        --state-dir <state-dir> --site mall [--allow-app-hash HASH ...] [--parent-pid PID]
 
-``fedreid-client`` starts it beside the SuperNode. It keeps for the whole run what a fresh
-process per message would rebuild every round: torch and CUDA initialised, the site's scanned and
-checked file list, its decoded images (host memory or the GPU), the compiled kernels. It serves
-one message at a time on a Unix socket (mode 0600) that the thin ClientApp connects to; see
-clients/worker_link.py for the protocol.
+``fedreid-client`` starts it beside a SuperNode run with ``--isolation process`` and starts it
+again when it dies. It is the SuperNode's executor (clients/executor.py): it takes each task from
+the SuperNode's Runtime API on this box, refuses any app that is not the fedreid installed here
+(clients/trust.py), and runs the installed ``Site`` (clients/site.py) on the message in-process.
+No process is started per message, and nothing from the submitted app is ever imported.
 
-What must survive a restart is not kept here but where it always was: ``context.state`` (sent
-with every message, returned updated) and the site's state file on its disk.
-
-A failing message (an exception in training, say) is answered with the error and the worker
-serves the next one; a ClientApp that vanishes mid-message costs only that message. The worker
-ends when the SuperNode it belongs to ends (it checks every second).
+It keeps for the whole run what a process per message would rebuild every round: torch and CUDA
+initialised, the site's scanned and checked file list, its decoded images, the compiled kernels.
+What must survive a restart is not kept here but where it always was: ``context.state`` (pulled
+with every task, pushed back updated) and the site's state file on its disk.
 """
 
 from __future__ import annotations
@@ -21,26 +20,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from flwr.app import Context
+from flwr.app import Context, Message, RecordDict
 
+from clients.executor import AnswerOnDeath, RuntimeAddress, TaskLoop
 from clients.logs import configure_logging
-from clients.site_state import record_bytes, record_from_bytes
-from clients.worker_link import receive_frame, send_frame
-
-if TYPE_CHECKING:  # the handlers import torch: the worker imports them only once its socket listens
-    from clients.handlers import Handler
 
 log = logging.getLogger("clients.worker")
 PARENT_CHECK_S = 1.0
-TRANSFER_TIMEOUT_S = 600.0  # receiving a request or sending a reply; a stuck ClientApp cannot hold the worker
+MESSAGE_KINDS = ("train", "evaluate")
 
 
 def _alive(pid: int) -> bool:
@@ -56,74 +48,54 @@ def _alive(pid: int) -> bool:
 def _watch_parent(pid: int) -> None:
     while _alive(pid):
         time.sleep(PARENT_CHECK_S)
-    log.info("the SuperNode (pid %d) has ended; the site worker stops", pid)
-    os._exit(0)  # noqa: SLF001 - no cleanup to wait for; the socket file is removed by the next worker
+    log.info("fedreid-client (pid %d) has ended; the site worker stops", pid)
+    os._exit(0)  # noqa: SLF001 - nothing to clean up: a task in progress is answered by the next worker
 
 
-def bind(path: Path) -> socket.socket:
-    """Listen on ``path``, owner-only; a stale socket file left by a dead worker is replaced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    umask = os.umask(0o177)
-    try:
-        server.bind(str(path))
-    finally:
-        os.umask(umask)
-    server.listen(4)
-    return server
+def handle_message(message: Message, context: Context) -> RecordDict:
+    """The installed site code's answer to one message; ``context.state`` is updated in place."""
+    from clients.site import site_for
+
+    kind = message.metadata.message_type
+    if kind not in MESSAGE_KINDS:
+        raise ValueError(f"this site answers {' and '.join(MESSAGE_KINDS)} messages, not {kind!r}")
+    site = site_for(context.run_id, context.node_config, context.run_config)
+    return site.train(message.content, context.state) if kind == "train" else \
+        site.evaluate(message.content, context.state)
 
 
-def handle(connection: socket.socket, handlers: dict[str, Handler]) -> None:
-    """Serve one message: run its handler on a Context rebuilt from the request, answer with the
-    reply and the updated state, or with the error."""
-    connection.settimeout(TRANSFER_TIMEOUT_S)
-    header, blobs = receive_frame(connection)
-    kind = str(header.get("kind"))
-    started = time.perf_counter()
-    try:
-        if kind not in handlers:
-            raise ValueError(f"unknown message kind {kind!r}")
-        content, state = record_from_bytes(blobs[0]), record_from_bytes(blobs[1])
-        context = Context(run_id=int(header["run_id"]), node_id=int(header["node_id"]),
-                          node_config=header["node_config"], state=state, run_config=header["run_config"])
-        reply = handlers[kind](content, context)
-        answer = {"ok": True, "seconds": time.perf_counter() - started}
-        parts = [record_bytes(reply), record_bytes(context.state)]
-    except Exception as error:  # noqa: BLE001 - reported to the ClientApp; the worker serves on
-        log.error("%s message failed:\n%s", kind, traceback.format_exc())
-        answer, parts = {"ok": False, "error": f"{type(error).__name__}: {error}"}, []
-    send_frame(connection, answer, parts)
-    log.info("%s message handled in %.1f s", kind, time.perf_counter() - started)
-
-
-def serve(path: Path, parent_pid: int | None) -> None:
-    server = bind(path)  # first, so that a ClientApp arriving during the imports below waits in the backlog
-    if parent_pid:
-        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="parent-watch").start()
-    started = time.perf_counter()
-    import torch
-
-    from clients.handlers import HANDLERS  # torchvision, the model code
-
-    log.info("site worker ready on %s (pid %d, %d CPU threads, imports %.1f s)", path, os.getpid(),
-             torch.get_num_threads(), time.perf_counter() - started)
-    while True:
-        connection, _ = server.accept()
-        with connection:
-            try:
-                handle(connection, HANDLERS)
-            except (ConnectionError, OSError) as error:  # the ClientApp went away mid-message
-                log.warning("lost the ClientApp's connection (%s); waiting for the next message", error)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runtime-api", required=True, help="HOST:PORT of the SuperNode's Runtime API")
+    parser.add_argument("--secret-file", type=Path, required=True, help="the SuperExec secret the SuperNode reads")
+    parser.add_argument("--state-dir", type=Path, required=True, help="the site's state folder")
+    parser.add_argument("--site", required=True, help="the site's name (in refusals)")
+    parser.add_argument("--allow-app-hash", action="append", default=[], metavar="HASH",
+                        help="accept only apps (FABs) with these sha256 hashes")
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process (fedreid-client) ends")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--socket", type=Path, required=True, help="Unix socket to serve on")
-    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process (the SuperNode) ends")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     configure_logging()
-    serve(args.socket, args.parent_pid)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API call otherwise
+    if args.parent_pid:
+        threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True, name="parent-watch").start()
+    runtime = RuntimeAddress(args.runtime_api, args.secret_file.read_bytes())
+    AnswerOnDeath(args.state_dir).answer_left_over(runtime)  # first: the round waits for it
+    started = time.perf_counter()
+    import torch
+
+    import clients.site  # noqa: F401 - torchvision, the model code: before the first task, not during it
+    from clients.trust import AppPolicy
+
+    policy = AppPolicy(site=args.site, allowed_hashes=frozenset(h.lower() for h in args.allow_app_hash))
+    log.info("site worker ready (pid %d, %d CPU threads, imports %.1f s); runs %s", os.getpid(),
+             torch.get_num_threads(), time.perf_counter() - started, policy.describe())
+    loop = TaskLoop(runtime, lambda run, fab: policy.refusal(run.fab_id, run.fab_version, fab.hash_str, fab.content),
+                    handle_message, args.state_dir)
+    loop.serve_forever()
     return 0
 
 

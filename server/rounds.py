@@ -6,7 +6,7 @@ the bytes that really crossed the wire, per site and direction.
 
 Every wait here has a bound. Waiting for sites to connect and waiting for replies both end after
 ``federation.round_timeout_s``; sites that did not answer by then are named in the round's
-``failed`` list and the run goes on with the next round. A training round that no site answered
+``failed`` list and the run goes on with the next round; so are sites whose process died mid-task. A training round that no site answered
 at all (none connected, or the SuperLink answering "unavailable" for each) is not counted but
 tried again, so a resumed run whose sites are still coming back loses no round. While it waits,
 the loop says in its log, by name, which sites it is still waiting for (every
@@ -23,6 +23,7 @@ from logging import INFO, WARNING
 from typing import Any, Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -34,6 +35,9 @@ from strategies.validation import EVALUATE_ROUND_KEY
 from strategies.wire import message_wire_bytes
 
 RoundHook = Callable[[int, ArrayRecord, dict[str, Any]], None]
+# A site's error replies that say its process died mid-task (Flower's heartbeat expiry, or fedreid's
+# site worker answering for the worker before it): the site failed, it did not reject the round.
+DIED = frozenset({ErrorCode.CLIENT_APP_CRASHED})
 RETRY_PAUSE_S = 5.0  # between two tries of a training round that no site answered
 
 
@@ -122,7 +126,7 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
             node = pending.pop(reply.metadata.reply_to_message_id, None)
             if node is None:
                 continue
-            if reply.has_error() and reply.metadata.src_node_id != node:
+            if reply.has_error() and (reply.metadata.src_node_id != node or reply.error.code in DIED):
                 unreachable[node] = reply.error.reason
             else:
                 replies.append(reply)

@@ -15,8 +15,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from clients.app import app
-from clients.handlers import LOCAL_STATE_KEY
-from clients.site import SiteConfigError, locate_site
+from clients.kept import LOCAL_STATE_KEY
+from clients.location import SiteConfigError, locate_site
 from reid.config import SiteRunSpec
 from reid.data.layout import DatasetLayoutError
 from reid.models import ModelSpec, build_model, is_local_key, shared_state
@@ -116,7 +116,7 @@ def test_simulated_sites_are_picked_by_partition_id(tiny_sites: Path) -> None:
 
 
 def test_a_pruning_site_uploads_encoded_tensors_and_keeps_its_masks(tiny_site: Path) -> None:
-    from clients.prune_state import MASKS_KEY
+    from clients.kept import MASKS_KEY
     from reid.divergence import KLLConfig
     from reid.pruning import CRRConfig, PruningConfig
     from strategies.sparse_records import decode_record

@@ -4,7 +4,9 @@ fedreid-client per site (SuperNode), fedreid-certs, and a run submitted with `fl
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 import fedreid
+from clients.executor import AnswerOnDeath
 from server.certs import create
 from server.flower_cli import free_port
 from tests.deployment import Deployment
@@ -143,12 +146,13 @@ def test_certs_are_signed_by_the_ca_and_site_keys_load_as_flower_reads_them(tmp_
         create(tmp_path, [], ["../evil"])
 
 
-def _wait_for(condition: Callable[[], bool], what: str, deployment: Deployment, timeout: float = 300) -> None:
+def _wait_for(condition: Callable[[], bool], what: str, deployment: Deployment, timeout: float = 300,
+              poll: float = 0.3) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {timeout:.0f} s\n{_logs(deployment)}")
-        time.sleep(0.3)
+        time.sleep(poll)
 
 
 class ClientLogs:
@@ -192,15 +196,35 @@ def _scrape_after_round(port: int, server_round: int, timeout: float = 60) -> st
         time.sleep(0.2)
 
 
-def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins_with_its_head(tiny_sites: Path, tmp_path: Path) -> None:
-    """The campus box dies while it trains round 2: the round is aggregated from the other two and
-    names campus as failed. The box comes back (the ServerApp is held after round 2 until it is
-    connected) and rejoins in round 3 with the head it saved."""
+def _worker_pids(deployment: Deployment, site: str) -> list[int]:
+    """The site worker processes of ``site`` (found by the Runtime API port its fedreid-client gave it)."""
+    found = subprocess.run(["pgrep", "-f", f"clients.worker --runtime-api 127.0.0.1:{deployment.runtime_ports[site]}"],
+                           capture_output=True, text=True, check=False)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def _per_message_processes(deployment: Deployment) -> list[str]:
+    """Flower's per-message processes (``flwr-clientapp``, and the ``flower-superexec`` that starts them)
+    of this deployment's sites: a site worker leaves none."""
+    ports = "|".join(f"127.0.0.1:{port}" for port in deployment.runtime_ports.values())
+    found = subprocess.run(["pgrep", "-af", f"(flwr-clientapp|flower-superexec).*({ports})"], capture_output=True,
+                           text=True, check=False)
+    return found.stdout.splitlines()
+
+
+def test_a_site_worker_killed_mid_round_fails_that_round_and_a_restarted_box_rejoins_with_its_head(
+        tiny_sites: Path, tmp_path: Path) -> None:
+    """Campus's site worker is killed (SIGKILL) while it trains round 2: fedreid-client starts it again,
+    the new worker answers for the lost task at once, and round 2 is aggregated from the mall alone,
+    naming campus as failed. Then the whole campus box restarts between rounds (the ServerApp is held
+    after round 2 until it is connected) and rejoins round 3 with the head it saved. No
+    flwr-clientapp process is ever started: the workers run every task."""
     sites = {name: path for name, path in _sites(tiny_sites).items() if name in ("0-mall", "2-campus")}
     deployment = Deployment(tmp_path, sites)
     outputs, port, marker = tmp_path / "outputs", free_port(), tmp_path / "paused"
     overrides = (f"federation.rounds=3 federation.min_sites=1 federation.round_timeout_s=120 "
                  f"telemetry.prometheus_port={port}")
+    clientapps = []
     try:
         deployment.start_server(env={"FEDREID_TEST_PAUSE": "recorded:2", "FEDREID_TEST_PAUSE_MARKER": str(marker)})
         assert all(r.startswith("registered") for r in deployment.register_sites().values())
@@ -210,12 +234,20 @@ def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins_with_its_head(tiny_s
         run_id = deployment.submit(f'profile="test" output-dir="{outputs}" overrides="{overrides}"')
         folder = _wait_for_round(outputs, 1, deployment)
         scraped = _scrape_after_round(port, 1)
-        _wait_for(lambda: "round 2] epoch" in deployment.log("client-2-campus.log"), "campus training round 2",
-                  deployment)
-        deployment.stop_client("2-campus")  # dies while round 2 trains
+        (worker,) = _worker_pids(deployment, "2-campus")
+        in_progress = AnswerOnDeath(tmp_path / "site-state" / "2-campus")
+        _wait_for(lambda: _rounds(folder)[-1]["round"] == 1 and in_progress.phase() == AnswerOnDeath.RUNNING,
+                  "campus working on round 2", deployment, poll=0.01)
+        os.kill(worker, signal.SIGKILL)  # dies while round 2 trains
         _wait_for(marker.exists, "the end of round 2", deployment)
-        deployment.start_client("2-campus", None, "--cpu-threads", "1")  # the box comes back, sharing its cores
+        restarted = _worker_pids(deployment, "2-campus")
+        assert len(restarted) == 1 and restarted[0] != worker
+        _wait_for(lambda: deployment.log("client-2-campus.log").count("site worker ready") == 2,
+                  "the restarted worker", deployment)
+        deployment.stop_client("2-campus")  # then the whole box goes down and comes back, sharing its cores
+        deployment.start_client("2-campus", None, "--cpu-threads", "1")
         deployment.wait_for_nodes(2)
+        clientapps = _per_message_processes(deployment)
         marker.unlink()  # round 3 may start
         status = deployment.wait_finished(run_id, timeout=600)
         assert status == "finished:completed", _logs(deployment)
@@ -227,15 +259,21 @@ def test_a_site_killed_mid_run_does_not_stop_it_and_rejoins_with_its_head(tiny_s
     rounds = _rounds(folder)
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[1]["train"]["failed"] == ["2-campus"] and set(rounds[1]["train"]["sites"]) == {"0-mall"}
+    assert not rounds[1]["train"]["rejected"]  # failed, by name: not a site that refused the round
     assert rounds[1]["train"]["aggregated"]
+    assert rounds[1]["seconds"] < 100  # answered for by the restarted worker, not after the round's timeout
     assert set(rounds[2]["train"]["sites"]) == set(sites)  # rejoined
     campus = deployment.log("client-2-campus.log")
-    assert "restored this site's head and masks" in campus  # by its new worker
-    assert campus.count("site worker ready") == 2 and ", 1 CPU threads," in campus
+    assert "exited with code -9; starting it again" in campus
+    assert "answered for the task the previous site worker died in" in campus
+    assert "restored this site's head and masks" in campus  # by the restarted box's worker
+    assert campus.count("site worker ready") == 3 and ", 1 CPU threads," in campus
     mall = deployment.log("client-0-mall.log")  # one site worker served all four of its messages:
     assert mall.count("message handled") == 4 and mall.count("scanned and checked") == 1, mall  # one scan,
     assert mall.count("decoded") + mall.count("from the disk cache") == 3, mall  # each image set decoded once
     assert set(rounds[-1]["evaluate"]["sites"]) == set(sites)
+    assert clientapps == []  # no process per message, at any point of the run
+    assert "did not answer: <class" not in deployment.run_log(run_id)
 
 
 def test_a_superlink_killed_at_any_moment_resumes_with_every_round_exactly_once(tiny_sites: Path,

@@ -14,11 +14,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-import clients.site_steps
-import clients.unsupervised_site
+import clients.site
+import clients.unsupervised
 from clients.app import app
-from clients.site_state import RUN_TAG_KEY
-from clients.unsupervised_site import CLUSTERS_KEY, PROGRESS_KEY
+from clients.kept import CLUSTERS_KEY, PROGRESS_KEY, RUN_TAG_KEY
 from reid.buc import ClusterMemory
 from reid.config import SiteRunSpec
 from reid.data.dataset import ReIDData, load_reid_data
@@ -172,14 +171,15 @@ def test_training_never_reads_a_pid(tiny_site: Path, monkeypatch: pytest.MonkeyP
     """Every training pid scrambled: bit-identical uploads and clusters; only the purity report,
     which compares clusters with the hidden identities, sees a difference."""
     real = _train(_context(tiny_site), 1)
-    load_site = clients.site_steps.load_site
+    load_reid_data = clients.site.load_reid_data
     shuffle = random.Random(3)
 
     def scrambled(*args: object, **kwargs: object) -> ReIDData:
-        data = load_site(*args, **kwargs)  # type: ignore[arg-type]
+        data = load_reid_data(*args, **kwargs)  # type: ignore[arg-type]
         return replace(data, train=[replace(s, pid=shuffle.randrange(1000)) for s in data.train])
 
-    monkeypatch.setattr(clients.site_steps, "load_site", scrambled)
+    monkeypatch.setattr(clients.site, "load_reid_data", scrambled)
+    monkeypatch.setattr(clients.site, "_SITES", {})  # a new Site, which scans the folder again
     context = _context(tiny_site)
     other = _train(context, 1)
     assert [a.data for a in real["arrays"].values()] == [a.data for a in other["arrays"].values()]
@@ -215,13 +215,13 @@ def test_an_ema_site_starts_from_a_blend_of_the_global_and_its_last_model(tiny_s
     torch.manual_seed(5)
     fresh = ArrayRecord(shared_state(build_model(SPEC.model), SPEC.bn_stats))  # round 2's "global" model
     starts = []
-    run_round = clients.unsupervised_site.run_round
+    run_round = clients.unsupervised.run_round
 
     def spy(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
         starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return run_round(model, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(clients.unsupervised_site, "run_round", spy)
+    monkeypatch.setattr(clients.unsupervised, "run_round", spy)
     reply = app(_message(fresh, 2, spec), context)
     assert not reply.has_error()
     key = "bottleneck.0.weight"
@@ -238,14 +238,14 @@ def test_global_relabelling_clusters_with_the_received_model_before_training(tin
     count = first["metrics"]["num-examples"]
     assert first["metrics"]["clusters"] == count and first["metrics"]["clusters-merged"] == 0  # nothing yet
     seen = []
-    run_round = clients.unsupervised_site.run_round
+    run_round = clients.unsupervised.run_round
 
     def spy(model: torch.nn.Module, images: torch.Tensor, state: object, *args: object, **kwargs: object) -> object:
         result = run_round(model, images, state, *args, **kwargs)  # type: ignore[arg-type]
         seen.append((state, result[0]))
         return result
 
-    monkeypatch.setattr(clients.unsupervised_site, "run_round", spy)
+    monkeypatch.setattr(clients.unsupervised, "run_round", spy)
     second = app(_message(first["arrays"], 2, spec), context).content["metrics"]
     assert 0 < second["clusters-merged"] and second["clusters"] == count - second["clusters-merged"]
     (before, after), = seen

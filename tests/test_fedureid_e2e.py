@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.site_state import record_from_bytes
-from clients.unsupervised_site import CLUSTERS_KEY, PROGRESS_KEY
+from clients.kept import CLUSTERS_KEY, PROGRESS_KEY, record_from_bytes
 from tests.deployment import Deployment
 from tests.test_simulation_e2e import _run_folder, _simulate
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
-from clients.site_state import persist_site_state, restore_site_state, state_file
+from clients.kept import persist_site_state, restore_site_state, state_file
 from server.flower_cli import free_port
 from server.outputs import RunFolderBusy, RunOutputs, hold_run_folder
 from server.resume import ResumeError, find_run_folder, load_resume_point
@@ -62,25 +62,26 @@ def test_a_run_that_died_before_its_first_checkpoint_starts_over_keeping_round_0
 
 
 def test_site_state_survives_a_new_supernode_process(tmp_path: Path) -> None:
-    config = {"state-dir": str(tmp_path / "state"), "dataset": "mall"}
-    first = Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={})
+    state_dir = tmp_path / "state"
+    first = RecordDict()
     head = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
-    first.state["local-state"] = ArrayRecord({"classifier.weight": Array(head)})
-    first.state["pruning-state"] = ConfigRecord({"ratio": 0.25, "pending": True})
-    path = state_file(first, "20261122-fedklpr-run3")
+    first["local-state"] = ArrayRecord({"classifier.weight": Array(head)})
+    first["pruning-state"] = ConfigRecord({"ratio": 0.25, "pending": True})
+    path = state_file(state_dir, "20261122-fedklpr-run3")
     persist_site_state(first, path)
     assert path.is_file() and not path.with_suffix(".tmp").exists()
 
-    restarted = Context(run_id=9, node_id=8, node_config=config, state=RecordDict(), run_config={})
+    restarted = RecordDict()
     assert restore_site_state(restarted, path)
-    assert np.array_equal(restarted.state["local-state"]["classifier.weight"].numpy(), head)
-    assert restarted.state["pruning-state"]["ratio"] == 0.25
+    assert np.array_equal(restarted["local-state"]["classifier.weight"].numpy(), head)
+    assert restarted["pruning-state"]["ratio"] == 0.25
     # a SuperNode that already holds state keeps it; another run tag starts fresh; no state-dir = nothing
     assert not restore_site_state(restarted, path)
-    assert not state_file(first, "other-run").exists()
-    assert state_file(Context(1, 1, {}, RecordDict(), {}), "x") is None
+    assert not state_file(state_dir, "other-run").exists()
+    assert state_file(None, "x") is None
+    assert state_file(state_dir, "../../evil").parent == state_dir  # a run tag cannot name another folder
     path.write_bytes(b"\x00garbage")
-    assert not restore_site_state(Context(1, 1, config, RecordDict(), {}), path)
+    assert not restore_site_state(RecordDict(), path)
 
 
 def test_prometheus_endpoint_serves_the_round_gauges(tmp_path: Path) -> None:

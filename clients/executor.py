@@ -1,0 +1,282 @@
+"""The site worker as its SuperNode's executor: it takes each task from the SuperNode's Runtime API
+and runs it in this long-lived process, with installed code only.
+
+``flower-supernode --isolation process`` starts nothing itself; it waits for an executor to call
+``AcquireTask`` on its Runtime API. Flower's own executor (``flower-superexec``) then starts a
+fresh ``flwr-clientapp`` per task, which installs and imports the submitted app (FAB) and runs its
+ClientApp beside the site's images. This module is the other executor: per task it
+
+1. acquires the task and its token (``AcquireTask``, signed with the SuperExec secret that only
+   this site's ``fedreid-client`` holds),
+2. starts the task's heartbeat and pulls its input (``pull_task_input``: message, context, run, FAB),
+3. asks ``accept(run, fab)`` whether the app is one this site runs; a refusal is answered with an
+   error reply that says why (the FAB is only read, as a zip, never installed or imported),
+4. calls ``handle(message, context)``, installed code, for the reply content,
+5. pushes the reply (``push_message``) and the updated context with the task's final status
+   (``push_task_output``), exactly what ``flwr-clientapp`` sends; an exception becomes an error
+   reply and a failed task, and the worker serves on.
+
+A worker that dies mid-task (killed, out of memory) cannot answer; so that the round does not wait
+for Flower's heartbeat to expire (60 s), every task leaves an *answer-on-death* file in the state
+folder while it runs: the token and a ready error reply. The next worker, started again by
+``fedreid-client``, sends that reply first, and the server names the site as failed at once.
+
+Everything from Flower used here is listed in ``FLOWER_RUNTIME_API``; a test checks it against the
+installed Flower, so a change under the ``flwr==1.39.*`` pin fails loudly instead of at a site.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.run import Run
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+log = logging.getLogger("clients.executor")
+
+COMPONENT = "fedreid-site-worker"  # how this executor introduces itself to the Runtime API
+# The methods Flower's SuperExec signs with the shared secret (flwr/supercore/superexec/run_superexec.py).
+SIGNED_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingTasks",
+                            "/flwr.proto.Runtime/ClaimTask"})
+ANSWER_ON_DEATH = "task-in-progress.json"  # in the state folder, mode 0600, while a task runs
+
+# What this module takes from Flower 1.39 (checked by tests/test_executor.py against the installed Flower).
+FLOWER_RUNTIME_API = {
+    "flwr.supercore.runtime.RuntimeHttpClient": ["AcquireTask", "PullTaskInput", "PullMessages", "PushMessages",
+                                                 "PushObject", "PullObject", "PushTaskOutput", "SendTaskHeartbeat",
+                                                 "ConfirmMessageReceived", "from_server_address", "close"],
+    "flwr.supernode.runtime.run_clientapp.pull_task_input": ["client"],
+    "flwr.supernode.runtime.run_clientapp.push_message": ["client", "message", "context"],
+    "flwr.supernode.runtime.run_clientapp.push_task_output": ["client", "context", "sub_status", "details"],
+    "flwr.proto.runtime_pb2.AcquireTaskRequest": ["supported_task_types", "agentapp_fab_hashes"],
+    "flwr.proto.runtime_pb2.AcquireTaskResponse": ["task", "token"],
+    "flwr.proto.task_pb2.Task": ["task_id", "type", "run_id", "fab_hash"],
+    "flwr.supercore.heartbeat.HeartbeatSender": ["start", "stop", "is_running"],
+}
+
+Acceptor = Callable[[Run, Fab], "str | None"]  # None: run it; otherwise the reason for refusing
+Handler = Callable[[Message, Context], RecordDict]  # the reply content; context.state updated in place
+
+
+class TaskRefused(Exception):
+    """The task's app is not one this site runs; the message is the reason the server is told."""
+
+
+@dataclass(frozen=True)
+class RuntimeAddress:
+    """Where the SuperNode's Runtime API listens (always this box: fedreid-client binds it to loopback)."""
+
+    address: str  # host:port
+    secret: bytes  # the SuperExec shared secret
+
+    def client(self, token: str | None = None, patient: bool = True) -> RuntimeHttpClient:
+        """A Runtime API client: signed for acquiring tasks, or bound to one task's ``token``;
+        ``patient=False``: one try per call (Flower's default retries while the SuperNode is away)."""
+        interceptors: list = [RuntimeVersionHttpInterceptor(component_name=COMPONENT)]
+        if token is None:
+            interceptors.append(SuperExecAuthHttpInterceptor(master_secret=self.secret,
+                                                             protected_methods=SIGNED_METHODS))
+        else:
+            interceptors.append(RuntimeTokenHttpInterceptor(token))
+        retry = make_simple_http_retry_invoker()
+        if not patient:
+            retry.max_tries = 1
+        return RuntimeHttpClient.from_server_address(server_address=self.address, insecure=True, root_certificates=None,
+                                                     interceptors=interceptors, retry_invoker=retry)
+
+
+def _heartbeat(client: RuntimeHttpClient, lost: threading.Event) -> Callable[[], bool]:
+    """Flower's task heartbeat, except that a task the SuperNode no longer knows sets ``lost``
+    (``flwr-clientapp`` raises SIGINT in itself, which would stop this long-lived worker)."""
+    import httpx
+
+    request = SendTaskHeartbeatRequest()
+
+    def beat() -> bool:
+        try:
+            response = client.SendTaskHeartbeat(request)
+        except httpx.TransportError:
+            return False
+        except httpx.HTTPStatusError as error:
+            if error.response.status_code in (503, 504):
+                return False
+            raise
+        if not response.success:
+            lost.set()
+        return True
+
+    return beat
+
+
+def error_reason(error: BaseException) -> str:
+    """Flower's own form for a ClientApp's exception, which the server's report unwraps."""
+    return f"{type(error)}:<'{error}'>"
+
+
+class AnswerOnDeath:
+    """The file that lets the next worker answer for a task this one could not finish.
+
+    Its ``phase`` says how far the task got: ``running`` (the next worker sends the prepared error
+    reply) or ``replying`` (the reply was being handed to the SuperNode, which waits for the rest of
+    a half-sent reply for ever: fedreid-client then restarts the SuperNode as well)."""
+
+    RUNNING, REPLYING = "running", "replying"
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / ANSWER_ON_DEATH
+
+    def arm(self, token: str, reply: Message, run_id: int, node_id: int) -> None:
+        blob = base64.b64encode(message_to_proto(reply).SerializeToString()).decode()
+        self._write({"token": token, "reply": blob, "run_id": run_id, "node_id": node_id, "phase": self.RUNNING})
+
+    def mark_replying(self) -> None:
+        saved = self._read()
+        if saved is not None:
+            self._write({**saved, "phase": self.REPLYING})
+
+    def phase(self) -> str | None:
+        saved = self._read()
+        return None if saved is None else str(saved.get("phase", self.RUNNING))
+
+    def disarm(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _write(self, saved: dict[str, object]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(saved, handle)
+        os.replace(temporary, self.path)
+
+    def _read(self) -> dict[str, object] | None:
+        try:
+            return dict(json.loads(self.path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError) as error:
+            log.warning("ignoring an unreadable %s (%s)", self.path, error)
+            return None
+
+    def answer_left_over(self, runtime: RuntimeAddress) -> bool:
+        """Send the reply a dead worker left; True when there was one and the SuperNode took it."""
+        saved = self._read()
+        if saved is None or saved.get("phase") != self.RUNNING:
+            self.disarm()  # nothing left, or a half-sent reply: fedreid-client restarted the SuperNode
+            return False
+        try:
+            proto = ProtoMessage()
+            proto.ParseFromString(base64.b64decode(str(saved["reply"])))
+            reply = message_from_proto(proto)
+            client = runtime.client(str(saved["token"]), patient=False)  # a stale token must not hold us up
+        except (ValueError, KeyError) as error:
+            log.warning("ignoring an unreadable %s (%s)", self.path, error)
+            self.disarm()
+            return False
+        context = Context(run_id=int(saved["run_id"]), node_id=int(saved["node_id"]),  # type: ignore[arg-type]
+                          node_config={}, state=RecordDict(), run_config={})
+        try:
+            push_message(client, reply, context)
+            push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details=reply.error.reason)
+            log.warning("answered for the task the previous site worker died in: %s", reply.error.reason)
+            return True
+        except Exception as error:  # noqa: BLE001 - the SuperNode may have moved on (restarted, expired)
+            log.info("the task the previous site worker died in is no longer open (%s)", error)
+            return False
+        finally:
+            client.close()
+            self.disarm()
+
+
+class TaskLoop:
+    """Acquire tasks one at a time and run each with ``handle`` once ``accept`` lets it."""
+
+    def __init__(self, runtime: RuntimeAddress, accept: Acceptor, handle: Handler, state_dir: Path,
+                 poll_s: float = 0.05) -> None:
+        self.runtime, self.accept, self.handle, self.poll_s = runtime, accept, handle, poll_s
+        self.answer_on_death = AnswerOnDeath(state_dir)
+        self.tasks_done = 0
+
+    def serve_forever(self) -> None:
+        acquirer = self.runtime.client()
+        request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[])
+        while True:
+            response = acquirer.AcquireTask(request)
+            if response.HasField("task") and response.token:
+                self.run_task(response.token)
+            else:
+                time.sleep(self.poll_s)
+
+    def run_task(self, token: str) -> None:
+        """One task, end to end; never raises (a failure is the task's, not the worker's)."""
+        client = self.runtime.client(token)
+        lost = threading.Event()
+        heartbeat = HeartbeatSender(_heartbeat(client, lost))
+        heartbeat.start()
+        context: Context | None = None
+        message: Message | None = None
+        started = time.perf_counter()
+        try:
+            message, context, run, fab = pull_task_input(client)
+            kind = message.metadata.message_type
+            self.answer_on_death.arm(token, Message(Error(ErrorCode.CLIENT_APP_CRASHED, (
+                f"the site worker died while handling this {kind} message (run {run.run_id}); fedreid-client "
+                "starts it again for the next one")), reply_to=message), context.run_id, context.node_id)
+            refusal = self.accept(run, fab)
+            if refusal is not None:
+                raise TaskRefused(refusal)
+            reply = Message(self.handle(message, context), reply_to=message)
+            self.answer_on_death.mark_replying()
+            push_message(client, reply, context)
+            push_task_output(client=client, context=context, sub_status=SubStatus.COMPLETED, details="")
+            self.tasks_done += 1
+            log.info("%s message handled in %.2f s (run %d)", kind, time.perf_counter() - started, run.run_id)
+        except TaskRefused as refusal:
+            log.warning("refused a task: %s", refusal)
+            self._fail(client, message, context, ErrorCode.INVALID_FAB, str(refusal))
+        except Exception as error:  # noqa: BLE001 - reported to the server; the worker serves on
+            log.error("task failed:\n%s", traceback.format_exc())
+            self._fail(client, message, context, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, error_reason(error))
+        finally:
+            self.answer_on_death.disarm()
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+            if lost.is_set():
+                log.warning("the SuperNode gave this task up while it ran (its heartbeat had expired)")
+
+    @staticmethod
+    def _fail(client: RuntimeHttpClient, message: Message | None, context: Context | None, code: int,
+              reason: str) -> None:
+        """An error reply (when the message was pulled) and the task's failed status; the SuperNode's
+        copy of the context stays as it was before the task."""
+        try:
+            if message is not None and context is not None:
+                push_message(client, Message(Error(code, reason), reply_to=message), context)
+            push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details=reason)
+        except Exception as error:  # noqa: BLE001 - nothing more can be done for this task
+            log.error("could not report the failed task to the SuperNode: %s", error)

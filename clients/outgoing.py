@@ -1,0 +1,90 @@
+"""What may leave a site, built and checked in one place: every reply the site sends is made here.
+
+A reply holds exactly
+
+* ``arrays``: the SHARED part of the site's model, the keys and shapes of the model the server
+  declared (pruned tensors in the sparse encoding, packed when the server sent its model packed);
+* ``metrics`` (and ``evaluation``): numbers whose names are in ``REPLY_METRICS`` (or of the form
+  ``mAP@s`` / ``rank1@s`` for a query resolution s), each a finite int or float;
+* ``site``: the site's name, as its operator configured it.
+
+Anything else (a file's bytes, a string, an array of another key or shape) is refused with an
+error before it could be sent, whoever asked for it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from strategies.packing import TRANSPORT_DTYPE_KEY, is_packed, pack_record
+from strategies.sparse_records import encode_record
+from strategies.validation import EVALUATION_KEY
+
+SITE_KEY = "site"
+TRAINING_METRICS = frozenset({
+    "num-examples", "num-identities", "corrupt-images",  # the site's data, counted
+    "train-loss", "train-accuracy", "train-seconds", "images-per-second", "epochs",  # local training
+    "image-passes", "feature-passes", "gpu-peak-mb",  # its cost
+    "cdw-distance", "kl-divergence",  # how far the model moved (CDW, KLPWA)
+    "validation-accuracy", "pruning-ratio", "crr-recoveries", "kept-fraction",  # FedKLPR's pruning
+    "clusters", "clusters-merged", "cluster-nmi", "cluster-precision", "cluster-recall", "cluster-f",  # FedUReID
+})
+EVALUATION_METRICS = frozenset({"rank1", "rank5", "rank10", "mAP", "mAP-market", "mINP", "num-queries",
+                                "num-gallery", "drift-gap"})
+REPLY_METRICS = TRAINING_METRICS | EVALUATION_METRICS
+_AT_SCALE = re.compile(r"(mAP|rank1)@[0-9.]+")
+
+
+class OutgoingRefused(ValueError):
+    """A reply would carry something a site does not send."""
+
+
+def metric_record(metrics: Mapping[str, object]) -> MetricRecord:
+    """``metrics`` as a MetricRecord, once every name is a documented one and every value a finite number."""
+    for name, value in metrics.items():
+        if name not in REPLY_METRICS and not _AT_SCALE.fullmatch(name):
+            raise OutgoingRefused(f"metric {name!r} is not one a site reports (clients/outgoing.py REPLY_METRICS)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise OutgoingRefused(f"metric {name!r} must be a finite number, not {value!r}")
+    return MetricRecord(dict(metrics))  # type: ignore[arg-type]
+
+
+def check_shared(shared: Mapping[str, torch.Tensor], declared: Mapping[str, tuple[int, ...]]) -> None:
+    """The arrays to send are exactly the declared SHARED keys, each of its declared shape."""
+    if set(shared) != set(declared):
+        extra, missing = sorted(set(shared) - set(declared)), sorted(set(declared) - set(shared))
+        raise OutgoingRefused(f"the reply's arrays are not the declared SHARED keys (extra {extra[:3]}, "
+                              f"missing {missing[:3]})")
+    wrong = [k for k, v in shared.items() if tuple(v.shape) != tuple(declared[k])]
+    if wrong:
+        raise OutgoingRefused(f"array {wrong[0]} has shape {tuple(shared[wrong[0]].shape)}, declared "
+                              f"{tuple(declared[wrong[0]])}")
+
+
+def site_record(name: str) -> ConfigRecord:
+    return ConfigRecord({"name": name})
+
+
+def evaluation_reply(name: str, metrics: MetricRecord) -> RecordDict:
+    return RecordDict({"metrics": metric_record(dict(metrics)), SITE_KEY: site_record(name)})
+
+
+def training_reply(name: str, shared: Mapping[str, torch.Tensor], declared: Mapping[str, tuple[int, ...]],
+                   received_config: ConfigRecord, received_packed: bool, metrics: Mapping[str, float],
+                   evaluated: MetricRecord | None, masks: Mapping[str, np.ndarray], value_dtype: str) -> RecordDict:
+    """The SHARED arrays (sparse-encoded where pruned; packed when the server sent its model packed),
+    the metrics and, when the round asked for it, the evaluation of the received model."""
+    check_shared(shared, declared)
+    arrays: ArrayRecord = encode_record({k: v.numpy() for k, v in shared.items()}, dict(masks), value_dtype)
+    if received_packed:  # answer in the form the server chose
+        arrays = pack_record(arrays, str(received_config.get(TRANSPORT_DTYPE_KEY, "float32")))
+    reply = RecordDict({"arrays": arrays, "metrics": metric_record(metrics), SITE_KEY: site_record(name)})
+    if evaluated is not None:
+        reply[EVALUATION_KEY] = metric_record(dict(evaluated))
+    return reply
