@@ -1,46 +1,55 @@
-"""What one federated round costs beyond the sites' training, before and after the warm-site work.
+"""What one federated round costs beyond the sites' training: the site runtime before and after the
+site worker became the SuperNode's executor (issue 22), side by side in one run.
 
-    python bench/round_overhead.py [--clients 3] [--rounds 5] [--gpu 0 --model resnet50]
-
-Two parts, all in one run so that the ratios are measured side by side on the same machine:
+    python bench/round_overhead.py [--clients 3] [--rounds 5] [--gpu 0 --model resnet50] [--skip-echo]
 
 1. **Training rounds.** A real TLS deployment on 127.0.0.1 (``fedreid-server``, one
    ``fedreid-client`` per synthetic site, the small model on the CPU unless ``--model``/``--gpu``),
-   ``profile=test`` for ``--rounds`` rounds, once as before (``--no-worker``, arrays unpacked,
-   the server pulling every 0.5 s, Flower's default polls and chunk sizes) and once as now. Per
-   round: round seconds, the slowest site's training seconds, and their difference, the overhead;
-   medians over rounds 2..R.
+   ``profile=test`` for ``--rounds`` + 1 rounds, once with the previous runtime (commit
+   ``--before``, checked out into a temporary git worktree: Flower starts a ``flwr-clientapp`` per
+   message, which forwards it to the site worker over a Unix socket) and once with this checkout's
+   (the worker takes the tasks from the SuperNode's Runtime API itself). Per round: wall time from
+   one metrics line to the next, the slowest site's training seconds, and their difference, the
+   overhead; medians over rounds 2..R. For the new runtime the overhead is split with the sites' own
+   timings (``message handled in ...: input, work, reply``): the hand-over (pulling the task's input
+   and pushing the reply through the Runtime API), our site work beyond training (probe batches,
+   state file, encoding), the server's aggregation, and the rest, which is Flower's floor (the
+   SuperNode's 3-s idle poll, its 0.5-s reply check, the transfers, the checkpoint). Every
+   ``flwr-clientapp`` process started during the rounds is counted.
 2. **Echo.** A minimal app (bench/round_overhead_app) whose clients send a ResNet-50-sized SHARED
-   payload (24.56 M float32 values, 98 MB) straight back: unpacked with Flower's defaults, and
-   packed with ours, with the SuperLink's SQLite state and in memory; plus a 1-value payload (the
-   fixed cost) and the in-process cost of serialising the same messages.
+   payload (24.56 M float32 values, 98 MB, packed) straight back, with the SuperLink's SQLite state:
+   a ``flwr-clientapp`` per message running the app (Flower's own runtime, what fedreid sites had)
+   against fedreid's executor loop (echo_worker.py); plus the new runtime with the SuperLink in
+   memory, a 1-value payload (the fixed cost) and the in-process cost of serialising the messages.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import re
+import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
-
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench" / "round_overhead_app"))
 from echo_app import payload  # noqa: E402
-from server.simulate import ensure_synthetic_sites  # noqa: E402
 from flwr.app import Message, RecordDict  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents  # noqa: E402
 
 from server.flower_cli import (  # noqa: E402
-    FLOWER_POLLING,
     SuperLinkConnection,
     console_script,
     flwr_environment,
@@ -48,9 +57,49 @@ from server.flower_cli import (  # noqa: E402
     stop_process_group,
     wait_healthy,
 )
+from server.simulate import ensure_synthetic_sites  # noqa: E402
 
 APP = REPO / "bench" / "round_overhead_app"
 RESNET50_SHARED_VALUES = 24_559_872
+BEFORE = "8428a42"  # the last commit whose sites ran a flwr-clientapp per message (forwarding to the worker)
+HANDLED = re.compile(r"train message handled in ([0-9.]+) s: input ([0-9.]+) s, work ([0-9.]+) s, reply ([0-9.]+) s")
+
+
+class ProcessCounter:
+    """Every process whose command line matches ``pattern`` seen while it runs (polled every 0.1 s;
+    a ``flwr-clientapp`` lives for seconds)."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern, self.pids, self._stop = pattern, set(), threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            found = subprocess.run(["pgrep", "-f", self.pattern], capture_output=True, text=True, check=False)
+            self.pids.update(found.stdout.split())
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> "ProcessCounter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def checkout(ref: str) -> Iterator[Path]:
+    """The project at ``ref`` in a temporary git worktree (its processes run with PYTHONPATH there)."""
+    with tempfile.TemporaryDirectory(prefix="fedreid-before-") as scratch:
+        folder = Path(scratch) / "checkout"
+        subprocess.run(["git", "worktree", "add", "--detach", str(folder), ref], cwd=REPO, check=True,
+                       capture_output=True)
+        try:
+            yield folder
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=REPO, check=False,
+                           capture_output=True)
 
 
 def in_process_seconds(values: int, clients: int, repeats: int = 3) -> tuple[float, int]:
@@ -74,29 +123,19 @@ def in_process_seconds(values: int, clients: int, repeats: int = 3) -> tuple[flo
     return best, size
 
 
-FLOWER_DEFAULTS = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0", "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE": "5242880",
-                   "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "2", "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "2"}
-
-
-def flower_defaults(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with Flower's own defaults for the settings we tune (the "before" case)."""
-    assert FLOWER_DEFAULTS.keys() == FLOWER_POLLING.keys()
-    return {**env, **FLOWER_DEFAULTS}
-
-
 class LoopbackFederation:
-    """An insecure SuperLink and ``clients`` SuperNodes on 127.0.0.1, all separate processes."""
+    """An insecure SuperLink and ``clients`` SuperNodes on 127.0.0.1, all separate processes; with
+    ``executor``, each SuperNode in process isolation with the echo's site worker beside it."""
 
-    def __init__(self, root: Path, clients: int, in_memory: bool, tuned: bool) -> None:
-        self.root, self.clients, self.in_memory, self.tuned = root, clients, in_memory, tuned
+    def __init__(self, root: Path, clients: int, in_memory: bool, executor: bool) -> None:
+        self.root, self.clients, self.in_memory, self.executor = root, clients, in_memory, executor
         self.fleet, self.control = free_port(), free_port()
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def _spawn(self, command: list[str], name: str, home: Path) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115
-        env = flwr_environment(home) if self.tuned else flower_defaults(flwr_environment(home))
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=env, cwd=self.root)
+                                   env=flwr_environment(home), cwd=self.root)
         self.processes.append(process)
         return process
 
@@ -107,8 +146,17 @@ class LoopbackFederation:
                              + (["--in-memory-state"] if self.in_memory else []), "superlink", self.root / "superlink")
         wait_healthy(f"http://127.0.0.1:{self.control}/health", server, 90, "the SuperLink")
         for index in range(self.clients):
-            self._spawn([console_script("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet}",
-                         "--port", str(free_port())], f"node{index}", self.root / f"node{index}")
+            port, home = free_port(), self.root / f"node{index}"
+            command = [console_script("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet}",
+                       "--port", str(port)]
+            if self.executor:
+                home.mkdir(parents=True, exist_ok=True)
+                secret = home / "secret"
+                secret.write_bytes(secrets.token_bytes(32))
+                command += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+                self._spawn([sys.executable, str(APP / "echo_worker.py"), "--runtime-api", f"127.0.0.1:{port}",
+                             "--secret-file", str(secret), "--state-dir", str(home)], f"worker{index}", home)
+            self._spawn(command, f"node{index}", home)
         connection = SuperLinkConnection(f"127.0.0.1:{self.control}", self.root / "cli", None)
         connection.wait_for_nodes(self.clients, 90)
         return connection
@@ -118,18 +166,18 @@ class LoopbackFederation:
             stop_process_group(process)
 
 
-def echo_rounds(connection: SuperLinkConnection, values: int, rounds: int, result: Path, packed: bool) -> list[dict]:
-    run_id = connection.submit(APP, f'rounds={rounds} values={values} result-file="{result}" '
-                                    f'packed={str(packed).lower()}')
+def echo_rounds(connection: SuperLinkConnection, values: int, rounds: int, result: Path) -> list[dict]:
+    run_id = connection.submit(APP, f'rounds={rounds} values={values} result-file="{result}" packed=true')
     status = connection.wait_finished(run_id, timeout=1800, poll=1.0)
     if status != "finished:completed":
         raise RuntimeError(f"echo run ended as {status}")
     return json.loads(result.read_text())["rounds"]
 
 
-def training_rounds(sites_root: Path, clients: int, rounds: int, before: bool, model: str,
-                    gpu: int | None, cpu_threads: int | None) -> list[dict]:
-    """Per-round records of a real TLS deployment of ``clients`` synthetic sites (profile=test)."""
+def training_rounds(code: Path, sites_root: Path, clients: int, rounds: int, model: str, gpu: int | None,
+                    cpu_threads: int | None) -> tuple[list[dict], dict[str, str], int]:
+    """Per-round records of a real TLS deployment of ``clients`` synthetic sites (profile=test) run
+    with the project at ``code``; the sites' logs; the flwr-clientapp processes started meanwhile."""
     from tests.deployment import Deployment
 
     sites = dict([(p.name, p) for p in sorted(sites_root.iterdir()) if p.is_dir()][:clients])
@@ -137,59 +185,102 @@ def training_rounds(sites_root: Path, clients: int, rounds: int, before: bool, m
     extra = ["--gpu", str(gpu)] if gpu is not None else []
     if cpu_threads:
         extra += ["--cpu-threads", str(cpu_threads)]
-    if before:
-        overrides += " transport.pack=false federation.poll_interval_s=0.5"
-        extra.append("--no-worker")
     with tempfile.TemporaryDirectory(prefix="fedreid-overhead-") as scratch:
         root = Path(scratch)
-        deployment = Deployment(root, dict(sites))
-        if before:
-            deployment.env_filter = flower_defaults
+        deployment = Deployment(root, dict(sites), env={"PYTHONPATH": str(code)})
         try:
             deployment.start_server()
             deployment.register_sites()
             for site in sites:
                 deployment.start_client(site, None, *extra)
             deployment.wait_for_nodes(len(sites))
-            run_id = deployment.submit(f'profile="test" output-dir="{root / "outputs"}" overrides="{overrides}"')
-            status = deployment.wait_finished(run_id, timeout=3600)
+            with ProcessCounter("flwr-clientapp") as counter:
+                run_id = deployment.connection.submit(code, f'profile="test" output-dir="{root / "outputs"}" '
+                                                            f'overrides="{overrides}"')
+                status = deployment.wait_finished(run_id, timeout=3600)
             if status != "finished:completed":
                 raise RuntimeError(f"training run ended as {status}; logs in {root}")
         finally:
             deployment.close()
         (metrics,) = (root / "outputs").glob("*/metrics.jsonl")
-        return [json.loads(line) for line in metrics.read_text().splitlines()]
+        logs = {site: deployment.log(f"client-{site}.log") for site in sites}
+        return [json.loads(line) for line in metrics.read_text().splitlines()], logs, len(counter.pids)
 
 
-def overhead_table(records: list[dict], last: int) -> dict[str, float]:
-    """Medians over rounds 2..``last`` of the round's wall time (from one metrics line to the next:
-    sending, training, replies, aggregation, checkpoint), the slowest site's training seconds, and
-    their difference, the overhead."""
+def overhead_table(records: list[dict], logs: dict[str, str], last: int) -> dict[str, float]:
+    """Medians over rounds 2..``last``: the round's wall time (from one metrics line to the next:
+    sending, training, replies, aggregation, checkpoint), the slowest site's training seconds, their
+    difference (the overhead), and, where the sites log their task timings, its parts."""
     elapsed = {r["round"]: float(r["elapsed_s"]) for r in records}
-    rows = []
+    timings = {site: [tuple(map(float, m.groups())) for m in HANDLED.finditer(text)] for site, text in logs.items()}
+    rows: list[dict[str, float]] = []
     for record in records:
         server_round = record["round"]
         if not 2 <= server_round <= last or not (record.get("train") or {}).get("sites"):
             continue
-        slowest = max(float(m["train-seconds"]) for m in record["train"]["sites"].values())
-        rows.append((elapsed[server_round] - elapsed[server_round - 1], slowest))
-    return {"round": statistics.median(r for r, _ in rows), "training": statistics.median(t for _, t in rows),
-            "overhead": statistics.median(r - t for r, t in rows)}
+        sites = record["train"]["sites"]
+        slowest = max(sites, key=lambda s: float(sites[s]["train-seconds"]))
+        training = float(sites[slowest]["train-seconds"])
+        row = {"round": elapsed[server_round] - elapsed[server_round - 1], "training": training,
+               "aggregation": float(record["train"].get("aggregation_seconds", 0.0))}
+        row["overhead"] = row["round"] - training
+        if len(timings.get(slowest, [])) >= server_round:  # the site's train task of this round
+            _, pulled, work, replied = timings[slowest][server_round - 1]
+            row.update({"hand-over": pulled + replied, "site work": work - training})
+            row["rest"] = row["overhead"] - row["hand-over"] - row["site work"] - row["aggregation"]
+        rows.append(row)
+    return {key: statistics.median(r[key] for r in rows) for key in rows[0] if all(key in r for r in rows)}
 
 
 def print_training_table(args: argparse.Namespace, model: str, gpu: int | None, cpu_threads: int) -> None:
-    # one round more than reported: the last one also evaluates (an exchange of its own)
-    training = {label: overhead_table(training_rounds(args.sites_root, args.clients, args.rounds + 1,
-                                                      label == "before", model, gpu, cpu_threads), args.rounds)
-                for label in ("before", "now")}
+    measured = {}
+    with checkout(args.before) as before:
+        for label, code in ((f"before ({args.before}): a flwr-clientapp per message, forwarding to the worker",
+                             before), ("now: the site worker is the SuperNode's executor", REPO)):
+            # one round more than reported: the last one also evaluates (an exchange of its own)
+            records, logs, processes = training_rounds(code, args.sites_root, args.clients, args.rounds + 1, model,
+                                                       gpu, cpu_threads)
+            measured[label] = (overhead_table(records, logs, args.rounds), processes)
     print(f"training rounds: {args.clients} sites over TLS on loopback, model={model}, "
           f"{'GPU ' + str(gpu) if gpu is not None else 'CPU'}; medians of rounds 2..{args.rounds}")
-    print("| setting | round s | slowest site's training s | overhead s |")
-    print("|---|---:|---:|---:|")
-    for label, row in training.items():
-        print(f"| {label} | {row['round']:.2f} | {row['training']:.2f} | {row['overhead']:.2f} |")
-    print(f"overhead ratio before / now: {training['before']['overhead'] / training['now']['overhead']:.1f}x",
-          flush=True)
+    print("| runtime | round s | slowest site's training s | overhead s | flwr-clientapp processes |")
+    print("|---|---:|---:|---:|---:|")
+    for label, (row, processes) in measured.items():
+        print(f"| {label} | {row['round']:.2f} | {row['training']:.2f} | {row['overhead']:.2f} | {processes} |")
+    now = list(measured.values())[-1][0]
+    if "rest" in now:
+        print(f"now, the overhead split: hand-over {now['hand-over']:.2f} s, our site work beyond training "
+              f"{now['site work']:.2f} s, server aggregation {now['aggregation']:.2f} s, the rest (Flower: SuperNode "
+              f"poll and reply check, transfers; the checkpoint) {now['rest']:.2f} s")
+    first = list(measured.values())[0][0]
+    print(f"overhead ratio before / now: {first['overhead'] / now['overhead']:.1f}x", flush=True)
+
+
+def print_echo_table(args: argparse.Namespace) -> None:
+    settings = {"before: SQLite, a flwr-clientapp per message": (False, False),
+                "now: SQLite, fedreid's executor (no process per message)": (False, True),
+                "now, --in-memory-state": (True, True)}
+    measured: dict[str, tuple[list[dict], list[dict], int]] = {}
+    for label, (in_memory, executor) in settings.items():
+        with tempfile.TemporaryDirectory(prefix="fedreid-overhead-") as scratch:
+            root = Path(scratch)
+            with LoopbackFederation(root, args.clients, in_memory, executor) as connection, \
+                    ProcessCounter("flwr-clientapp") as counter:
+                tiny = echo_rounds(connection, 1, args.rounds, root / "tiny.json")
+                full = echo_rounds(connection, args.values, args.rounds, root / "full.json")
+        assert all(r["echo_ok"] and r["clients"] == args.clients for r in tiny + full)
+        measured[label] = (tiny, full, len(counter.pids))
+    local, message_bytes = in_process_seconds(args.values, args.clients)
+    print(f"\necho: {args.values:,} float32 values, {message_bytes / 1e6:.1f} MB per message, packed; {args.clients} "
+          f"clients; median of rounds 2..{args.rounds}; in-process serialise + re-inflate + copy of the round's "
+          f"{2 * args.clients} messages: {local:.2f} s")
+    print("| runtime | round, 98 MB s | round, 1 value s | MB/s | flwr-clientapp processes |")
+    print("|---|---:|---:|---:|---:|")
+    moved = 2 * args.clients * message_bytes
+    for label, (tiny, full, processes) in measured.items():
+        tiny_s = statistics.median(r["seconds"] for r in tiny[1:])
+        full_s = statistics.median(r["seconds"] for r in full[1:])
+        print(f"| {label} | {full_s:.2f} | {tiny_s:.2f} | {moved / full_s / 1e6:.0f} | {processes} |")
 
 
 def main() -> None:
@@ -203,39 +294,19 @@ def main() -> None:
     parser.add_argument("--sites-root", type=Path, default=REPO / "data" / "synthetic")
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="fedreid-client --cpu-threads of every site (they share this machine; 0 = all cores)")
+    parser.add_argument("--before", default=BEFORE, help="git commit of the runtime to compare with")
     parser.add_argument("--skip-echo", action="store_true")
+    parser.add_argument("--skip-training", action="store_true")
     args = parser.parse_args()
     ensure_synthetic_sites(args.sites_root, args.clients, seed=0)
-    setups = [(args.model, args.gpu, args.cpu_threads)]
-    if args.gpu is None and torch.cuda.is_available():  # and the same with ResNet-50 on the GPU
-        setups.append(("resnet50", 0, 0))
-    for model, gpu, cpu_threads in setups:
-        print_training_table(args, model, gpu, cpu_threads)
-    if args.skip_echo:
-        return
-    settings = {"sqlite, unpacked, Flower defaults (before)": ("sqlite", False),
-                "sqlite, packed, tuned (now)": ("sqlite", True),
-                "in memory, packed, tuned": ("memory", True)}
-    measured: dict[str, tuple[list[dict], list[dict]]] = {}
-    for label, (store, now) in settings.items():
-        with tempfile.TemporaryDirectory(prefix="fedreid-overhead-") as scratch:
-            root = Path(scratch)
-            with LoopbackFederation(root, args.clients, in_memory=store == "memory", tuned=now) as connection:
-                tiny = echo_rounds(connection, 1, args.rounds, root / "tiny.json", now)
-                full = echo_rounds(connection, args.values, args.rounds, root / "full.json", now)
-        assert all(r["echo_ok"] and r["clients"] == args.clients for r in tiny + full)
-        measured[label] = (tiny, full)
-    local, message_bytes = in_process_seconds(args.values, args.clients)
-    print(f"\necho: {args.values:,} float32 values, {message_bytes / 1e6:.1f} MB per message; {args.clients} "
-          f"clients; median of rounds 2..{args.rounds}; in-process serialise + re-inflate + copy of the round's "
-          f"{2 * args.clients} messages: {local:.2f} s")
-    print("| setting | round, 98 MB s | round, 1 value s | MB/s |")
-    print("|---|---:|---:|---:|")
-    moved = 2 * args.clients * message_bytes
-    for label, (tiny, full) in measured.items():
-        tiny_s = statistics.median(r["seconds"] for r in tiny[1:])
-        full_s = statistics.median(r["seconds"] for r in full[1:])
-        print(f"| {label} | {full_s:.2f} | {tiny_s:.2f} | {moved / full_s / 1e6:.0f} |")
+    if not args.skip_training:
+        setups = [(args.model, args.gpu, args.cpu_threads)]
+        if args.gpu is None and torch.cuda.is_available():  # and the same with ResNet-50 on the GPU
+            setups.append(("resnet50", 0, 0))
+        for model, gpu, cpu_threads in setups:
+            print_training_table(args, model, gpu, cpu_threads)
+    if not args.skip_echo:
+        print_echo_table(args)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ ClientApp beside the site's images. This module is the other executor: per task 
 
 1. acquires the task and its token (``AcquireTask``, signed with the SuperExec secret that only
    this site's ``fedreid-client`` holds),
-2. starts the task's heartbeat and pulls its input (``pull_task_input``: message, context, run, FAB),
+2. starts the task's heartbeat and pulls its input (message, context, run, FAB: ``pull_input``,
+   Flower's ``pull_task_input`` with a short backoff),
 3. asks ``accept(run, fab)`` whether the app is one this site runs; a refusal is answered with an
    error reply that says why (the FAB is only read, as a zip, never installed or imported),
 4. calls ``handle(message, context)``, installed code, for the reply content,
@@ -17,9 +18,10 @@ ClientApp beside the site's images. This module is the other executor: per task 
    reply and a failed task, and the worker serves on.
 
 A worker that dies mid-task (killed, out of memory) cannot answer; so that the round does not wait
-for Flower's heartbeat to expire (60 s), every task leaves an *answer-on-death* file in the state
-folder while it runs: the token and a ready error reply. The next worker, started again by
-``fedreid-client``, sends that reply first, and the server names the site as failed at once.
+for Flower's heartbeat to expire (60 s), every task leaves a file in the state folder while it runs
+(clients/answer_on_death.py): the token and a ready error reply. The next worker, started again by
+``fedreid-client``, sends that reply first (``answer_left_over``), and the server names the site as
+failed at once.
 
 Everything from Flower used here is listed in ``FLOWER_RUNTIME_API``; a test checks it against the
 installed Flower, so a change under the ``flwr==1.39.*`` pin fails loudly instead of at a site.
@@ -27,10 +29,7 @@ installed Flower, so a change under the ``flwr==1.39.*`` pin fails loudly instea
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
-import os
 import threading
 import time
 import traceback
@@ -40,12 +39,23 @@ from typing import Callable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.common.serde import context_from_proto, fab_from_proto, message_from_proto, message_to_proto, run_from_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
-from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+    SendTaskHeartbeatRequest,
+)
 from flwr.supercore.constant import TaskType
 from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -54,7 +64,10 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.answer_on_death import AnswerOnDeath
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 log = logging.getLogger("clients.executor")
 
@@ -62,14 +75,23 @@ COMPONENT = "fedreid-site-worker"  # how this executor introduces itself to the 
 # The methods Flower's SuperExec signs with the shared secret (flwr/supercore/superexec/run_superexec.py).
 SIGNED_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingTasks",
                             "/flwr.proto.Runtime/ClaimTask"})
-ANSWER_ON_DEATH = "task-in-progress.json"  # in the state folder, mode 0600, while a task runs
+PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.5  # asking again for a part the SuperNode does not have yet
 
 # What this module takes from Flower 1.39 (checked by tests/test_executor.py against the installed Flower).
 FLOWER_RUNTIME_API = {
     "flwr.supercore.runtime.RuntimeHttpClient": ["AcquireTask", "PullTaskInput", "PullMessages", "PushMessages",
                                                  "PushObject", "PullObject", "PushTaskOutput", "SendTaskHeartbeat",
                                                  "ConfirmMessageReceived", "from_server_address", "close"],
-    "flwr.supernode.runtime.run_clientapp.pull_task_input": ["client"],
+    "flwr.proto.runtime_pb2.PullTaskInputResponse": ["context", "run", "fab", "task_id"],
+    "flwr.proto.runtime_pb2.PullAppMessagesResponse": ["messages_list", "message_object_trees"],
+    "flwr.supercore.inflatable.inflatable_utils.pull_and_inflate_object_from_tree": [
+        "object_tree", "pull_object_fn", "confirm_object_received_fn", "return_type", "max_tries_per_object",
+        "initial_backoff", "backoff_cap"],
+    "flwr.supercore.inflatable.inflatable_protobuf_utils.make_pull_object_fn_protobuf": [
+        "pull_object_protobuf", "node", "run_id"],
+    "flwr.supercore.inflatable.inflatable_protobuf_utils.make_confirm_message_received_fn_protobuf": [
+        "confirm_message_received_protobuf", "node", "run_id"],
+    "flwr.supercore.task_identity.TaskIdentity": ["task_id", "run_id", "node_id"],
     "flwr.supernode.runtime.run_clientapp.push_message": ["client", "message", "context"],
     "flwr.supernode.runtime.run_clientapp.push_task_output": ["client", "context", "sub_status", "details"],
     "flwr.proto.runtime_pb2.AcquireTaskRequest": ["supported_task_types", "agentapp_fab_hashes"],
@@ -132,84 +154,61 @@ def _heartbeat(client: RuntimeHttpClient, lost: threading.Event) -> Callable[[],
     return beat
 
 
+def pull_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
+    """Flower's ``pull_task_input`` (flwr/supernode/runtime/run_clientapp.py), step for step, except
+    that a part of the message the SuperNode has not received yet is asked for again after 0.05 s
+    (doubling up to 0.5 s), not after 1 s (up to 10 s). A long-lived executor takes a task the
+    moment the SuperNode creates it, which is before the SuperNode has the message's arrays; with
+    Flower's backoff that cost 1.3 s per round (bench/round_overhead.py)."""
+    response = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id = response.task_id, response.run.run_id
+    TaskIdentity.node_id = response.context.node_id
+    context, run, fab = context_from_proto(response.context), run_from_proto(response.run), fab_from_proto(response.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode's Runtime API handed over no message for this task")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, max_tries_per_object=None, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # a pulled message does not carry its own id
+    return message, context, run, fab
+
+
 def error_reason(error: BaseException) -> str:
     """Flower's own form for a ClientApp's exception, which the server's report unwraps."""
     return f"{type(error)}:<'{error}'>"
 
 
-class AnswerOnDeath:
-    """The file that lets the next worker answer for a task this one could not finish.
-
-    Its ``phase`` says how far the task got: ``running`` (the next worker sends the prepared error
-    reply) or ``replying`` (the reply was being handed to the SuperNode, which waits for the rest of
-    a half-sent reply for ever: fedreid-client then restarts the SuperNode as well)."""
-
-    RUNNING, REPLYING = "running", "replying"
-
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / ANSWER_ON_DEATH
-
-    def arm(self, token: str, reply: Message, run_id: int, node_id: int) -> None:
-        blob = base64.b64encode(message_to_proto(reply).SerializeToString()).decode()
-        self._write({"token": token, "reply": blob, "run_id": run_id, "node_id": node_id, "phase": self.RUNNING})
-
-    def mark_replying(self) -> None:
-        saved = self._read()
-        if saved is not None:
-            self._write({**saved, "phase": self.REPLYING})
-
-    def phase(self) -> str | None:
-        saved = self._read()
-        return None if saved is None else str(saved.get("phase", self.RUNNING))
-
-    def disarm(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-    def _write(self, saved: dict[str, object]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(saved, handle)
-        os.replace(temporary, self.path)
-
-    def _read(self) -> dict[str, object] | None:
-        try:
-            return dict(json.loads(self.path.read_text()))
-        except FileNotFoundError:
-            return None
-        except (ValueError, OSError) as error:
-            log.warning("ignoring an unreadable %s (%s)", self.path, error)
-            return None
-
-    def answer_left_over(self, runtime: RuntimeAddress) -> bool:
-        """Send the reply a dead worker left; True when there was one and the SuperNode took it."""
-        saved = self._read()
-        if saved is None or saved.get("phase") != self.RUNNING:
-            self.disarm()  # nothing left, or a half-sent reply: fedreid-client restarted the SuperNode
-            return False
-        try:
-            proto = ProtoMessage()
-            proto.ParseFromString(base64.b64decode(str(saved["reply"])))
-            reply = message_from_proto(proto)
-            client = runtime.client(str(saved["token"]), patient=False)  # a stale token must not hold us up
-        except (ValueError, KeyError) as error:
-            log.warning("ignoring an unreadable %s (%s)", self.path, error)
-            self.disarm()
-            return False
-        context = Context(run_id=int(saved["run_id"]), node_id=int(saved["node_id"]),  # type: ignore[arg-type]
-                          node_config={}, state=RecordDict(), run_config={})
-        try:
-            push_message(client, reply, context)
-            push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details=reply.error.reason)
-            log.warning("answered for the task the previous site worker died in: %s", reply.error.reason)
-            return True
-        except Exception as error:  # noqa: BLE001 - the SuperNode may have moved on (restarted, expired)
-            log.info("the task the previous site worker died in is no longer open (%s)", error)
-            return False
-        finally:
-            client.close()
-            self.disarm()
+def answer_left_over(record: AnswerOnDeath, runtime: RuntimeAddress) -> bool:
+    """Send the error reply a dead worker left for its task; True when the SuperNode took it."""
+    saved = record.saved()
+    if saved is None or saved.get("phase") != AnswerOnDeath.RUNNING:
+        record.disarm()  # nothing left, or a half-sent reply: fedreid-client restarted the SuperNode
+        return False
+    try:
+        proto = ProtoMessage()
+        proto.ParseFromString(record.reply(saved))
+        reply = message_from_proto(proto)
+        client = runtime.client(str(saved["token"]), patient=False)  # a stale token must not hold us up
+    except (ValueError, KeyError) as error:
+        log.warning("ignoring an unreadable %s (%s)", record.path, error)
+        record.disarm()
+        return False
+    context = Context(run_id=int(saved["run_id"]), node_id=int(saved["node_id"]),  # type: ignore[arg-type]
+                      node_config={}, state=RecordDict(), run_config={})
+    try:
+        push_message(client, reply, context)
+        push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details=reply.error.reason)
+        log.warning("answered for the task the previous site worker died in: %s", reply.error.reason)
+        return True
+    except Exception as error:  # noqa: BLE001 - the SuperNode may have moved on (restarted, expired)
+        log.info("the task the previous site worker died in is no longer open (%s)", error)
+        return False
+    finally:
+        client.close()
+        record.disarm()
 
 
 class TaskLoop:
@@ -241,20 +240,26 @@ class TaskLoop:
         message: Message | None = None
         started = time.perf_counter()
         try:
-            message, context, run, fab = pull_task_input(client)
+            message, context, run, fab = pull_input(client)
+            pulled = time.perf_counter()
             kind = message.metadata.message_type
-            self.answer_on_death.arm(token, Message(Error(ErrorCode.CLIENT_APP_CRASHED, (
+            died = Message(Error(ErrorCode.CLIENT_APP_CRASHED, (
                 f"the site worker died while handling this {kind} message (run {run.run_id}); fedreid-client "
-                "starts it again for the next one")), reply_to=message), context.run_id, context.node_id)
+                "starts it again for the next one")), reply_to=message)
+            self.answer_on_death.arm(token, message_to_proto(died).SerializeToString(), context.run_id,
+                                     context.node_id)
             refusal = self.accept(run, fab)
             if refusal is not None:
                 raise TaskRefused(refusal)
             reply = Message(self.handle(message, context), reply_to=message)
+            worked = time.perf_counter()
             self.answer_on_death.mark_replying()
             push_message(client, reply, context)
             push_task_output(client=client, context=context, sub_status=SubStatus.COMPLETED, details="")
             self.tasks_done += 1
-            log.info("%s message handled in %.2f s (run %d)", kind, time.perf_counter() - started, run.run_id)
+            done = time.perf_counter()
+            log.info("%s message handled in %.2f s: input %.2f s, work %.2f s, reply %.2f s (run %d)", kind,
+                     done - started, pulled - started, worked - pulled, done - worked, run.run_id)
         except TaskRefused as refusal:
             log.warning("refused a task: %s", refusal)
             self._fail(client, message, context, ErrorCode.INVALID_FAB, str(refusal))

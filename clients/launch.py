@@ -38,12 +38,9 @@ import sys
 import time
 from pathlib import Path
 
-from clients.trust import ALLOWED_MODULES_KEY
-from clients.executor import AnswerOnDeath
+from clients.answer_on_death import AnswerOnDeath
 from clients.location import IMAGES_PER_IDENTITY
-from reid.data.dataset import load_reid_data
-from reid.data.layout import DatasetLayoutError
-from reid.data.synthetic import generate_site
+from clients.trust import ALLOWED_MODULES_KEY
 from server.flower_cli import with_flower_tuning
 
 log = logging.getLogger("fedreid.client")
@@ -104,6 +101,8 @@ def ensure_synthetic_site(root: Path, index: int) -> bool:
     root.mkdir(parents=True, exist_ok=True)
     marker.touch()
     log.info("generating synthetic camera site %d in %s", index, root)
+    from reid.data.synthetic import generate_site
+
     generate_site(root, index, seed=0, overwrite=True)
     marker.unlink()
     return True
@@ -111,6 +110,9 @@ def ensure_synthetic_site(root: Path, index: int) -> bool:
 
 def check_site(args: argparse.Namespace) -> str:
     """The data layout and the TLS files, checked before connecting; raise with what is wrong."""
+    from reid.data.dataset import load_reid_data
+    from reid.data.layout import DatasetLayoutError
+
     # train/ may be unlabelled crops (a FedUReID site); a supervised run names the problem at its first round
     data = load_reid_data(args.data_root.expanduser().resolve(), name=args.dataset, verify=False,
                           labelled_train=False)
@@ -241,9 +243,10 @@ def supervise(args: argparse.Namespace, state_dir: Path, env: dict[str, str]) ->
         _stop(worker, supernode)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = parse_args(argv)
+def run_checks(args: argparse.Namespace) -> int:
+    """Generate the synthetic site if asked, then check the layout and key files; 0 when all is well."""
+    from reid.data.layout import DatasetLayoutError
+
     if args.synthetic_site is not None:
         ensure_synthetic_site(args.data_root.expanduser().resolve(), args.synthetic_site)
     try:
@@ -252,8 +255,21 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start site %s: %s", args.dataset, error)
         return 2
     log.info("data ok: %s", summary)
-    if args.check_only:
-        return 0
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.check_only or args.run_submitted_app:  # this process ends there, or becomes the SuperNode
+        code = run_checks(args)
+        if code or args.check_only:
+            return code
+    else:  # in a child: the supervising process stays small (no torch) for as long as the site runs
+        code = subprocess.call([sys.executable, "-m", "clients.launch", *argv, "--check-only"])
+        if code:
+            return code
     if args.insecure:
         log.warning("--insecure: no TLS and no authentication; use this for local trials only")
     state_dir = (args.state_dir or Path("fedreid-state") / args.dataset).expanduser().resolve()

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 
-from clients.executor import AnswerOnDeath, RuntimeAddress, TaskLoop
+from clients.answer_on_death import AnswerOnDeath
+from clients.executor import RuntimeAddress, TaskLoop, answer_left_over
 from clients.logs import configure_logging
 
 log = logging.getLogger("clients.worker")
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid:
         threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True, name="parent-watch").start()
     runtime = RuntimeAddress(args.runtime_api, args.secret_file.read_bytes())
-    AnswerOnDeath(args.state_dir).answer_left_over(runtime)  # first: the round waits for it
+    answer_left_over(AnswerOnDeath(args.state_dir), runtime)  # first: the round waits for it
     started = time.perf_counter()
     import torch
 

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import fedreid
-from clients.executor import AnswerOnDeath
+from clients.answer_on_death import AnswerOnDeath
 from server.certs import create
 from server.flower_cli import free_port
+from tests.attack import image_fingerprints, leaked, stealing_app
 from tests.deployment import Deployment
 
 
@@ -39,10 +40,15 @@ def _logs(deployment: Deployment) -> str:
     return "\n".join(f"--- {n}\n{deployment.log(n)[-2500:]}" for n in names)
 
 
-def test_tls_federation_names_sites_by_their_registered_keys(tiny_sites: Path, tmp_path: Path) -> None:
+def test_tls_federation_names_sites_by_their_registered_keys_and_runs_only_installed_code(tiny_sites: Path,
+                                                                                         tmp_path: Path) -> None:
     """TLS + SuperNode authentication decide who is who: an unregistered key is refused; a site that
     reports another name is counted under the name its key was registered with; a name registered
-    for two keys is turned away on both; the rest of the federation completes."""
+    for two keys is turned away on both; the rest of the federation completes.
+
+    Before that, an attacker submits a copy of fedreid whose ClientApp returns the site's first
+    training image: every site refuses it, saying why, and no stretch of any image file reaches the
+    ServerApp, the SuperLink's database or its log."""
     sites = {name: path for name, path in _sites(tiny_sites).items() if name in ("0-mall", "1-station")}
     deployment = Deployment(tmp_path, sites)
     try:
@@ -67,6 +73,12 @@ def test_tls_federation_names_sites_by_their_registered_keys(tiny_sites: Path, t
         deployment.start_client("0-mall")
         deployment.start_client("1-station", None, "--dataset", "2-campus")  # the last --dataset counts
         deployment.wait_for_nodes(3)
+        received = tmp_path / "received-by-the-attacker.bin"
+        attack = stealing_app(tmp_path / "attacker-app", received)
+        stolen_outputs = tmp_path / "attack-outputs"
+        attack_run = deployment.connection.submit(attack, f'profile="test" output-dir="{stolen_outputs}" '
+                                                          'overrides="federation.rounds=1 federation.min_sites=1"')
+        assert deployment.wait_finished(attack_run, timeout=300).startswith("finished"), _logs(deployment)
         outputs = tmp_path / "outputs"
         run_id = deployment.submit(f'profile="test" output-dir="{outputs}" '
                                    'overrides="federation.rounds=1 federation.min_sites=1"')
@@ -75,6 +87,19 @@ def test_tls_federation_names_sites_by_their_registered_keys(tiny_sites: Path, t
         run_log = deployment.run_log(run_id)
     finally:
         deployment.close()
+
+    (attacked,) = [json.loads(line) for line in (_run_folder(stolen_outputs) / "metrics.jsonl").read_text().splitlines()]
+    assert not attacked["train"]["sites"] and not attacked["train"]["aggregated"]
+    for phase in ("train", "evaluate"):
+        refusal = attacked[phase]["rejected"]["1-station"]
+        assert "site '2-campus' refused app fedreid/fedreid" in refusal, refusal  # its node's own words
+        assert "site code differs from the installed one in clients/app.py" in refusal
+    for site in ("0-mall", "1-station", "impostor"):
+        assert "refused a task: site" in deployment.log(f"client-{site}.log")
+    assert received.read_bytes().count(b"REPLY\n") >= 6  # the attacker's server saw every reply it got
+    seen_by_server = [received, *(tmp_path / "superlink-state").glob("superlink.db*"), tmp_path / "server.log"]
+    prints = image_fingerprints([sites["0-mall"], sites["1-station"]])
+    assert len(prints) > 100 and leaked(prints, seen_by_server) == []
 
     folder = _run_folder(outputs)
     (line,) = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]

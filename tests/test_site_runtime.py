@@ -24,7 +24,8 @@ from flwr.cli.build import build_fab_from_disk
 import clients.site
 import reid.data.tensor_cache
 from clients.app import handle
-from clients.executor import FLOWER_RUNTIME_API, AnswerOnDeath
+from clients.answer_on_death import AnswerOnDeath
+from clients.executor import FLOWER_RUNTIME_API
 from clients.kept import LOCAL_STATE_KEY
 from clients.outgoing import OutgoingRefused, check_shared, metric_record
 from clients.trust import APP_ID, ALLOWED_MODULES_KEY, AppPolicy, ForbiddenKnob, installed_version
@@ -171,13 +172,11 @@ def test_a_reply_carries_only_documented_finite_numbers_and_the_declared_arrays(
 
 
 def test_a_task_in_progress_is_recorded_for_the_next_worker_owner_only(tmp_path: Path) -> None:
-    from flwr.app import Error, Message
-
     record = AnswerOnDeath(tmp_path)
     assert record.phase() is None
-    message = Message(content=RecordDict(), dst_node_id=7, message_type="train")
-    record.arm("token", Message(Error(8, "died"), reply_to=message), 1, 7)
+    record.arm("token", b"\x00reply bytes", 1, 7)
     assert record.phase() == AnswerOnDeath.RUNNING and record.path.stat().st_mode & 0o077 == 0
+    assert record.reply(record.saved() or {}) == b"\x00reply bytes"
     record.mark_replying()
     assert record.phase() == AnswerOnDeath.REPLYING
     record.disarm()
