@@ -65,9 +65,9 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from clients.answer_on_death import AnswerOnDeath
-from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 log = logging.getLogger("clients.executor")
 
@@ -77,7 +77,7 @@ SIGNED_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runt
                             "/flwr.proto.Runtime/ClaimTask"})
 PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.5  # asking again for a part the SuperNode does not have yet
 
-# What this module takes from Flower 1.39 (checked by tests/test_executor.py against the installed Flower).
+# What this module takes from Flower 1.39 (checked by tests/test_site_runtime.py against the installed Flower).
 FLOWER_RUNTIME_API = {
     "flwr.supercore.runtime.RuntimeHttpClient": ["AcquireTask", "PullTaskInput", "PullMessages", "PushMessages",
                                                  "PushObject", "PullObject", "PushTaskOutput", "SendTaskHeartbeat",
@@ -127,8 +127,9 @@ class RuntimeAddress:
         retry = make_simple_http_retry_invoker()
         if not patient:
             retry.max_tries = 1
-        return RuntimeHttpClient.from_server_address(server_address=self.address, insecure=True, root_certificates=None,
-                                                     interceptors=interceptors, retry_invoker=retry)
+        return RuntimeHttpClient.from_server_address(server_address=self.address, insecure=True,
+                                                     root_certificates=None, interceptors=interceptors,
+                                                     retry_invoker=retry)
 
 
 def _heartbeat(client: RuntimeHttpClient, lost: threading.Event) -> Callable[[], bool]:

@@ -73,8 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CPU threads for this site's training (default: every core); set it when several "
                              "sites or other services share the box, or they slow each other down")
     parser.add_argument("--allow-app-hash", action="append", default=[], metavar="SHA256",
-                        help="accept only runs whose app (FAB) has this sha256 (repeatable; `flwr build` prints it); "
-                             "by default any FAB whose site code equals the fedreid installed here")
+                        help="accept only runs whose app (FAB) has this sha256 (repeatable): `sha256sum` of the .fab "
+                             "that `flwr build` writes (the build is reproducible); by default any FAB whose site "
+                             "code equals the fedreid installed here")
     parser.add_argument("--allow-module", action="append", default=[], metavar="NAME",
                         help="let runs use model.backbone_factory=NAME.module:function (repeatable); the module "
                              "must be installed on this box. By default no run may import code here")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from strategies.packing import TRANSPORT_DTYPE_KEY, is_packed, pack_record
+from strategies.packing import TRANSPORT_DTYPE_KEY, pack_record
 from strategies.sparse_records import encode_record
 from strategies.validation import EVALUATION_KEY
 

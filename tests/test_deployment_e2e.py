@@ -88,7 +88,7 @@ def test_tls_federation_names_sites_by_their_registered_keys_and_runs_only_insta
     finally:
         deployment.close()
 
-    (attacked,) = [json.loads(line) for line in (_run_folder(stolen_outputs) / "metrics.jsonl").read_text().splitlines()]
+    (attacked,) = _rounds(_run_folder(stolen_outputs))
     assert not attacked["train"]["sites"] and not attacked["train"]["aggregated"]
     for phase in ("train", "evaluate"):
         refusal = attacked[phase]["rejected"]["1-station"]

@@ -82,7 +82,8 @@ def test_a_site_scans_and_decodes_once_and_keeps_only_state_in_context(site_copy
 
 def test_a_deployed_site_imports_only_backbone_factories_its_operator_allowed(site_copy: Path,
                                                                               tmp_path: Path) -> None:
-    factory = replace(SPEC, model=replace(SPEC.model, backbone="vec", backbone_factory="tests.test_backbones:VectorNet"))
+    own_net = "tests.test_backbones:VectorNet"
+    factory = replace(SPEC, model=replace(SPEC.model, backbone="vec", backbone_factory=own_net))
     with pytest.raises(ForbiddenKnob, match="has not allowed module 'tests.test_backbones'.*--allow-module tests"):
         handle("evaluate", _content(1, factory), _context(site_copy, tmp_path / "a"))
     pickled = replace(factory, model=replace(factory.model, backbone_factory=str(tmp_path / "net.pkl")))
@@ -135,7 +136,8 @@ def test_the_installed_fedreid_is_accepted_and_anything_else_refused_with_the_re
     added = _rewritten(fab, {"clients/extra.py": b"print('hello')\n"})
     assert "clients/extra.py" in str(_refusal(policy, added))
     other_clientapp = member.read("pyproject.toml").replace(b'clientapp = "clients.app:app"', b'clientapp = "x:app"')
-    assert "names 'x:app' as its ClientApp" in str(_refusal(policy, _rewritten(fab, {"pyproject.toml": other_clientapp})))
+    other_project = _rewritten(fab, {"pyproject.toml": other_clientapp})
+    assert "names 'x:app' as its ClientApp" in str(_refusal(policy, other_project))
     assert "is not fedreid/fedreid" in str(_refusal(policy, fab, fab_id="someone/echo"))
     assert "version 9.9.9, the site has" in str(_refusal(policy, fab, version="9.9.9"))
     assert "cannot be read" in str(_refusal(policy, b"not a zip"))
