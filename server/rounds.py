@@ -8,8 +8,9 @@ Every wait here has a bound. Waiting for sites to connect and waiting for replie
 ``federation.round_timeout_s``; sites that did not answer by then are named in the round's
 ``failed`` list and the run goes on with the next round; so are sites whose process died mid-task
 (the reply says so). A training round that no site answered at all (none connected, or the
-SuperLink answering "unavailable" for each) is not counted but tried again, so a resumed run whose sites are still coming back loses no round. While it waits,
-the loop says in its log, by name, which sites it is still waiting for (every
+SuperLink answering "unavailable" for each) is not counted but tried again, so a resumed run whose
+sites are still coming back loses no round. While it waits, the loop says in its log, by name,
+which sites it is still waiting for (every
 ``federation.report_every_s``). Replies are pulled every ``federation.poll_interval_s`` (Flower's
 own ``send_and_receive`` sleeps 3 s between pulls and treats a message the SuperLink refused as one
 still to come, which waits out the whole timeout).
