@@ -30,7 +30,7 @@ from reid.models import ReIDNet
 from reid.pruning import PruneState, masks_to_numpy
 from reid.unsupervised import ClusterState
 
-log = logging.getLogger("clients.site_state")  # "clients" is the logger the site's log shows
+log = logging.getLogger("clients.kept")  # under "clients", the logger the site's log shows
 
 RUN_TAG_KEY = "run-tag"  # round config: names the run (the server's output folder)
 LOCAL_STATE_KEY = "local-state"  # classifier head (+ BN statistics under bn_stats=local)

@@ -32,7 +32,7 @@ from strategies.screening import ScreenSpec
 from strategies.weighting import KLPWASpec
 
 app = ServerApp()
-RUN_TAG_KEY = "run-tag"  # names the run to the sites; they key their saved state by it (clients/site_state.py)
+RUN_TAG_KEY = "run-tag"  # names the run to the sites; they key their saved state by it (clients/kept.py)
 
 
 def transport_spec(cfg: DictConfig) -> TransportSpec:
