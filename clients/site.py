@@ -163,7 +163,7 @@ class Site:
             metrics["drift-gap"] = result.mAP - results[min(scales)].mAP
             log.info("[%s] mAP at query resolution %s: %s", self.name, " / ".join(f"{s:g}" for s in scales),
                      " / ".join(f"{results[s].mAP:.3f}" for s in scales))
-        return outgoing.metric_record(metrics)
+        return MetricRecord(metrics)  # checked where the reply is built (clients/outgoing.py)
 
     def training_reply(self, model: ReIDNet, content: RecordDict, state: RecordDict, spec: SiteRunSpec,
                        received: Received, metrics: dict[str, float], evaluated: MetricRecord | None,
