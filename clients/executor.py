@@ -219,7 +219,6 @@ class TaskLoop:
                  poll_s: float = 0.05) -> None:
         self.runtime, self.accept, self.handle, self.poll_s = runtime, accept, handle, poll_s
         self.answer_on_death = AnswerOnDeath(state_dir)
-        self.tasks_done = 0
 
     def serve_forever(self) -> None:
         acquirer = self.runtime.client()
@@ -257,7 +256,6 @@ class TaskLoop:
             self.answer_on_death.mark_replying()
             push_message(client, reply, context)
             push_task_output(client=client, context=context, sub_status=SubStatus.COMPLETED, details="")
-            self.tasks_done += 1
             done = time.perf_counter()
             log.info("%s message handled in %.2f s: input %.2f s, work %.2f s, reply %.2f s (run %d)", kind,
                      done - started, pulled - started, worked - pulled, done - worked, run.run_id)

@@ -41,14 +41,9 @@ from pathlib import Path
 from clients.answer_on_death import AnswerOnDeath
 from clients.location import IMAGES_PER_IDENTITY
 from clients.trust import ALLOWED_MODULES_KEY
-from server.flower_cli import with_flower_tuning
+from server.flower_cli import console_script, with_flower_tuning
 
 log = logging.getLogger("fedreid.client")
-
-
-def console_script(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -28,6 +28,7 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 
 from clients.answer_on_death import AnswerOnDeath
+from clients.app import handle
 from clients.executor import RuntimeAddress, TaskLoop, answer_left_over
 from clients.logs import configure_logging
 
@@ -54,15 +55,12 @@ def _watch_parent(pid: int) -> None:
 
 
 def handle_message(message: Message, context: Context) -> RecordDict:
-    """The installed site code's answer to one message; ``context.state`` is updated in place."""
-    from clients.site import site_for
-
+    """The installed site code's answer to one message (the simulation's ClientApp does the same);
+    ``context.state`` is updated in place."""
     kind = message.metadata.message_type
     if kind not in MESSAGE_KINDS:
         raise ValueError(f"this site answers {' and '.join(MESSAGE_KINDS)} messages, not {kind!r}")
-    site = site_for(context.run_id, context.node_config, context.run_config)
-    return site.train(message.content, context.state) if kind == "train" else \
-        site.evaluate(message.content, context.state)
+    return handle(kind, message.content, context)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
