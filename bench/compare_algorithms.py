@@ -47,6 +47,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from reid.data.dataset import load_reid_data  # noqa: E402
+from reid.data.synthetic import FEDERATIONS, federation_size  # noqa: E402
 from reid.data.tensor_cache import LabelledImages, training_images  # noqa: E402
 from reid.device import pick_device  # noqa: E402
 from reid.data.tensor_cache import load_images  # noqa: E402
@@ -58,24 +59,32 @@ from reid.train import train_local  # noqa: E402
 from server import simulate  # noqa: E402
 from server.config import compose_config, federation_settings, site_run_spec  # noqa: E402
 from server.outputs import markdown_table  # noqa: E402
+import fedreid9_tables  # noqa: E402  (bench/, next to this file)
 
 METHODS = ["fedpav", "fedpav_cdw", "fedpav_kd", "fedpav_cdw_kd", "fedpav_cluster", "local", "central",
            "fedklpr", "fedklpr_fp16", "fedklpr_no_kll", "fedklpr_no_klaw", "fedklpr_no_praw", "fedklpr_no_pruning",
            "fedklpr_no_crr", "fedureid", "fedureid_no_personalization", "local_unsupervised"]
 UNSUPERVISED_METHODS = ["fedureid", "fedureid_no_personalization", "local_unsupervised", "fedpav"]
 RESDRIFT_METHODS = ["fedpav", "fedpav_raf", "fedpav_multires_aug", "local"]
-METHODS += ["fedpav_raf", "fedpav_multires_aug"]
+METHODS += ["fedpav_raf", "fedpav_multires_aug", "feddg_ccst", "feddg_ccst_no_share", "feddg_ccst_mean_style",
+            "fedklpr_fp16_p50"]
 LOWEST_SCALE = "0.25"
 
 
 def run_federated(method: str, seed: int, args: argparse.Namespace, out: Path) -> list[dict]:
-    """One fedreid-sim run; returns its metrics.jsonl lines."""
+    """One fedreid-sim run; returns its metrics.jsonl lines. With ``args.held_out_site`` (the
+    leave-one-site-out mode) only ``args.group`` is simulated and that one site of it is held out."""
     run_dir = args.runs / method / f"seed{seed}"
     argv = ["--federation", args.federation, "--algorithm", method, "--profile", args.profile, "--seed", str(seed), "--sites", str(args.sites),
             "--sites-root", str(args.sites_root), "--public-root", str(args.public_root),
             "--output-dir", str(run_dir), "--flwr-home", str(out / "flwr-home")]
-    if args.overrides:
-        argv += ["--overrides", args.overrides]
+    overrides = args.overrides
+    if getattr(args, "held_out_site", None):
+        argv += ["--site-names", *args.group]
+        overrides = (f"federation.held_out=[{args.held_out_site}] federation.min_sites={len(args.group) - 1} "
+                     f"{overrides}").strip()
+    if overrides:
+        argv += ["--overrides", overrides]
     if simulate.main(argv) != 0:
         raise RuntimeError(f"{method} failed; see the log above")
     folder = sorted(run_dir.iterdir())[-1]
@@ -148,7 +157,19 @@ def summarise(method: str, runs: list[list[dict]]) -> dict:
     per_site = {s: {k: float(np.mean([f["sites"][s][k] for f in finals])) for k in keys} for s in sites}
     gaps = [float(np.mean([f["sites"][s]["drift-gap"] for s in sites])) for f in finals] if "drift-gap" in keys else [np.nan]
     mean_maps = [f["mean"]["mAP"] for f in finals]
+    unseen = [next((line.get("unseen") for line in reversed(lines) if line.get("evaluate") and line.get("unseen")),
+                   None) or {"sites": {}} for lines in runs]
+    held_out = sorted(unseen[0]["sites"])
+    first_trained = next((line["train"]["sites"] for line in runs[0] if line.get("train") and line["train"].get("sites")),
+                         {})
     return {"method": method, "seeds": len(runs), "sites": per_site,
+            "site_seeds": {s: [f["sites"][s]["mAP"] for f in finals] for s in sites},
+            "unseen": {s: {k: float(np.mean([u["sites"][s][k] for u in unseen])) for k in ("rank1", "mAP")}
+                       for s in held_out},
+            "unseen_models": {s: [u["sites"][s].get("model", "global") for u in unseen] for s in held_out},
+            "unseen_mean_seeds": [float(np.mean([u["sites"][s]["mAP"] for s in held_out])) for u in unseen]
+            if held_out else [],
+            "train_images": {s: float(first_trained.get(s, {}).get("num-examples", np.nan)) for s in sites},
             "mean": {k: float(np.mean([np.mean([f["sites"][s][k] for s in sites]) for f in finals])) for k in keys},
             "gap_spread": (float(min(gaps)), float(max(gaps))),
             "passes_per_round": float(np.mean([p["image-passes"] / n if n else np.nan
@@ -199,10 +220,11 @@ def unsupervised_table(results: list[dict], caption: str) -> str:
     return markdown_table(caption, header, rows)
 
 
-def cross_site(args: argparse.Namespace, method: str, seed: int) -> str:
-    """A table: each site's own model (``local``: site_models.pt of the run) tested on every site,
-    native / ¼-resolution queries, mAP (%). BatchNorm statistics stay with the sites under
-    bn_stats=local, so each model first recomputes them on the tested site's training images."""
+def cross_site(args: argparse.Namespace, method: str, seed: int, low_scale: float | None = float(LOWEST_SCALE)) -> str:
+    """A table: each site's own model (``local``: site_models.pt of the run) tested on every site
+    (held-out ones too), mAP (%), with native / ¼-resolution queries unless ``low_scale`` is None.
+    BatchNorm statistics stay with the sites under bn_stats=local, so each model first recomputes
+    them on the tested site's training images (labels unused)."""
     folder = sorted((args.runs / method / f"seed{seed}").iterdir())[-1]
     saved = torch.load(folder / "site_models.pt", weights_only=False)
     spec, device = ModelSpec(**saved["model"]), pick_device()
@@ -214,11 +236,14 @@ def cross_site(args: argparse.Namespace, method: str, seed: int) -> str:
             model = build_model(spec)
             model.load_state_dict(state, strict=False)  # no running statistics: they stay on the sites
             adapt_batchnorm(model, load_images([s.path for s in data.train], spec.height, spec.width), device)
-            results = evaluate_at_scales(model, data, device, (float(LOWEST_SCALE),))
-            cells.append(f"{100 * results[1.0].mAP:.1f} / {100 * results[float(LOWEST_SCALE)].mAP:.1f}")
+            results = evaluate_at_scales(model, data, device, (low_scale,) if low_scale else ())
+            cells.append(f"{100 * results[1.0].mAP:.1f}" + (f" / {100 * results[low_scale].mAP:.1f}" if low_scale else ""))
         rows.append([trained_on, *cells])
+    best = [max(range(len(rows)), key=lambda i: float(rows[i][1 + c].split(" / ")[0])) for c in range(len(sites))]
+    rows.append(["best single site", *(f"{rows[b][0]}" for b in best)])
+    queries = "with native / ¼-resolution queries" if low_scale else "native queries"
     return markdown_table(f"`{method}` (seed {seed}): each site's model (rows) tested on every site (columns), mAP (%) "
-                    "with native / ¼-resolution queries", ["trained on", *sites], rows)
+                          f"{queries}; the last row names the best model per column", ["trained on", *sites], rows)
 
 
 def resdrift_table(results: list[dict], caption: str) -> str:
@@ -338,8 +363,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS)
     parser.add_argument("--unsupervised", action="store_true",
                         help="FedUReID's comparison (default methods: " + " ".join(UNSUPERVISED_METHODS) + ")")
-    parser.add_argument("--federation", default="synthetic", choices=("synthetic", "synthetic-resdrift"),
-                        help="synthetic-resdrift: the resolution-drift benchmark (4 sites, profile resdrift)")
+    parser.add_argument("--federation", default="synthetic", choices=FEDERATIONS,
+                        help="synthetic-resdrift: the resolution-drift benchmark (4 sites, profile resdrift); "
+                             "synthetic-fedreid9: nine FedReID-shaped sites and two held-out ones")
     parser.add_argument("--sites", type=int, default=None, help="default: 3, or 4 for synthetic-resdrift")
     parser.add_argument("--sites-root", type=Path, default=None, help="default: data/<federation>")
     parser.add_argument("--public-root", type=Path, default=REPO / "data" / "synthetic-public")
@@ -348,15 +374,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; results are averaged")
     parser.add_argument("--rerun", action="store_true", help="ignore results saved by earlier runs of this bench")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--leave-one-out", nargs="+", default=None, metavar="SITE",
+                        help="synthetic-fedreid9: the FedDG-ReID protocol over these sites (each held out once while "
+                             "the others train), e.g. market msmt17 cuhk01 cuhk03; default methods fedpav feddg_ccst")
     args = parser.parse_args()
+    if args.federation == "synthetic-fedreid9":
+        fedreid9_main(args)
+        return
     drift = args.federation == "synthetic-resdrift"
     args.methods = args.methods or (RESDRIFT_METHODS if drift else UNSUPERVISED_METHODS if args.unsupervised else
                                     [m for m in METHODS if m not in [*UNSUPERVISED_METHODS[:3], *RESDRIFT_METHODS[1:3]]])
-    args.sites = args.sites or (4 if drift else 3)
-    args.profile = args.profile or ("resdrift" if drift else "demo")
+    args.sites = args.sites or federation_size(args.federation) or 3
+    args.profile = args.profile or simulate.FEDERATION_PROFILES[args.federation]
     args.sites_root = (args.sites_root or REPO / "data" / args.federation).resolve()
     args.public_root = args.public_root.resolve()
-    args.runs = args.out / "runs" / args.federation if drift else args.out / "runs"  # cached results, per federation
+    args.runs = args.out / "runs" / args.federation if args.federation != "synthetic" else args.out / "runs"
     args.out.mkdir(parents=True, exist_ok=True)
     simulate.ensure_synthetic_sites(args.sites_root, args.sites, 0, args.federation)
     simulate.ensure_public_set(args.public_root, 0)
@@ -388,6 +420,73 @@ def main() -> None:
     if name == "compare_algorithms":
         plot_bytes_against_map(results, args.out / "bytes_vs_map.png")
         written.append(args.out / "bytes_vs_map.png")
+    print("\n" + text)
+    print("written: " + ", ".join(str(p) for p in written))
+
+
+FEDREID9_METHODS = ["fedpav", "local", "feddg_ccst", "feddg_ccst_no_share", "feddg_ccst_mean_style", "fedpav_cdw",
+                    "fedpav_kd", "fedpav_cluster", "fedklpr_fp16_p50"]
+LOSO_METHODS = ["fedpav", "feddg_ccst"]
+
+
+def _runs_of(methods: list[str], args: argparse.Namespace) -> list[dict]:
+    """Each method's summary over the seeds, running (or reusing) every (method, seed)."""
+    results = []
+    for method in methods:
+        runs = []
+        for seed in args.seeds:
+            start = time.perf_counter()
+            runs.append(cached_run(method, seed, args))
+            print(f"== {method} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+        results.append(summarise(method, runs))
+    return results
+
+
+def fedreid9_main(args: argparse.Namespace) -> None:
+    """synthetic-fedreid9: the nine-site comparison with its two held-out sites, or with
+    ``--leave-one-out`` the FedDG-ReID protocol over a group of its sites."""
+    args.sites = args.sites or federation_size(args.federation)
+    args.profile = args.profile or simulate.FEDERATION_PROFILES[args.federation]
+    args.sites_root = (args.sites_root or REPO / "data" / args.federation).resolve()
+    args.public_root = args.public_root.resolve()
+    root = args.out / "runs" / args.federation
+    args.out.mkdir(parents=True, exist_ok=True)
+    simulate.ensure_synthetic_sites(args.sites_root, federation_size(args.federation), 0, args.federation)
+    simulate.ensure_public_set(args.public_root, 0)
+    cfg = compose_config({"profile": args.profile, "overrides": args.overrides})
+    setting = (f"{cfg.model.backbone} at {cfg.model.height}x{cfg.model.width}, {cfg.federation.rounds} rounds x "
+               f"{cfg.train.local_epochs} local epoch(s), training seeds {args.seeds}")
+    if args.leave_one_out:
+        args.group = list(args.leave_one_out)
+        by_method: dict[str, list[dict]] = {m: [] for m in (args.methods or LOSO_METHODS)}
+        for site in args.group:
+            args.held_out_site, args.runs = site, root / f"loso-{site}"
+            for summary in _runs_of(list(by_method), args):
+                by_method[summary["method"]].append(summary)
+        text = f"synthetic-fedreid9 (data seed 0), {setting}.\n\n" + fedreid9_tables.leave_one_out_table(
+            by_method, args.group)
+        written = [args.out / "compare_fedreid9_loso.md"]
+        written[0].write_text(text)
+    else:
+        args.runs = root
+        results = _runs_of(args.methods or FEDREID9_METHODS, args)
+        caption = (f"synthetic-fedreid9 (data seed 0), profile `{args.profile}`: {setting}; mAP (%) after the last "
+                   "round, averaged over seeds; columns: training sites largest first (training images), then the "
+                   "held-out sites.")
+        text = fedreid9_tables.main_table(results, caption)
+        methods = [r["method"] for r in results]
+        if "local" in methods:
+            text += "\n" + fedreid9_tables.gain_table(results)
+            fedreid9_tables.plot_gains(results, args.out / "fedreid9_gains.png")
+        text += "\n" + fedreid9_tables.held_out_table(results)
+        if "local" in methods:
+            text += "\n" + cross_site(args, "local", args.seeds[0], low_scale=None)
+        written = [args.out / "compare_fedreid9.md", args.out / "compare_fedreid9.png",
+                   args.out / "bytes_vs_map_fedreid9.png"] + ([args.out / "fedreid9_gains.png"] if "local" in methods
+                                                              else [])
+        written[0].write_text(text)
+        plot(results, written[1])
+        plot_bytes_against_map(results, written[2])
     print("\n" + text)
     print("written: " + ", ".join(str(p) for p in written))
 

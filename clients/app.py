@@ -19,10 +19,15 @@ app = ClientApp()
 
 
 def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
-    """The reply content for a ``kind`` ("train" / "evaluate") message; ``context.state`` updated in place."""
+    """The reply content for a ``kind`` ("train" / "evaluate" / "query") message; ``context.state``
+    updated in place. A query asks only for the site's name (the server learns which node is a
+    held-out site before it sends any training)."""
+    from clients import outgoing
     from clients.site import site_for  # torch and the model code: imported on first use
 
     site = site_for(context.run_id, context.node_config, context.run_config)
+    if kind == "query":
+        return outgoing.name_reply(site.name)
     return site.train(content, context.state) if kind == "train" else site.evaluate(content, context.state)
 
 
@@ -34,3 +39,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=handle("evaluate", msg.content, context), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return Message(content=handle("query", msg.content, context), reply_to=msg)

@@ -6,7 +6,9 @@ A reply holds exactly
   declared (pruned tensors in the sparse encoding, packed when the server sent its model packed);
 * ``metrics`` (and ``evaluation``): numbers whose names are in ``REPLY_METRICS`` (or of the form
   ``mAP@s`` / ``rank1@s`` for a query resolution s), each a finite int or float;
-* ``site``: the site's name, as its operator configured it.
+* ``site``: the site's name, as its operator configured it;
+* ``style`` (feddg_ccst with sharing): one [4, C] array of the site's feature statistics, averaged
+  over its whole training pass (reid/style.py).
 
 Anything else (a file's bytes, a string, an array of another key or shape) is refused with an
 error before it could be sent, whoever asked for it.
@@ -20,11 +22,11 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from strategies.packing import TRANSPORT_DTYPE_KEY, pack_record
 from strategies.sparse_records import encode_record
-from strategies.validation import EVALUATION_KEY
+from strategies.validation import EVALUATION_KEY, STYLE_KEY, check_style
 
 SITE_KEY = "site"
 TRAINING_METRICS = frozenset({
@@ -34,6 +36,7 @@ TRAINING_METRICS = frozenset({
     "cdw-distance", "kl-divergence",  # how far the model moved (CDW, KLPWA)
     "validation-accuracy", "pruning-ratio", "crr-recoveries", "kept-fraction",  # FedKLPR's pruning
     "clusters", "clusters-merged", "cluster-nmi", "cluster-precision", "cluster-recall", "cluster-f",  # FedUReID
+    "restyled-images",  # feddg_ccst
 })
 EVALUATION_METRICS = frozenset({"rank1", "rank5", "rank10", "mAP", "mAP-market", "mINP", "num-queries",
                                 "num-gallery", "drift-gap"})
@@ -71,20 +74,31 @@ def site_record(name: str) -> ConfigRecord:
     return ConfigRecord({"name": name})
 
 
+def name_reply(name: str) -> RecordDict:
+    """The answer to the server's query for the site's name: the name, nothing else."""
+    return RecordDict({SITE_KEY: site_record(name)})
+
+
 def evaluation_reply(name: str, metrics: MetricRecord) -> RecordDict:
     return RecordDict({"metrics": metric_record(dict(metrics)), SITE_KEY: site_record(name)})
 
 
 def training_reply(name: str, shared: Mapping[str, torch.Tensor], declared: Mapping[str, tuple[int, ...]],
                    received_config: ConfigRecord, received_packed: bool, metrics: Mapping[str, float],
-                   evaluated: MetricRecord | None, masks: Mapping[str, np.ndarray], value_dtype: str) -> RecordDict:
+                   evaluated: MetricRecord | None, masks: Mapping[str, np.ndarray], value_dtype: str,
+                   style: np.ndarray | None = None) -> RecordDict:
     """The SHARED arrays (sparse-encoded where pruned; packed when the server sent its model packed),
-    the metrics and, when the round asked for it, the evaluation of the received model."""
+    the metrics, when the round asked for it the evaluation of the received model, and the site's
+    style statistics when it shares them."""
     check_shared(shared, declared)
+    if style is not None and (reason := check_style(style)):
+        raise OutgoingRefused(f"the style statistics are not sent: {reason}")
     arrays: ArrayRecord = encode_record({k: v.numpy() for k, v in shared.items()}, dict(masks), value_dtype)
     if received_packed:  # answer in the form the server chose
         arrays = pack_record(arrays, str(received_config.get(TRANSPORT_DTYPE_KEY, "float32")))
     reply = RecordDict({"arrays": arrays, "metrics": metric_record(metrics), SITE_KEY: site_record(name)})
     if evaluated is not None:
         reply[EVALUATION_KEY] = metric_record(dict(evaluated))
+    if style is not None:
+        reply[STYLE_KEY] = ArrayRecord({STYLE_KEY: Array(np.ascontiguousarray(style, dtype=np.float32))})
     return reply

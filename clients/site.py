@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
@@ -40,8 +41,10 @@ from clients.trust import check_backbone_factory
 from reid.config import SiteRunSpec
 from reid.data.dataset import ReIDData, load_reid_data
 from reid.data.resolution import parse_scales
+from reid.data.tensor_cache import load_images
 from reid.device import pick_device
 from reid.evaluate import evaluate_at_scales
+from reid.features import adapt_batchnorm
 from reid.models import ReIDNet, build_model, load_shared_state, split_state
 from strategies.packing import is_packed, unpack_record
 from strategies.sparse_records import decode_record
@@ -98,7 +101,19 @@ class Site:
         model = build_model(spec.model, num_classes=0)
         self.load_received(model, content, spec.bn_stats)
         restore_local_state(model, state, self.name)
+        if spec.bn_stats == "local" and LOCAL_STATE_KEY not in state.array_records:
+            self.adapt_batchnorm(model, data, spec)
         return outgoing.evaluation_reply(self.name, self.evaluation(model, data, spec))
+
+    def adapt_batchnorm(self, model: ReIDNet, data: ReIDData, spec: SiteRunSpec) -> None:
+        """A site that never trained (held out, or not yet) has no BatchNorm statistics of its own
+        under ``bn_stats=local``: it computes them on its own training images, labels unused
+        (AdaBN), as a site joining a federation would before searching its cameras."""
+        images = load_images([s.path for s in data.train], spec.model.height, spec.model.width,
+                             self.image_cache_dir, spec.train.num_workers, label=self.name)
+        adapt_batchnorm(model, images, self.device)
+        log.info("%s: BatchNorm statistics computed on its %d training images (labels unused)", self.name,
+                 len(images))
 
     # -- the steps both kinds of training share --------------------------------------------------
 
@@ -167,9 +182,11 @@ class Site:
 
     def training_reply(self, model: ReIDNet, content: RecordDict, state: RecordDict, spec: SiteRunSpec,
                        received: Received, metrics: dict[str, float], evaluated: MetricRecord | None,
-                       masks: Mapping | None = None, keep_shared_as: str | None = None) -> RecordDict:
+                       masks: Mapping | None = None, keep_shared_as: str | None = None,
+                       style: np.ndarray | None = None) -> RecordDict:
         """Keep the LOCAL part of the trained model in ``state`` (and on disk), and answer with the
-        SHARED part. ``keep_shared_as``: also keep the SHARED part under that key (FedUReID's ema)."""
+        SHARED part. ``keep_shared_as``: also keep the SHARED part under that key (FedUReID's ema);
+        ``style``: the site's shared style statistics (feddg_ccst)."""
         shared, local = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, spec.bn_stats)
         state[LOCAL_STATE_KEY] = ArrayRecord(local)
         if keep_shared_as is not None:
@@ -177,7 +194,7 @@ class Site:
         persist_site_state(state, self.state_file(content))
         return outgoing.training_reply(self.name, shared, received.declared, content["config"],
                                        is_packed(content["arrays"]), metrics, evaluated, masks or {},
-                                       spec.pruning.value_dtype)
+                                       spec.pruning.value_dtype, style)
 
 
 _SITES: dict[tuple[int, str], Site] = {}  # (run, node config) -> its Site, in this process

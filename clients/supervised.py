@@ -9,6 +9,7 @@ divergence), prunes on FedKLPR's schedule with Cross-Round Recovery, and replies
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import torch
 from flwr.app import RecordDict
@@ -26,7 +27,8 @@ from reid.pruning import (PruneState, apply_masks, cross_round_check, kept_fract
 from reid.raf import MultiResolution
 from reid.seeding import stable_seed
 from reid.train import train_local
-from strategies.validation import EVALUATE_ROUND_KEY
+from reid.style import StyleMixer
+from strategies.validation import EVALUATE_ROUND_KEY, STYLE_BANK_KEY, check_style
 
 PROBE_BATCH = 32  # images of the fixed per-round batch on which the model's change (CDW, KL) is measured
 VALIDATION_BATCH = 256  # images of the fixed batch whose accuracy is Cross-Round Recovery's signal (noise ~0.03)
@@ -72,10 +74,12 @@ def train_supervised(site: Site, content: RecordDict, state: RecordDict, spec: S
     regulariser = kl_regulariser(model, spec.kll) if spec.kll.enabled and server_round >= spec.kll.start_round else None
     torch.manual_seed(stable_seed(spec.seed, name, server_round, "train"))  # dropout (augmentation has its own)
     multires = MultiResolution(spec.raf) if spec.raf.enabled else None
-    stats = train_local(model, images, spec.train, device, seed=stable_seed(spec.seed, name, server_round),
-                        augment=spec.augment, extra_loss=regulariser,
-                        after_step=mask_keeper(model, prune.masks) if prune.masks else None,
-                        label=f"[{name} round {server_round}]", multires=multires)
+    mixer = style_mixer(model, content, spec, stable_seed(spec.seed, name, server_round, "style"))
+    with mixer or nullcontext():
+        stats = train_local(model, images, spec.train, device, seed=stable_seed(spec.seed, name, server_round),
+                            augment=spec.augment, extra_loss=regulariser,
+                            after_step=mask_keeper(model, prune.masks) if prune.masks else None,
+                            label=f"[{name} round {server_round}]", multires=multires)
     after, after_features = eval_outputs(model, probe, device)
     metrics = {
         "num-examples": len(images),
@@ -97,7 +101,22 @@ def train_supervised(site: Site, content: RecordDict, state: RecordDict, spec: S
         metrics.update({"validation-accuracy": signal, "pruning-ratio": prune.ratio,
                         "crr-recoveries": prune.recoveries})
     metrics["kept-fraction"] = kept_fraction(prune.masks)
+    if mixer is not None:
+        metrics["restyled-images"] = mixer.restyled
     if device.type == "cuda":  # what this site's GPU must hold, for operators sizing their boxes
         metrics["gpu-peak-mb"] = torch.cuda.max_memory_allocated(device) / 1e6
     return site.training_reply(model, content, state, spec, received, metrics, evaluated,
-                               masks_to_numpy(prune.masks))
+                               masks_to_numpy(prune.masks),
+                               style=mixer.site_style() if mixer is not None and spec.style.share else None)
+
+
+def style_mixer(model: ReIDNet, content: RecordDict, spec: SiteRunSpec, seed: int) -> StyleMixer | None:
+    """feddg_ccst's restyling for this round, with the other sites' styles the server sent (none yet
+    in the first round: the batch's own images stand in), or None when the preset has no style sharing."""
+    if not spec.style.enabled:
+        return None
+    bank = content[STYLE_BANK_KEY][STYLE_BANK_KEY].numpy() if STYLE_BANK_KEY in content.array_records else None
+    if bank is not None and (bank.ndim != 3 or any(check_style(row) for row in bank)):
+        raise ValueError(f"the server's style bank is malformed (shape {list(bank.shape)}): "
+                         f"{next((check_style(row) for row in bank if check_style(row)), 'not [sites, 4, C]')}")
+    return StyleMixer(model, spec.style, bank if spec.style.share else None, seed)

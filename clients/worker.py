@@ -34,7 +34,7 @@ from clients.logs import configure_logging
 
 log = logging.getLogger("clients.worker")
 PARENT_CHECK_S = 1.0
-MESSAGE_KINDS = ("train", "evaluate")
+MESSAGE_KINDS = ("train", "evaluate", "query")
 
 
 def _alive(pid: int) -> bool:
@@ -59,7 +59,7 @@ def handle_message(message: Message, context: Context) -> RecordDict:
     ``context.state`` is updated in place."""
     kind = message.metadata.message_type
     if kind not in MESSAGE_KINDS:
-        raise ValueError(f"this site answers {' and '.join(MESSAGE_KINDS)} messages, not {kind!r}")
+        raise ValueError(f"this site answers {', '.join(MESSAGE_KINDS)} messages, not {kind!r}")
     return handle(kind, message.content, context)
 
 

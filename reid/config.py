@@ -14,6 +14,7 @@ from reid.divergence import KLLConfig
 from reid.models import BN_STATS_POLICIES, ModelSpec
 from reid.pruning import CRRConfig, PruningConfig
 from reid.raf import RAFConfig
+from reid.style import StyleConfig
 from reid.train import TrainConfig
 from reid.unsupervised import UnsupervisedConfig
 
@@ -33,6 +34,7 @@ class SiteRunSpec:
     crr: CRRConfig = field(default_factory=CRRConfig)
     unsupervised: UnsupervisedConfig = field(default_factory=UnsupervisedConfig)
     raf: RAFConfig = field(default_factory=RAFConfig)
+    style: StyleConfig = field(default_factory=StyleConfig)
     bn_stats: str = "local"
     seed: int = 0
     verify_images: bool = True
@@ -73,4 +75,4 @@ class SiteRunSpec:
 
 _SECTIONS: dict[str, type] = {"model": ModelSpec, "train": TrainConfig, "augment": AugmentSpec, "kll": KLLConfig,
                               "pruning": PruningConfig, "crr": CRRConfig, "unsupervised": UnsupervisedConfig,
-                              "raf": RAFConfig}
+                              "raf": RAFConfig, "style": StyleConfig}

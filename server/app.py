@@ -65,6 +65,8 @@ def build_strategy(cfg: DictConfig) -> FedPav:
         sparse_downlink=bool(algo.sparse_downlink),
         transport=transport_spec(cfg),
         screen=ScreenSpec(**OmegaConf.to_container(algo.screen, resolve=True)),  # type: ignore[arg-type]
+        held_out=settings.held_out,
+        share_styles=bool(algo.style.enabled and algo.style.share),
         seed=int(cfg.seed),
     )
 

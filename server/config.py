@@ -31,6 +31,7 @@ from reid.divergence import KLLConfig
 from reid.models import ModelSpec
 from reid.pruning import CRRConfig, PruningConfig
 from reid.raf import RAFConfig
+from reid.style import StyleConfig
 from reid.train import TrainConfig
 from reid.unsupervised import UnsupervisedConfig
 
@@ -98,6 +99,7 @@ def site_run_spec(cfg: DictConfig) -> SiteRunSpec:
         crr=CRRConfig(**_section(cfg.algorithm, "crr")),
         unsupervised=UnsupervisedConfig(**_section(cfg.algorithm, "unsupervised"), rounds=int(cfg.federation.rounds)),
         raf=RAFConfig(**{**_section(cfg.algorithm, "raf"), "scales": _scales(cfg.algorithm.raf.scales)}),
+        style=StyleConfig(**_section(cfg.algorithm, "style")),
         bn_stats=str(cfg.algorithm.bn_stats),
         seed=int(cfg.seed),
         verify_images=bool(cfg.data.verify_images),
@@ -120,6 +122,7 @@ class FederationSettings:
     poll_interval_s: float = 0.1
     report_every_s: float = 60.0
     evaluate_with_next_round: bool = True
+    held_out: tuple[str, ...] = ()  # site names that never train; each evaluation also ranks them (``unseen``)
 
     def evaluates_after(self, server_round: int) -> bool:
         """Federated evaluation every k rounds and always after the last one."""
@@ -127,7 +130,8 @@ class FederationSettings:
 
 
 def federation_settings(cfg: DictConfig) -> FederationSettings:
-    settings = FederationSettings(**_section(cfg, "federation"))
+    values = _section(cfg, "federation")
+    settings = FederationSettings(**{**values, "held_out": tuple(str(n) for n in values.get("held_out") or ())})
     if settings.rounds < 1 or settings.min_sites < 1:
         raise ValueError(f"federation.rounds and federation.min_sites must be >= 1, got {settings}")
     if settings.round_timeout_s <= 0 or settings.poll_interval_s <= 0 or settings.report_every_s <= 0:

@@ -123,12 +123,13 @@ class RunOutputs:
         return None
 
     def write_table(self, site_info: dict[str, dict[str, float]]) -> str:
-        """The final per-site Markdown table (also returned, for the log)."""
+        """The final per-site Markdown table, held-out sites under it (also returned, for the log)."""
         latest = self.latest_evaluation()
         if latest is None:
             text = "No evaluation was completed.\n"
         else:
-            text = format_table(latest[0], latest[1], site_info)
+            unseen = next((r.get("unseen") for r in self.rounds if r["round"] == latest[0] and r.get("evaluate")), None)
+            text = format_table(latest[0], latest[1], site_info, unseen)
         (self.folder / TABLE_FILE).write_text(text)
         return text
 
@@ -161,15 +162,37 @@ def table_rows(sites: dict[str, dict[str, float]], site_info: dict[str, dict[str
     return rows
 
 
-def format_table(server_round: int, sites: dict[str, dict[str, float]], site_info: dict[str, dict[str, float]]) -> str:
-    """Per-site Rank-1/5/10, mAP, mINP in percent, with training-set sizes and a mean row, in Markdown.
+def unseen_rows(unseen: dict[str, Any] | None) -> list[list[str]]:
+    """Rows for the held-out sites (never trained: generalisation) and their mean, under
+    ``TABLE_HEADER``; the identities column names the model ranked there when it is not the global
+    one (``local``: the best training site's own model)."""
+    sites = (unseen or {}).get("sites") or {}
+    rows = []
+    for name in sorted(sites):
+        model = str(sites[name].get("model", "global"))
+        rows.append([f"{name} (held out)", "0", "" if model == "global" else f"model of {model}",
+                     *(f"{100 * sites[name].get(k, float('nan')):.1f}" for k in TABLE_KEYS)])
+    if sites:
+        rows.append(["mean, held out", "", "", *(f"{100 * sum(m.get(k, float('nan')) for m in sites.values()) / len(sites):.1f}"
+                                                 for k in TABLE_KEYS)])
+    return rows
+
+
+def format_table(server_round: int, sites: dict[str, dict[str, float]], site_info: dict[str, dict[str, float]],
+                 unseen: dict[str, Any] | None = None) -> str:
+    """Per-site Rank-1/5/10, mAP, mINP in percent, with training-set sizes and a mean row, in Markdown;
+    held-out sites (``unseen``) below it.
 
     ``mAP`` is torchreid's (valid queries only); ``mAP (Market)`` is the original Market-1501
     trapezoid AP over all queries, which the FedReID code reports (see reid/metrics.py)."""
     rows = table_rows(sites, site_info)
     rows[-1][0] = "**mean**"
-    return markdown_table(f"Per-site results after round {server_round} (global model, each site's own "
-                          f"query/gallery)", TABLE_HEADER, rows)
+    held_out = unseen_rows(unseen)
+    if held_out:
+        held_out[-1][0] = "**mean, held out**"
+    caption = (f"Per-site results after round {server_round} (global model, each site's own query/gallery"
+               + ("; held-out sites never trained" if held_out else "") + ")")
+    return markdown_table(caption, TABLE_HEADER, rows + held_out)
 
 
 def markdown_table(caption: str, header: Sequence[str], rows: list[list[str]]) -> str:

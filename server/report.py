@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from server.outputs import CONFIG_FILE, METRICS_FILE, PLOT_FILE, TABLE_HEADER, site_facts, table_rows
+from server.outputs import CONFIG_FILE, METRICS_FILE, PLOT_FILE, TABLE_HEADER, site_facts, table_rows, unseen_rows
 
 REPORT_FILE = "report.html"
 
@@ -59,7 +59,13 @@ def _results(rounds: list[dict[str, Any]]) -> str:
     last = evaluated[-1]
     caption = (f"<p>After round {last['round']}: the global model on each site's own query/gallery, in percent. "
                f"mAP counts queries with a true match; mAP (Market) is Market-1501's over all queries.</p>")
-    return caption + _table(TABLE_HEADER, table_rows(last["evaluate"]["sites"], site_facts(rounds)), mean_last=True)
+    table = caption + _table(TABLE_HEADER, table_rows(last["evaluate"]["sites"], site_facts(rounds)), mean_last=True)
+    held_out = unseen_rows(last.get("unseen"))
+    if not held_out:
+        return table
+    return table + ("<p>Held-out sites, which never trained: the same model on their own query/gallery "
+                    "(generalisation to camera domains no site trained on).</p>"
+                    + _table(TABLE_HEADER, held_out, mean_last=True))
 
 
 def _megabytes(count: float) -> str:
@@ -102,7 +108,7 @@ def _reason(text: str) -> str:
 def _incidents(rounds: list[dict[str, Any]]) -> str:
     rows = []
     for record in rounds:
-        for phase in ("train", "evaluate"):
+        for phase in ("train", "evaluate", "unseen"):
             part = record.get(phase) or {}
             for site, reason in sorted((part.get("rejected") or {}).items()):
                 rows.append([record["round"], phase, site, "rejected", Markup(_reason(reason))])

@@ -176,9 +176,18 @@ class FederationRunner:
         return ConfigRecord(dict(self.site_config))  # strategies write the round into it: fresh copy
 
     def _send(self, label: str, configure: Callable[[], Iterable[Message]]) -> Exchange | None:
-        """Wait (bounded) for enough sites, refresh their registered names, build the messages, exchange."""
-        wait_for_sites(self.grid, self.settings.min_sites, self.settings, self.names, label)
+        """Wait (bounded) for enough sites, refresh their registered names (and ask unnamed nodes for
+        theirs when some sites are held out), build the messages, exchange."""
+        wait_for_sites(self.grid, self.settings.min_sites + len(self.strategy.held_out), self.settings, self.names,
+                       label)
         self.names.learn_registrations(self.grid.get_nodes())
+        unnamed = self.strategy.unnamed(self.grid.get_node_ids())
+        if unnamed:
+            asked = exchange(self.grid, self.strategy.configure_query(unnamed), self.settings, self.names,
+                             f"{label}: site names")
+            self.strategy.learn_names(asked.replies)
+            log(INFO, "%s: %d node(s) named themselves: %s; held out (never trained): %s", label,
+                len(asked.replies), _listing(self.names.of(r) for r in asked.replies), _listing(self.strategy.held_out))
         messages = list(configure())
         if not messages:
             return None
@@ -195,6 +204,31 @@ class FederationRunner:
             log(INFO, "round %d evaluation: mean Rank-1 %.1f%%, mAP %.1f%% over %d sites", server_round,
                 100 * mean["rank1"], 100 * mean["mAP"], len(self.strategy.last_evaluate.site_metrics))
         return self._evaluation_record(mean, result.failed, result.totals(), result.seconds)
+
+    def evaluate_unseen(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any] | None:
+        """The held-out sites rank their own galleries with round ``server_round``'s model (under
+        ``local``: with every training site's model, keeping the best); None without held-out sites."""
+        if not self.strategy.held_out:
+            return None
+        requests: list[tuple[Message, str]] = []
+
+        def configure() -> list[Message]:
+            requests.extend(self.strategy.configure_unseen(server_round, arrays, self._config(), self.grid))
+            return [message for message, _ in requests]
+
+        result = self._send(f"round {server_round} evaluation of held-out sites", configure)
+        if result is None:
+            log(WARNING, "round %d: no held-out site (%s) is connected; none evaluated", server_round,
+                _listing(self.strategy.held_out))
+            return None
+        labels = {m.metadata.message_id: label for m, label in requests}
+        unseen = self.strategy.aggregate_unseen(result.replies, labels)
+        if unseen and unseen["mean"]:
+            log(INFO, "round %d held-out sites: mean Rank-1 %.1f%%, mAP %.1f%% over %d sites (%s)", server_round,
+                100 * unseen["mean"]["rank1"], 100 * unseen["mean"]["mAP"], len(unseen["sites"]),
+                ", ".join(f"{site} {100 * m['mAP']:.1f}" for site, m in unseen["sites"].items()))
+        return {**(unseen or {"sites": {}, "mean": None}), "failed": result.failed, "bytes": result.totals(),
+                "seconds": result.seconds}
 
     def _evaluation_record(self, mean: Any, failed: list[str], sent_received: dict[str, int],
                            seconds: float) -> dict[str, Any]:
@@ -260,6 +294,11 @@ class FederationRunner:
         }
         return new_arrays, record
 
+    def _with_unseen(self, record: dict[str, Any], server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
+        """``record`` plus the held-out sites' evaluation of this round's model, when there are any."""
+        unseen = self.evaluate_unseen(server_round, arrays)
+        return {**record, "unseen": unseen} if unseen is not None else record
+
     def run(self, arrays: ArrayRecord, first_round: int = 1, start_evaluated: bool = False) -> ArrayRecord:
         """Rounds ``first_round``..R; each one is reported before the next starts, except that a round
         whose evaluation the next round's training carries is reported right after that training.
@@ -267,7 +306,7 @@ class FederationRunner:
         (``start_evaluated``)."""
         waiting: tuple[int, ArrayRecord, dict[str, Any]] | None = None  # a round whose evaluation rides along
         if first_round == 1 and self.settings.eval_at_start and not start_evaluated:
-            start = {"round": 0, "train": None}
+            start = self._with_unseen({"round": 0, "train": None}, 0, arrays)
             if self.carries_evaluation(0):
                 waiting = (0, arrays, start)
             else:
@@ -290,7 +329,9 @@ class FederationRunner:
             record = {"round": server_round, "train": train_record, "seconds": time.perf_counter() - start_time}
             if not self.settings.evaluates_after(server_round):
                 self.on_round(server_round, arrays, {**record, "evaluate": None})
-            elif self.carries_evaluation(server_round):
+                continue
+            record = self._with_unseen(record, server_round, arrays)
+            if self.carries_evaluation(server_round):
                 waiting = (server_round, arrays, record)
             else:
                 evaluation = self.evaluate(server_round, arrays)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from reid.backbones import check_backbone
 from reid.data.public import generate_public_set
-from reid.data.synthetic import FEDERATIONS, RESOLUTION_PROFILES, generate_sites, site_names
+from reid.data.synthetic import FEDERATIONS, federation_size, generate_sites, site_names
 from server.config import compose_config
 from server.flower_cli import (
     SuperLinkConnection,
@@ -34,6 +34,7 @@ from server.flower_cli import (
 log = logging.getLogger("fedreid.sim")
 CONNECTION = "fedreid-sim"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+FEDERATION_PROFILES = {"synthetic": "demo", "synthetic-resdrift": "resdrift", "synthetic-fedreid9": "fedreid9_synthetic"}
 
 
 class SimulationError(RuntimeError):
@@ -170,33 +171,47 @@ def parse_args(argv: list[str] | None = None) -> SimulationRequest:
     parser.add_argument("--gpus-per-site", type=float, default=0.0, help="Ray GPUs per site, e.g. 0.25 = 4 per GPU")
     parser.add_argument("--no-generate", action="store_true", help="never generate data; use --sites-root as is")
     parser.add_argument("--federation", default="synthetic", choices=FEDERATIONS,
-                        help="which synthetic sites to generate: synthetic (default), or synthetic-resdrift (4 sites "
-                             "whose cameras differ in resolution; sites-root data/synthetic-resdrift, profile resdrift)")
+                        help="which synthetic sites to generate: synthetic (default), synthetic-resdrift (4 sites "
+                             "whose cameras differ in resolution; profile resdrift) or synthetic-fedreid9 (nine "
+                             "FedReID-shaped sites and two held-out ones; profile fedreid9_synthetic); sites-root "
+                             "data/<federation>")
+    parser.add_argument("--site-names", nargs="+", default=None, metavar="NAME",
+                        help="simulate exactly these folders of --sites-root, in this order (partition i is the "
+                             "i-th), e.g. a leave-one-site-out group of synthetic-fedreid9")
     parser.add_argument("--flwr-home", type=Path, default=REPO_ROOT / ".flwr",
                         help="Flower's home for this simulation (config, installed app, SuperLink log)")
     args = parser.parse_args(argv)
-    if args.federation == "synthetic-resdrift":  # its own folder, all its sites, its profile, unless told otherwise
+    fixed_names: tuple[str, ...] = ()
+    if args.federation != "synthetic":  # its own folder, all its sites, its profile, unless told otherwise
         given = argv if argv is not None else sys.argv[1:]
         if args.sites_root == REPO_ROOT / "data" / "synthetic":
             args.sites_root = REPO_ROOT / "data" / args.federation
-        args.sites = args.sites if "--sites" in given else len(RESOLUTION_PROFILES)
-        args.profile = args.profile if "--profile" in given else "resdrift"
+        args.sites = args.sites if "--sites" in given else federation_size(args.federation)
+        args.profile = args.profile if "--profile" in given else FEDERATION_PROFILES[args.federation]
+        if args.federation == "synthetic-fedreid9":  # partition i is the i-th site, held-out ones last
+            fixed_names = tuple(site_names(args.sites, args.seed, args.federation))
     composed = compose_config({"profile": args.profile, "overrides": args.overrides})
     check_backbone(str(composed.model.backbone), str(composed.model.get("backbone_factory") or ""))  # before any work
     benchmark = composed.benchmark
-    site_names = tuple(str(s) for s in benchmark.sites)
-    if site_names:  # a benchmark profile: its prepared datasets, never generated data
-        args.sites, args.no_generate = len(site_names), True
+    names = tuple(str(s) for s in benchmark.sites)
+    if names:  # a benchmark profile: its prepared datasets, never generated data
+        args.sites, args.no_generate = len(names), True
+    if args.site_names:
+        names = tuple(args.site_names)
         if args.sites_root == REPO_ROOT / "data" / "synthetic" and benchmark.root:
             args.sites_root = Path(str(benchmark.root))
     if not args.no_generate:
-        ensure_synthetic_sites(args.sites_root, args.sites, args.seed, args.federation)
+        every_site = federation_size(args.federation) or args.sites  # --site-names picks among all of them
+        ensure_synthetic_sites(args.sites_root, every_site if args.site_names else args.sites, args.seed,
+                               args.federation)
         ensure_public_set(args.public_root, args.seed)
+    if args.site_names:
+        args.sites = len(names)
     request = SimulationRequest(
         sites=args.sites, sites_root=args.sites_root, output_dir=args.output_dir,
         public_root=args.public_root if args.public_root.is_dir() else None, algorithm=args.algorithm,
         profile=args.profile, overrides=args.overrides, seed=args.seed, cpus_per_site=args.cpus_per_site,
-        gpus_per_site=args.gpus_per_site, flwr_home=args.flwr_home.resolve(), site_names=site_names)
+        gpus_per_site=args.gpus_per_site, flwr_home=args.flwr_home.resolve(), site_names=names or fixed_names)
     return request
 
 

@@ -52,11 +52,13 @@ from strategies.sparse_records import Tensor, dense_record, encode_record
 from strategies.validation import (
     EVALUATION_KEY,
     METRICS_KEY,
+    STYLE_BANK_KEY,
     ArraySpec,
     check_carried_evaluation,
     check_evaluate_reply,
     check_train_reply,
     expected_specs,
+    reply_style,
 )
 from strategies.weighting import WEIGHTINGS, KLPWASpec, klpwa_weights
 
@@ -183,6 +185,8 @@ class FedPav(FedAvg):
         sparse_downlink: bool = False,
         transport: TransportSpec | None = None,
         screen: ScreenSpec | None = None,
+        held_out: Iterable[str] = (),
+        share_styles: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__(
@@ -210,6 +214,9 @@ class FedPav(FedAvg):
         self.names = SiteNames()
         self.seed = seed
         self.min_sites = min_sites
+        self.held_out = frozenset(held_out)  # sites that never train; only the unseen evaluation reaches them
+        self.share_styles = share_styles  # feddg_ccst: keep each site's latest style, send each the others'
+        self.styles: dict[str, np.ndarray] = {}
         self.required_train_metrics = REQUIRED_METRICS[weighting]
         self._expected: dict[str, ArraySpec] = {}
         self._sent: dict[int, dict[str, np.ndarray]] = {}  # node -> the arrays it was sent to train from
@@ -232,13 +239,76 @@ class FedPav(FedAvg):
     def sample(self, grid: Grid, fraction: float, server_round: int, kind: str) -> list[int]:
         """A seeded sample of the connected nodes: ``fraction`` of them, at least ``min_sites`` (or all
         there are; the runner has already waited, within its bound, for enough to connect)."""
-        nodes = sorted(grid.get_node_ids())
+        nodes = self.training_sites(grid.get_node_ids())
         if fraction <= 0 or not nodes:
             return []
         size = min(len(nodes), max(int(len(nodes) * fraction), self.min_sites))
         chosen = sorted(random.Random(f"{self.seed}/{kind}/{server_round}").sample(nodes, size))
         log(INFO, "round %d %s: sampled %d of %d connected sites", server_round, kind, len(chosen), len(nodes))
         return chosen
+
+    # ----- held-out sites -------------------------------------------------------------------------
+
+    def training_sites(self, nodes: Iterable[int]) -> list[int]:
+        """The nodes that may train and be evaluated as training sites: all of them, or with held-out
+        sites those known by a name that is not held out (an unnamed node trains only once it has
+        answered the query for its name)."""
+        nodes = sorted(nodes)
+        if not self.held_out:
+            return nodes
+        return [n for n in nodes if n in self.names.known_nodes() and self.names.of_node(n) not in self.held_out]
+
+    def unnamed(self, nodes: Iterable[int]) -> list[int]:
+        """Connected nodes whose site name the server does not know yet (asked only with held-out sites)."""
+        known = set(self.names.known_nodes())
+        return sorted(n for n in nodes if n not in known) if self.held_out else []
+
+    def configure_query(self, nodes: Iterable[int]) -> list[Message]:
+        """A query for each node's site name: its reply holds the name and nothing else."""
+        return [Message(content=RecordDict({self.configrecord_key: ConfigRecord({"ask": "site-name"})}),
+                        dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
+
+    def learn_names(self, replies: Iterable[Message]) -> None:
+        """Remember under which name each node answered the query (registered names take precedence)."""
+        self.names.resolve([r for r in replies if not r.has_error()])
+
+    def configure_unseen(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                         grid: Grid) -> list[tuple[Message, str]]:
+        """(evaluate message, which model it carries) for every connected held-out site: the global
+        model, or under ``singletons`` clustering (``local``) each training site's own model."""
+        nodes = [n for n in sorted(grid.get_node_ids()) if self.names.of_node(n) in self.held_out]
+        models = (sorted(self.site_models.items()) if self.clustering.method == "singletons" and self.site_models
+                  else [("global", arrays)])
+        config["server-round"] = server_round
+        out = []
+        for label, model in models:
+            record = RecordDict({self.arrayrecord_key: self._outgoing(model), self.configrecord_key: config})
+            out += [(Message(content=record, dst_node_id=node, message_type=MessageType.EVALUATE), label)
+                    for node in nodes]
+        return out
+
+    def aggregate_unseen(self, replies: Iterable[Message], labels: dict[str, str]) -> dict[str, object] | None:
+        """Per held-out site its Rank-k/mAP with the model that ranks best there (``model``: which one),
+        each model's mAP when there were several, and the mean over the held-out sites.
+        ``labels``: message id -> the model its request carried."""
+        named, rejected = self.names.resolve(replies)
+        accepted, malformed = screen(named, lambda m: _checked_metrics(m, METRICS_KEY, check_evaluate_reply))
+        rejected.update(malformed)
+        by_site: dict[str, dict[str, dict[str, float]]] = {}
+        for name, message, metrics in accepted:
+            label = labels.get(message.metadata.reply_to_message_id, "global")
+            by_site.setdefault(name, {})[label] = {k: float(v) for k, v in metrics.items()  # type: ignore[union-attr]
+                                                   if not isinstance(v, list)}
+        if not by_site:
+            return {"sites": {}, "mean": None, "rejected": rejected} if rejected else None
+        sites = {}
+        for name, results in sorted(by_site.items()):
+            best = max(sorted(results), key=lambda label: results[label]["mAP"])
+            sites[name] = {**results[best], "model": best}
+            if len(results) > 1:
+                sites[name]["mAP-by-model"] = {label: r["mAP"] for label, r in sorted(results.items())}
+        mean = {k: float(np.mean([m[k] for m in sites.values()])) for k in EVAL_METRICS}
+        return {"sites": sites, "mean": mean, "rejected": rejected}
 
     def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
                   fraction: float, message_type: str) -> list[Message]:
@@ -281,7 +351,37 @@ class FedPav(FedAvg):
         """Sample the sites and remember what each was sent, so replies can be checked against it."""
         self._expected = expected_specs(arrays)
         messages = self._messages(server_round, arrays, config, grid, self.fraction_train, MessageType.TRAIN)
-        return self._personalise(messages, remember=True)
+        return self._with_style_banks(self._personalise(messages, remember=True))
+
+    def _with_style_banks(self, messages: list[Message]) -> list[Message]:
+        """With style sharing, each training message also carries the other sites' latest styles
+        (anonymous rows, the receiving site's own left out)."""
+        if not self.share_styles or not self.styles:
+            return messages
+        out = []
+        for message in messages:
+            site = self.names.of_node(message.metadata.dst_node_id)
+            others = [self.styles[name] for name in sorted(self.styles) if name != site]
+            if others:
+                content = RecordDict({**dict(message.content.items()),
+                                      STYLE_BANK_KEY: ArrayRecord({STYLE_BANK_KEY: Array(np.stack(others))})})
+                message = Message(content=content, dst_node_id=message.metadata.dst_node_id,
+                                  message_type=message.metadata.message_type)
+            out.append(message)
+        return out
+
+    def _keep_styles(self, uploads: list[Upload]) -> None:
+        """Take each accepted upload's style into the bank; a malformed one (or one of another width
+        than the bank's) is left out with a warning, the update itself still counts."""
+        for upload in uploads:
+            style, reason = reply_style(upload.message)
+            width = next(iter(self.styles.values())).shape[1] if self.styles else None
+            if style is not None and width is not None and style.shape[1] != width:
+                reason = f"its style has {style.shape[1]} channels, the bank's {width}"
+            if reason:
+                log(WARNING, "style of %s (node %s) left out of the bank: %s", upload.site, upload.node, reason)
+            elif style is not None:
+                self.styles[upload.site] = style.astype(np.float32)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -361,6 +461,8 @@ class FedPav(FedAvg):
         log(INFO, "round %d: aggregating %d of %d replies", server_round, len(uploads), len(replies))
         if not uploads:
             return None, None
+        if self.share_styles:
+            self._keep_styles(uploads)
         weights = normalise_weights(self.aggregation_weights(uploads))
         for upload, weight in zip(uploads, weights):
             self.last_train.accepted[upload.site] = float(weight)

@@ -22,6 +22,10 @@ METRICS_KEY = "metrics"
 SITE_KEY = "site"
 EVALUATION_KEY = "evaluation"  # a training reply's evaluation of the model it received, when asked for
 EVALUATE_ROUND_KEY = "evaluate-round"  # round config: evaluate the received model (of that round) first
+STYLE_KEY = "style"  # a training reply's shared style statistics (feddg_ccst): one [4, C] array
+STYLE_BANK_KEY = "style-bank"  # a training message's styles of the other sites: one [sites, 4, C] array
+STYLE_ROWS = 4  # mean and spread of the channel means, mean and spread of the channel standard deviations
+MAX_STYLE_CHANNELS = 4096
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,8 @@ def check_train_reply(
     if message.has_error():
         return None, f"the site reported an error: {message.error.reason}"
     content = message.content
-    reason = check_record_names(content, {ARRAYS_KEY, METRICS_KEY, SITE_KEY, EVALUATION_KEY}, {ARRAYS_KEY, METRICS_KEY})
+    reason = check_record_names(content, {ARRAYS_KEY, METRICS_KEY, SITE_KEY, EVALUATION_KEY, STYLE_KEY},
+                                {ARRAYS_KEY, METRICS_KEY})
     if reason:
         return None, reason
     if not isinstance(content[ARRAYS_KEY], ArrayRecord) or not isinstance(content[METRICS_KEY], MetricRecord):
@@ -142,3 +147,29 @@ def check_carried_evaluation(message: Message, required_metrics: Iterable[str]) 
     if not isinstance(record, MetricRecord):
         return f"record {EVALUATION_KEY!r} has the wrong record type"
     return check_metrics(record, required_metrics)
+
+
+def check_style(style: np.ndarray, channels: int | None = None) -> str | None:
+    """Why ``style`` is not a well-formed shared style ([4, C] finite floats, non-negative spreads and
+    standard deviations, C as the other sites' when given), or None."""
+    if style.ndim != 2 or style.shape[0] != STYLE_ROWS or not 0 < style.shape[1] <= MAX_STYLE_CHANNELS:
+        return f"a style is a [{STYLE_ROWS}, C] array, got shape {list(style.shape)}"
+    if channels is not None and style.shape[1] != channels:
+        return f"a style has the other sites' {channels} channels, not {style.shape[1]}"
+    if not np.issubdtype(style.dtype, np.floating) or not np.isfinite(style).all():
+        return "a style holds finite floats only"
+    if (style[1:] < 0).any():
+        return "a style's spreads and standard deviations are non-negative"
+    return None
+
+
+def reply_style(message: Message) -> tuple[np.ndarray | None, str | None]:
+    """(the training reply's style, None), (None, None) when it carries none, or (None, why it is malformed)."""
+    if STYLE_KEY not in message.content.keys():
+        return None, None
+    record = message.content[STYLE_KEY]
+    if not isinstance(record, ArrayRecord) or list(record.keys()) != [STYLE_KEY]:
+        return None, f"record {STYLE_KEY!r} must be an ArrayRecord holding one array {STYLE_KEY!r}"
+    style = record[STYLE_KEY].numpy()
+    reason = check_style(style)
+    return (None, reason) if reason else (style, None)

@@ -1,6 +1,8 @@
-"""The FedReID presets end to end for one round and an evaluation on the Ray engine (real `flwr run`,
-real files). `fedpav_cdw` and `fedpav_kd` are the two halves of `fedpav_cdw_kd`, which runs both
-paths together; every preset file is composed and checked in tests/test_config.py."""
+"""The FedReID presets and the FedDG one end to end for one round and an evaluation on the Ray engine
+(real `flwr run`, real files). `fedpav_cdw` and `fedpav_kd` are the two halves of `fedpav_cdw_kd`,
+which runs both paths together; every preset file is composed and checked in tests/test_config.py.
+Every run also has a fourth site held out (`federation.held_out`): it must never be sent a training
+message and must be ranked in every evaluation (`unseen`)."""
 
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from reid.data.synthetic import DEFAULT_STYLES, generate_site
 from tests.test_simulation_e2e import _simulate
 
 pytestmark = pytest.mark.ray  # Ray's simulation engine: left out by `make gpu-check`
-PRESETS = ["fedpav_cdw_kd", "fedpav_cluster", "local"]
+PRESETS = ["fedpav_cdw_kd", "fedpav_cluster", "local", "feddg_ccst"]
 SITES = {"0-mall", "1-station", "2-campus"}
+HELD_OUT = "3-airport"
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +30,16 @@ def runs(tiny_sites: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     public = base / "public"
     generate_site(public, 99, seed=4, style=replace(DEFAULT_STYLES[3], num_train_ids=8, num_test_ids=0,
                                                      num_distractors=0, num_junk=0))
+    held_out = base / "held-out"
+    generate_site(held_out, 3, seed=5, style=replace(DEFAULT_STYLES[3], num_train_ids=6, num_test_ids=6,
+                                                       num_distractors=2, num_junk=1))
     folders = {}
     for preset in PRESETS:
         work = base / preset
         shutil.copytree(tiny_sites, work / "sites")
-        result = _simulate(work / "sites", work, "--algorithm", preset, "--public-root", str(public),
-                           "--overrides", "federation.rounds=1")
+        shutil.copytree(held_out, work / "sites" / HELD_OUT)
+        result = _simulate(work / "sites", work, "--algorithm", preset, "--public-root", str(public), "--sites", "4",
+                           "--overrides", f"federation.rounds=1 federation.held_out=[{HELD_OUT}]")
         assert result.returncode == 0, f"{preset}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         (folder,) = (work / "outputs").iterdir()
         folders[preset] = folder
@@ -106,3 +113,34 @@ def test_fedklpr_upload_bytes_fall_as_pruning_rises(tiny_sites: Path, runs: dict
             assert uploads[2] < 0.5 * dense[site]["received"], (site, uploads[2], dense[site]["received"])
         assert uploads[0] < dense[site]["received"]
     assert all(line["train"]["sites"][s]["kept-fraction"] < 1.0 for line in lines[:1] for s in SITES)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_held_out_site_never_trains_and_is_ranked_at_every_evaluation(runs: dict[str, Path], preset: str) -> None:
+    (line,) = _rounds(runs[preset])
+    assert HELD_OUT not in line["train"]["bytes_per_site"]  # no training message was sent to it
+    assert HELD_OUT not in line["train"]["sites"] and HELD_OUT not in line["evaluate"]["sites"]
+    unseen = line["unseen"]
+    assert set(unseen["sites"]) == {HELD_OUT} and not unseen["failed"]
+    metrics = unseen["sites"][HELD_OUT]
+    assert 0 < metrics["mAP"] <= 1 and metrics["num-queries"] > 0
+    assert unseen["mean"]["mAP"] == pytest.approx(metrics["mAP"])
+    if preset == "local":  # each site's own model is tried there; the best one is reported
+        by_model = metrics["mAP-by-model"]
+        assert set(by_model) == SITES and metrics["model"] == max(by_model, key=by_model.get)
+        assert metrics["mAP"] == max(by_model.values())
+    else:
+        assert metrics["model"] == "global" and "mAP-by-model" not in metrics
+    table = (runs[preset] / "results.md").read_text()
+    assert f"| {HELD_OUT} (held out" in table
+    assert HELD_OUT in (runs[preset] / "report.html").read_text()
+
+
+def test_feddg_shares_styles_whose_bytes_are_counted(runs: dict[str, Path]) -> None:
+    """feddg_ccst's uploads carry the same arrays as FedPav's (`local` sends them too) plus one
+    [4, 64] float32 style each: at least its 1,024 bytes more per site, and far less than an image."""
+    (feddg,), (plain,) = _rounds(runs["feddg_ccst"]), _rounds(runs["local"])
+    for site in SITES:
+        extra = feddg["train"]["bytes_per_site"][site]["received"] - plain["train"]["bytes_per_site"][site]["received"]
+        assert 4 * 64 * 4 <= extra < 2 * 4 * 64 * 4, (site, extra)  # record framing; an image is 6 KB
+        assert feddg["train"]["sites"][site]["restyled-images"] > 0

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 OUT_HEIGHT, OUT_WIDTH = 128, 64
 _CANVAS_H, _CANVAS_W = 2 * OUT_HEIGHT, 2 * OUT_WIDTH  # drawn at 2x, downsampled for soft edges
 _PIDS_PER_SITE = 1000  # site k owns pids k*1000+1 ...: identities are disjoint across sites
+MAX_QUERIES_PER_IDENTITY = 2  # synthetic-fedreid9: query images per test identity (one per camera)
 
 SKIN_TONES = [(255, 219, 172), (241, 194, 125), (224, 172, 105), (198, 134, 66), (141, 85, 36), (92, 58, 30)]
 HAIR_COLOURS = [(20, 17, 15), (50, 35, 25), (90, 60, 35), (180, 150, 90), (150, 150, 150), (140, 60, 30)]
@@ -79,6 +80,11 @@ class SiteStyle:
     num_junk: int = 4
     infrared: bool = False  # night-time infrared cameras: grey images, colour cues gone
     resolution: ResolutionProfile | None = None  # None: each camera draws its own mild resolution loss
+    # Set by synthetic-fedreid9 (reid/data/fedreid9.py): mean images per identity, spread over the
+    # cameras that see it, exactly ids x this in total; None: images_per_camera per seen camera.
+    images_per_identity: float | None = None
+    camera_views: tuple[tuple[float, float, float], ...] = ()  # per camera (front, back, side); () = drawn
+    occlusion: float = 0.12  # share of boxes a pole or a passer-by partly hides
 
 
 DEFAULT_STYLES = (
@@ -96,14 +102,29 @@ RESOLUTION_PROFILES = (
     ResolutionProfile("mixed", (1.0, 4.0), (0.0, 0.6)),  # sharp and low-resolution cameras
     ResolutionProfile("medium", (2.0,), (0.3, 0.7)),  # 64x32 cameras
 )
-FEDERATIONS = ("synthetic", "synthetic-resdrift")
+FEDERATIONS = ("synthetic", "synthetic-resdrift", "synthetic-fedreid9")
+
+
+def federation_size(federation: str) -> int | None:
+    """How many sites a fixed federation has (None: ``synthetic`` makes as many as asked for)."""
+    from reid.data import fedreid9
+
+    return {"synthetic-resdrift": len(RESOLUTION_PROFILES), fedreid9.FEDERATION: len(fedreid9.styles())}.get(federation)
 
 
 def federation_styles(federation: str, num_sites: int, seed: int = 0) -> list[SiteStyle]:
-    """The site styles of a named synthetic federation: ``synthetic`` (the default camera sites)
-    or ``synthetic-resdrift`` (the first sites' looks, each with one resolution profile)."""
+    """The site styles of a named synthetic federation: ``synthetic`` (the default camera sites),
+    ``synthetic-resdrift`` (the first sites' looks, each with one resolution profile) or
+    ``synthetic-fedreid9`` (nine FedReID-shaped sites and two held-out ones: reid/data/fedreid9.py)."""
     if federation == "synthetic":
         return [_style_for(i, seed) for i in range(num_sites)]
+    if federation == "synthetic-fedreid9":
+        from reid.data import fedreid9
+
+        every = fedreid9.styles()
+        if num_sites > len(every):
+            raise ValueError(f"synthetic-fedreid9 has {len(every)} sites, {num_sites} were asked for")
+        return every[:num_sites]
     if federation == "synthetic-resdrift":
         if num_sites > len(RESOLUTION_PROFILES):
             raise ValueError(f"synthetic-resdrift has {len(RESOLUTION_PROFILES)} sites, {num_sites} were asked for")
@@ -204,6 +225,7 @@ class Camera:
     view_probs: tuple[float, float, float]
     light_slope: float
     infrared: bool = False
+    occlusion: float = 0.12
 
 
 def make_camera(rng: np.random.Generator, style: SiteStyle, index: int = 0) -> Camera:
@@ -230,7 +252,10 @@ def make_camera(rng: np.random.Generator, style: SiteStyle, index: int = 0) -> C
         view_probs=tuple(float(v) for v in views),  # type: ignore[arg-type]
         light_slope=rng.uniform(-0.25, 0.25),
         infrared=style.infrared,
+        occlusion=style.occlusion,
     )
+    if style.camera_views:  # a site whose cameras see people from set angles (VIPeR, CUHK01)
+        camera = replace(camera, view_probs=style.camera_views[index % len(style.camera_views)])
     profile = style.resolution
     if profile is None:
         return camera
@@ -358,9 +383,9 @@ def _draw_person(image: Image.Image, rng: np.random.Generator, person: Identity,
         draw.chord([hx - r * 1.05, hy - r * 1.2, hx + r * 1.05, hy + r * 0.3], 180, 360, fill=person.top_second)
 
 
-def _occlude(image: Image.Image, rng: np.random.Generator) -> None:
+def _occlude(image: Image.Image, rng: np.random.Generator, share: float = 0.12) -> None:
     """Sometimes a pole or a passer-by hides part of the person, as in real crowded scenes."""
-    if rng.random() < 0.12:
+    if rng.random() < share:
         draw = ImageDraw.Draw(image)
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         if rng.random() < 0.5:
@@ -397,7 +422,7 @@ def render(person: Identity | None, cam: Camera, rng: np.random.Generator, parti
             top = int(rng.integers(0, _CANVAS_H // 2))
             image = image.crop((0, top, _CANVAS_W, top + _CANVAS_H // 2)).resize((_CANVAS_W, _CANVAS_H))
         else:
-            _occlude(image, rng)
+            _occlude(image, rng, cam.occlusion)
     return _apply_camera(image, rng, cam)
 
 
@@ -432,6 +457,42 @@ def _style_for(index: int, seed: int) -> SiteStyle:
     )
 
 
+def _sightings_per_camera(id_rng: np.random.Generator, style: SiteStyle) -> list[tuple[int, int]]:
+    """(camera, images, gives a query) for one identity: a random set of at least two cameras, each
+    seeing the person ``images_per_camera`` times; a test identity's first image per camera is a query."""
+    seen = sorted(id_rng.choice(style.num_cameras, size=int(id_rng.integers(2, style.num_cameras + 1)), replace=False))
+    return [(int(c), int(id_rng.integers(style.images_per_camera[0], style.images_per_camera[1] + 1)), True)
+            for c in seen]
+
+
+def images_per_identity(style: SiteStyle, seed: int, site_index: int) -> list[int]:
+    """How many images each identity of the site gets: ``images_per_identity`` on average, exactly
+    round(ids x it) per split (train, test), at least two each (two cameras must see everyone)."""
+    assert style.images_per_identity is not None
+    rng = _rng(seed, site_index, 6)
+    totals: list[int] = []
+    for count in (style.num_train_ids, style.num_test_ids):
+        target = max(2 * count, round(count * style.images_per_identity))
+        base = max(2, target // count)
+        extra = np.zeros(count, dtype=int)
+        extra[rng.permutation(count)[: target - base * count]] = 1
+        totals += [base + int(e) for e in extra]
+    return totals
+
+
+def _sightings_of(id_rng: np.random.Generator, style: SiteStyle, total: int) -> list[tuple[int, int, bool]]:
+    """(camera, images, gives a query) for one identity with ``total`` images over at least two cameras, and the
+    camera whose images all go to the gallery when it is a test identity (up to two other cameras
+    give one query each), so that every query has a match from another camera."""
+    seen_count = min(style.num_cameras, total, int(id_rng.integers(2, style.num_cameras + 1)))
+    seen = sorted(int(c) for c in id_rng.choice(style.num_cameras, size=seen_count, replace=False))
+    counts = np.ones(seen_count, dtype=int)
+    np.add.at(counts, id_rng.integers(0, seen_count, size=total - seen_count), 1)
+    gallery_only = int(id_rng.integers(seen_count))
+    query_cameras = [c for i, c in enumerate(seen) if i != gallery_only][:MAX_QUERIES_PER_IDENTITY]
+    return [(c, n, c in query_cameras) for c, n in zip(seen, (int(c) for c in counts))]
+
+
 def _image_name(pid: int, cam: int, seq: int, frame: int, box: int) -> str:
     pid_text = "-1" if pid == -1 else f"{pid:04d}"
     return f"{pid_text}_c{cam}s{seq}_{frame:06d}_{box:02d}.jpg"
@@ -457,6 +518,7 @@ def generate_site(
     cameras = [make_camera(_rng(seed, site_index, 1, c), style, c) for c in range(style.num_cameras)]
     summary = SiteSummary(style.name, site_root, {"train": 0, "query": 0, "gallery": 0})
     num_ids = style.num_train_ids + style.num_test_ids
+    totals = images_per_identity(style, seed, site_index) if style.images_per_identity is not None else []
     frame = 0
     people: list[Identity] = []
     for local_id in range(num_ids):
@@ -468,14 +530,16 @@ def generate_site(
             person = make_identity(person_rng, style)
         people.append(person)
         id_rng = _rng(seed, site_index, 3, local_id)
-        seen = sorted(id_rng.choice(style.num_cameras, size=int(id_rng.integers(2, style.num_cameras + 1)), replace=False))
         is_test = local_id >= style.num_train_ids
-        for cam_index in seen:
-            count = int(id_rng.integers(style.images_per_camera[0], style.images_per_camera[1] + 1))
+        if style.images_per_identity is None:
+            sightings = _sightings_per_camera(id_rng, style)
+        else:
+            sightings = _sightings_of(id_rng, style, totals[local_id])
+        for cam_index, count, gives_query in sightings:
             for shot in range(count):
                 frame += 1
                 image = render(person, cameras[cam_index], _rng(seed, site_index, 4, local_id, cam_index, shot))
-                split = "train" if not is_test else ("query" if shot == 0 else "gallery")
+                split = "train" if not is_test else ("query" if shot == 0 and gives_query else "gallery")
                 name = _image_name(pid, cam_index + 1, 1, frame, shot + 1)
                 image.save(site_root / split / name, quality=cameras[cam_index].jpeg_quality)
                 summary.counts[split] += 1
@@ -493,8 +557,12 @@ def generate_site(
 
 
 def site_names(num_sites: int, seed: int = 0, federation: str = "synthetic") -> list[str]:
-    """Folder names of the sites generate_sites writes: '<index>-<style>' so they sort in order."""
-    return [f"{i}-{style.name}" for i, style in enumerate(federation_styles(federation, num_sites, seed))]
+    """Folder names of the sites generate_sites writes: '<index>-<style>' so they sort in order
+    (synthetic-fedreid9: the dataset names its sites stand for, as the fedreid9 profile names them)."""
+    styles = federation_styles(federation, num_sites, seed)
+    if federation == "synthetic-fedreid9":
+        return [style.name for style in styles]
+    return [f"{i}-{style.name}" for i, style in enumerate(styles)]
 
 
 def generate_sites(root: str | Path, num_sites: int = 3, seed: int = 0, overwrite: bool = False,
@@ -512,18 +580,24 @@ def generate_sites(root: str | Path, num_sites: int = 3, seed: int = 0, overwrit
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``fedreid-synth --out data/synthetic --sites 3 --seed 0``: write synthetic sites."""
+    """``fedreid-synth --out data/synthetic --sites 3 --seed 0``: write synthetic sites
+    (``--federation synthetic-fedreid9``: all eleven into data/synthetic-fedreid9)."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Generate synthetic re-ID camera sites (Market-1501 layout).")
     parser.add_argument("--out", type=Path, default=Path("data/synthetic"), help="folder to write the sites into")
-    parser.add_argument("--sites", type=int, default=3, help="number of sites")
+    parser.add_argument("--sites", type=int, default=None, help="number of sites (default 3, or all of a fixed "
+                        "federation's)")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed writes the same bytes")
     parser.add_argument("--overwrite", action="store_true", help="replace site folders that already hold images")
     parser.add_argument("--federation", default="synthetic", choices=FEDERATIONS,
-                        help="synthetic-resdrift: four sites whose cameras differ in resolution")
+                        help="synthetic-resdrift: four sites whose cameras differ in resolution; synthetic-fedreid9: "
+                             "nine FedReID-shaped sites and two held-out ones (default --out data/<federation>)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for summary in generate_sites(args.out, args.sites, args.seed, overwrite=args.overwrite,
+    if args.out == Path("data/synthetic") and args.federation != "synthetic":
+        args.out = Path("data") / args.federation
+    sites = args.sites or federation_size(args.federation) or 3
+    for summary in generate_sites(args.out, sites, args.seed, overwrite=args.overwrite,
                                   federation=args.federation):
         print(f"{summary.root}: {summary.counts}")
