@@ -172,7 +172,7 @@ def unseen_rows(unseen: dict[str, Any] | None) -> list[list[str]]:
         model = str(sites[name].get("model", "global"))
         rows.append([f"{name} (held out)", "0", "" if model == "global" else f"model of {model}",
                      *(f"{100 * sites[name].get(k, float('nan')):.1f}" for k in TABLE_KEYS)])
-    if sites:
+    if len(sites) > 1:
         rows.append(["mean, held out", "", "", *(f"{100 * sum(m.get(k, float('nan')) for m in sites.values()) / len(sites):.1f}"
                                                  for k in TABLE_KEYS)])
     return rows
@@ -188,7 +188,7 @@ def format_table(server_round: int, sites: dict[str, dict[str, float]], site_inf
     rows = table_rows(sites, site_info)
     rows[-1][0] = "**mean**"
     held_out = unseen_rows(unseen)
-    if held_out:
+    if len(held_out) > 2:
         held_out[-1][0] = "**mean, held out**"
     caption = (f"Per-site results after round {server_round} (global model, each site's own query/gallery"
                + ("; held-out sites never trained" if held_out else "") + ")")

@@ -65,7 +65,7 @@ def _results(rounds: list[dict[str, Any]]) -> str:
         return table
     return table + ("<p>Held-out sites, which never trained: the same model on their own query/gallery "
                     "(generalisation to camera domains no site trained on).</p>"
-                    + _table(TABLE_HEADER, held_out, mean_last=True))
+                    + _table(TABLE_HEADER, held_out, mean_last=len(held_out) > 1))
 
 
 def _megabytes(count: float) -> str:
