@@ -74,7 +74,7 @@ LOWEST_SCALE = "0.25"
 def run_federated(method: str, seed: int, args: argparse.Namespace, out: Path) -> list[dict]:
     """One fedreid-sim run; returns its metrics.jsonl lines. With ``args.held_out_site`` (the
     leave-one-site-out mode) only ``args.group`` is simulated and that one site of it is held out."""
-    run_dir = args.runs / method / f"seed{seed}"
+    run_dir = args.runs / labelled(method, args) / f"seed{seed}"
     argv = ["--federation", args.federation, "--algorithm", method, "--profile", args.profile, "--seed", str(seed), "--sites", str(args.sites),
             "--sites-root", str(args.sites_root), "--public-root", str(args.public_root),
             "--output-dir", str(run_dir), "--flwr-home", str(out / "flwr-home")]
@@ -91,9 +91,15 @@ def run_federated(method: str, seed: int, args: argparse.Namespace, out: Path) -
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+def labelled(method: str, args: argparse.Namespace) -> str:
+    """The name results of ``method`` are kept and shown under: ``method+tag`` with ``--tag``."""
+    tag = getattr(args, "tag", "")
+    return f"{method}+{tag}" if tag else method
+
+
 def cached_run(method: str, seed: int, args: argparse.Namespace) -> list[dict]:
     """The metrics lines of (method, seed), run now unless an earlier run of this bench saved them."""
-    cache = args.runs / method / f"seed{seed}.jsonl"
+    cache = args.runs / labelled(method, args) / f"seed{seed}.jsonl"
     if cache.exists() and not args.rerun:
         return [json.loads(line) for line in cache.read_text().splitlines()]
     lines = run_central(args, seed) if method == "central" else run_federated(method, seed, args, args.out)
@@ -372,6 +378,8 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="default: demo, or resdrift for synthetic-resdrift")
     parser.add_argument("--overrides", default="")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; results are averaged")
+    parser.add_argument("--tag", default="", help="keep and show results as METHOD+TAG: a variant run with "
+                        "--overrides, e.g. --tag bn_average --overrides algorithm.bn_stats=average")
     parser.add_argument("--rerun", action="store_true", help="ignore results saved by earlier runs of this bench")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--leave-one-out", nargs="+", default=None, metavar="SITE",
@@ -438,7 +446,7 @@ def _runs_of(methods: list[str], args: argparse.Namespace) -> list[dict]:
             start = time.perf_counter()
             runs.append(cached_run(method, seed, args))
             print(f"== {method} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
-        results.append(summarise(method, runs))
+        results.append(summarise(labelled(method, args), runs))
     return results
 
 
@@ -458,10 +466,11 @@ def fedreid9_main(args: argparse.Namespace) -> None:
                f"{cfg.train.local_epochs} local epoch(s), training seeds {args.seeds}")
     if args.leave_one_out:
         args.group = list(args.leave_one_out)
-        by_method: dict[str, list[dict]] = {m: [] for m in (args.methods or LOSO_METHODS)}
+        methods = args.methods or LOSO_METHODS
+        by_method: dict[str, list[dict]] = {labelled(m, args): [] for m in methods}
         for site in args.group:
             args.held_out_site, args.runs = site, root / f"loso-{site}"
-            for summary in _runs_of(list(by_method), args):
+            for summary in _runs_of(methods, args):
                 by_method[summary["method"]].append(summary)
         text = f"synthetic-fedreid9 (data seed 0), {setting}.\n\n" + fedreid9_tables.leave_one_out_table(
             by_method, args.group)

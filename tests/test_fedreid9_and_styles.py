@@ -161,3 +161,16 @@ def test_mixing_moves_the_restyled_images_statistics_towards_the_bank() -> None:
     with mixer:  # evaluation is never restyled
         model.features(torch.rand(2, 3, 64, 32))
     assert mixer.restyled == 8
+
+
+def test_fedreid_sim_runs_synthetic_fedreid9_with_its_profile_or_a_chosen_group(fedreid9_root: Path) -> None:
+    """What `fedreid-sim --federation synthetic-fedreid9` submits: all eleven sites in order with the
+    profile that holds two out, or (the leave-one-site-out bench) exactly the named group."""
+    from server.simulate import parse_args
+
+    whole = parse_args(["--federation", fedreid9.FEDERATION, "--sites-root", str(fedreid9_root)])
+    assert whole.profile == "fedreid9_synthetic" and whole.sites == 11
+    assert whole.site_names == tuple(site_names(11, 0, fedreid9.FEDERATION))
+    group = parse_args(["--federation", fedreid9.FEDERATION, "--sites-root", str(fedreid9_root),
+                        "--site-names", "market", "msmt17", "cuhk01", "cuhk03"])
+    assert group.sites == 4 and group.site_names == ("market", "msmt17", "cuhk01", "cuhk03")
