@@ -277,6 +277,7 @@ FAMILIES = {  # one panel each; a reference method may appear in several
                                   "fedklpr_no_praw", "fedklpr_no_pruning", "fedklpr_no_crr"],
     "FedUReID (no labels)": ["fedureid", "fedureid_no_personalization", "local_unsupervised", "fedpav"],
     "Resolution drift": ["fedpav", "fedpav_raf", "fedpav_multires_aug", "local"],
+    "FedDG: cross-client styles": ["fedpav", "feddg_ccst", "feddg_ccst_no_share", "feddg_ccst_mean_style", "local"],
 }
 MARKERS = "os^vD<>pP*Xh"
 
@@ -285,7 +286,8 @@ def _style(method: str) -> dict:
     """The same colour and marker for a method in every panel and figure, distinct across methods."""
     index = METHODS.index(method) if method in METHODS else len(METHODS)
     hue = (2 * index) % 20 + (index // 10) % 2  # ten hues dark, then the same ten light: neighbours differ
-    return {"color": plt.get_cmap("tab20")(hue), "marker": MARKERS[index % len(MARKERS)]}
+    colour = plt.get_cmap("tab20")(hue) if index < 20 else plt.get_cmap("tab20b")((5 * (index - 20)) % 20)
+    return {"color": colour, "marker": MARKERS[index % len(MARKERS)]}
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -474,7 +476,7 @@ def fedreid9_main(args: argparse.Namespace) -> None:
                 by_method[summary["method"]].append(summary)
         text = f"synthetic-fedreid9 (data seed 0), {setting}.\n\n" + fedreid9_tables.leave_one_out_table(
             by_method, args.group)
-        written = [args.out / "compare_fedreid9_loso.md"]
+        written = [args.out / f"compare_fedreid9_loso{'+' + args.tag if args.tag else ''}.md"]
         written[0].write_text(text)
     else:
         args.runs = root
@@ -494,8 +496,10 @@ def fedreid9_main(args: argparse.Namespace) -> None:
             if not cached.exists() or args.rerun:
                 cached.write_text(cross_site(args, "local", args.seeds[0], low_scale=None))
             text += "\n" + cached.read_text()
-        written = [args.out / "compare_fedreid9.md", args.out / "compare_fedreid9.png",
-                   args.out / "bytes_vs_map_fedreid9.png"] + ([args.out / "fedreid9_gains.png"] if gains else [])
+        suffix = f"+{args.tag}" if args.tag else ""  # a variant's tables go beside the main ones
+        written = [args.out / f"compare_fedreid9{suffix}.md", args.out / f"compare_fedreid9{suffix}.png",
+                   args.out / f"bytes_vs_map_fedreid9{suffix}.png"] + ([args.out / "fedreid9_gains.png"] if gains
+                                                                       else [])
         written[0].write_text(text)
         plot(results, written[1])
         plot_bytes_against_map(results, written[2])
