@@ -43,6 +43,7 @@ gpu-check: $(STAMP)
 
 ## Benchmarks (slow; numbers go to stdout). The algorithm comparison is separate:
 ## $(BIN)/python bench/compare_algorithms.py --seeds 0 1 2   (about 2 hours on 2 CPU cores)
+## $(BIN)/python bench/compare_algorithms.py --federation synthetic-fedreid9 --seeds 0 1 2   (nine sites, two held out)
 bench: $(STAMP)
 	$(BIN)/python bench/eval_speed.py
 	$(BIN)/python bench/sparse_codec.py
