@@ -380,6 +380,8 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="default: demo, or resdrift for synthetic-resdrift")
     parser.add_argument("--overrides", default="")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; results are averaged")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="report only the (method, seed) runs saved already; each row says how many seeds it has")
     parser.add_argument("--tag", default="", help="keep and show results as METHOD+TAG: a variant run with "
                         "--overrides, e.g. --tag bn_average --overrides algorithm.bn_stats=average")
     parser.add_argument("--rerun", action="store_true", help="ignore results saved by earlier runs of this bench")
@@ -445,6 +447,9 @@ def _runs_of(methods: list[str], args: argparse.Namespace) -> list[dict]:
     for method in methods:
         runs = []
         for seed in args.seeds:
+            if args.cached_only and not (args.runs / labelled(method, args) / f"seed{seed}.jsonl").exists():
+                print(f"== {method} seed {seed}: not run yet, left out (--cached-only)", flush=True)
+                continue
             start = time.perf_counter()
             runs.append(cached_run(method, seed, args))
             print(f"== {method} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)

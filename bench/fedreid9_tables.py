@@ -39,7 +39,7 @@ def main_table(results: list[dict], caption: str) -> str:
     sites = by_size(results[0])
     held_out = sorted(results[0]["unseen"])
     fedpav = next((r["upload_mb"] for r in results if r["method"] == "fedpav"), None)
-    header = ["method", *(f"{s} ({int(results[0]['train_images'][s])})" for s in sites),
+    header = ["method", "seeds", *(f"{s} ({int(results[0]['train_images'][s])})" for s in sites),
               "mean mAP (min-max)", *(f"{s} (held out)" for s in held_out), "held-out mean mAP (min-max)",
               "upload MB / round" + (" (x FedPav)" if fedpav else "")]
     rows = []
@@ -47,7 +47,7 @@ def main_table(results: list[dict], caption: str) -> str:
         low, high = r["mAP_spread"]
         upload = (f"{r['upload_mb']:.1f} ({r['upload_mb'] / fedpav:.2f}x)" if fedpav and r["method"] != "central"
                   else f"{r['upload_mb']:.1f}")
-        rows.append([r["method"], *(_pct(r["sites"][s]["mAP"]) for s in sites),
+        rows.append([r["method"], str(r["seeds"]), *(_pct(r["sites"][s]["mAP"]) for s in sites),
                      f"{_pct(r['mean']['mAP'])} ({_pct(low)}-{_pct(high)})",
                      *(_pct(r["unseen"][s]["mAP"]) if s in r["unseen"] else "-" for s in held_out),
                      _spread(r["unseen_mean_seeds"]), upload])
