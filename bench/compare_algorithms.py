@@ -404,14 +404,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     simulate.ensure_synthetic_sites(args.sites_root, args.sites, 0, args.federation)
     simulate.ensure_public_set(args.public_root, 0)
-    results = []
-    for method in args.methods:
-        runs = []
-        for seed in args.seeds:
-            start = time.perf_counter()
-            runs.append(cached_run(method, seed, args))
-            print(f"== {method} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
-        results.append(summarise(method, runs))
+    results = _runs_of(args.methods, args)
     cfg = compose_config({"profile": args.profile, "overrides": args.overrides})
     caption = (f"Synthetic sites (data seed 0), profile `{args.profile}`: {cfg.model.backbone} at "
                f"{cfg.model.height}x{cfg.model.width}, {cfg.federation.rounds} rounds x {cfg.train.local_epochs} "

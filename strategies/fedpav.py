@@ -256,7 +256,8 @@ class FedPav(FedAvg):
         nodes = sorted(nodes)
         if not self.held_out:
             return nodes
-        return [n for n in nodes if n in self.names.known_nodes() and self.names.of_node(n) not in self.held_out]
+        known = set(self.names.known_nodes())
+        return [n for n in nodes if n in known and self.names.of_node(n) not in self.held_out]
 
     def unnamed(self, nodes: Iterable[int]) -> list[int]:
         """Connected nodes whose site name the server does not know yet (asked only with held-out sites)."""
