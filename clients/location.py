@@ -2,14 +2,18 @@
 
 Deployment: ``flower-supernode --node-config 'dataset="market" data-root="/data/market"'``.
 Simulation: every virtual SuperNode gets a ``partition-id``; the run config's ``sites-root``
-holds one folder per site and partition i takes the i-th folder in sorted order, or the i-th of
-the run config's ``site-names`` when a benchmark preset names its sites.
+holds one folder per site and partition i takes the i-th of the run config's ``site-names``
+(fedreid-sim always sends them, so that every node of a Ray cluster maps a partition to the same
+site even when one node's copy of the folder lacks a site), else the i-th folder in sorted order.
+A node that lacks a folder says so with its own name: on a cluster, every node must see the sites
+at the same path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -32,6 +36,20 @@ class SiteLocation:
     deployed: bool = False
 
 
+def node_name() -> str:
+    """This machine's host name, and its Ray node when it runs in a Ray worker (simulation on a cluster)."""
+    name = socket.gethostname()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            name += f" (Ray node {context.get_node_id()[:12]}, {ray.util.get_node_ip_address()})"
+    except Exception:  # noqa: BLE001 - no Ray here, or not in a worker: the host name is enough
+        pass
+    return name
+
+
 def locate_site(node_config: Mapping[str, object], run_config: Mapping[str, object]) -> SiteLocation:
     """Resolve the site from node_config (deployment) or from partition-id + sites-root (simulation)."""
     if "data-root" in node_config:
@@ -43,13 +61,15 @@ def locate_site(node_config: Mapping[str, object], run_config: Mapping[str, obje
     sites_root = Path(str(run_config.get("sites-root", ""))).expanduser().resolve()
     if not str(run_config.get("sites-root", "")) or not sites_root.is_dir():
         raise SiteConfigError(f"simulation needs run config 'sites-root' to be a folder with one sub-folder "
-                              f"per site; got {str(run_config.get('sites-root', ''))!r} (resolved {sites_root})")
+                              f"per site; got {str(run_config.get('sites-root', ''))!r} (resolved {sites_root}) "
+                              f"on {node_name()}")
     names = str(run_config.get("site-names", "") or "").split()
     if names:  # a benchmark preset names its sites: exactly those folders, in that order
         missing = [n for n in names if not (sites_root / n).is_dir()]
         if missing:
-            raise SiteConfigError(f"{sites_root} lacks the site folder(s) {missing}; prepare them with "
-                                  f"`fedreid-prepare <dataset> <raw dir> {sites_root}/<name>`")
+            raise SiteConfigError(f"{sites_root} on {node_name()} lacks the site folder(s) {missing}; every "
+                                  f"node must see the sites at the same path (prepare them with "
+                                  f"`fedreid-prepare <dataset> <raw dir> {sites_root}/<name>`)")
         sites = [sites_root / n for n in names]
     else:
         sites = sorted(p for p in sites_root.iterdir() if p.is_dir())

@@ -139,11 +139,13 @@ def _ship_registered_backbone(cfg: Any, output_dir: Path) -> str:
 def simulate(algorithm: str = "fedpav", sites: str | Path = "data/synthetic", *, rounds: int | None = None,
              num_sites: int | None = None, profile: str = "demo", overrides: Mapping[str, Any] | str | None = None,
              seed: int = 0, output_dir: str | Path = "outputs", federation: str = "synthetic",
-             generate: bool = True, flwr_home: str | Path | None = None) -> RunResult:
+             generate: bool = True, flwr_home: str | Path | None = None, ray_address: str | None = None,
+             gpus_per_site: float = 0.0) -> RunResult:
     """Run one federation on the Ray simulation engine, as ``fedreid-sim`` does, and read it back.
 
     ``sites`` is a folder with one sub-folder per site (generated synthetic sites when missing and
-    ``generate``); ``overrides`` are Hydra overrides as a mapping (``{"train.lr": 0.05}``) or a string."""
+    ``generate``); ``overrides`` are Hydra overrides as a mapping (``{"train.lr": 0.05}``) or a string.
+    ``ray_address``: HOST:PORT of a running Ray cluster to run the sites on (``fedreid-sim --ray-address``)."""
     argv = ["--algorithm", algorithm, "--profile", profile, "--seed", str(seed), "--sites-root", str(sites),
             "--output-dir", str(output_dir), "--federation", federation]
     if num_sites is not None:
@@ -152,6 +154,10 @@ def simulate(algorithm: str = "fedpav", sites: str | Path = "data/synthetic", *,
         argv += ["--flwr-home", str(flwr_home)]
     if not generate:
         argv.append("--no-generate")
+    if ray_address is not None:
+        argv += ["--ray-address", ray_address]
+    if gpus_per_site:
+        argv += ["--gpus-per-site", str(gpus_per_site)]
     text = _overrides(overrides, rounds)
     cfg = _preflight(algorithm, profile, text, Path(sites), generate)
     text = " ".join(part for part in (text, _ship_registered_backbone(cfg, Path(output_dir))) if part)

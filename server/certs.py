@@ -2,6 +2,8 @@
 
     fedreid-certs create certs/ --san server.example.org --san 10.0.0.5 --site mall --site station --site campus
     fedreid-certs register certs/ --superlink server.example.org:9093
+    fedreid-certs export certs/ --role site:mall --out mall-certs/
+
 
 `create` writes, with the `cryptography` library (no openssl command lines):
 
@@ -12,6 +14,11 @@
 Existing files are kept, so adding a site later reuses the CA and the server certificate; `--force`
 re-creates everything. Private keys are written with mode 0600. Copy `ca.crt` and `sites/<site>` (the
 private key) to the site's box; nothing else leaves the server.
+
+`export` copies what one role needs, and nothing more, into a folder of the same layout (what a
+container of that role mounts): `server` (ca.crt, server.pem, server.key), `public` (ca.crt and the
+sites' public keys: enough to register them and to submit runs) and `site:<name>` (ca.crt and that
+site's key pair). The CA's private key is never exported.
 
 `register` adds the sites' public keys to a running SuperLink (Flower's `flwr supernode register`
 over the Control API, TLS-verified with ca.crt). A SuperLink started by `fedreid-server` refuses any
@@ -216,6 +223,38 @@ def register(root: Path, superlink: str, sites: list[str] | None = None) -> dict
     return results
 
 
+ROLES = ("server", "public", "site:<name>")
+
+
+def role_files(paths: CertPaths, role: str) -> list[Path]:
+    """The files of ``paths`` that a container of ``role`` needs (see the module docstring)."""
+    if role == "server":
+        return [paths.ca_cert, paths.server_cert, paths.server_key]
+    if role == "public":
+        return [paths.ca_cert, *(paths.site_public_key(site) for site in paths.sites())]
+    kind, _, site = role.partition(":")
+    if kind == "site" and SITE_NAME.match(site):
+        return [paths.ca_cert, paths.site_key(site), paths.site_public_key(site)]
+    raise ValueError(f"role {role!r}: use one of {', '.join(ROLES)}")
+
+
+def export(root: Path, role: str, out: Path) -> list[Path]:
+    """Copy ``role``'s files from ``root`` to ``out`` (same layout, same modes); return the copies."""
+    source, target = CertPaths(root), CertPaths(out)
+    written: list[Path] = []
+    for path in role_files(source, role):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; run `fedreid-certs create {root} ...` first")
+        copy = target.root / path.relative_to(source.root)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if path.stat().st_mode & 0o077 == 0:  # a private key stays private in its copy
+            _write_private(copy, path.read_bytes())
+        else:
+            copy.write_bytes(path.read_bytes())
+        written.append(copy)
+    return written
+
+
 def _register_result(output: str) -> str:
     """'registered as node N', 'already registered', or Flower's own error message."""
     if "Public key already in use" in output:  # a rerun (e.g. `docker compose up` again) is fine
@@ -244,10 +283,16 @@ def main(argv: list[str] | None = None) -> int:
     enrol.add_argument("folder", type=Path)
     enrol.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink's Control API")
     enrol.add_argument("--site", action="append", default=None, help="only these sites (default: all)")
+    copy = commands.add_parser("export", help="copy one role's files (server, public, site:<name>) to a folder")
+    copy.add_argument("folder", type=Path)
+    copy.add_argument("--role", required=True, help="server, public or site:<name>")
+    copy.add_argument("--out", type=Path, required=True, help="the folder to copy into (same layout)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "create":
-            for path in create(args.folder, args.san, args.site, args.force):
+        if args.command in ("create", "export"):
+            made = (create(args.folder, args.san, args.site, args.force) if args.command == "create"
+                    else export(args.folder, args.role, args.out))
+            for path in made:
                 print(f"wrote {path}")
             return 0
         results = register(args.folder, args.superlink, args.site)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from server.certs import CertPaths
 from server.flower_cli import flwr_environment
-from server.superlink_main import BUSY_TIMEOUT_VARIABLE, DEFAULT_BUSY_TIMEOUT_MS
+from server.superlink_main import ACCESS_LOG_VARIABLE, BUSY_TIMEOUT_VARIABLE, DEFAULT_BUSY_TIMEOUT_MS
 
 log = logging.getLogger("fedreid.server")
 
@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="keep runs, registered keys and message objects in memory instead of the SQLite "
                              "database: faster rounds with big models (see bench/round_overhead.py), but a "
                              "restarted SuperLink has forgotten the sites' keys (register them again)")
+    parser.add_argument("--access-log", action="store_true",
+                        default=os.environ.get(ACCESS_LOG_VARIABLE) == "1",
+                        help="log every HTTP request to the Control/Runtime API (default: failed ones only; "
+                             f"the ServerApp polls ten times a second). Also {ACCESS_LOG_VARIABLE}=1")
     return parser.parse_args(argv)
 
 
@@ -102,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     state.mkdir(parents=True, exist_ok=True)
     env = flwr_environment(Path(os.environ.get("FLWR_HOME", state / "flwr-home")))
     env[BUSY_TIMEOUT_VARIABLE] = str(int(args.db_busy_timeout * 1000))
+    env[ACCESS_LOG_VARIABLE] = "1" if args.access_log else "0"
     command = superlink_command(args)
     log.info("starting %s", " ".join(command))
     sys.stdout.flush()

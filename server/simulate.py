@@ -5,6 +5,12 @@ SuperLink (own port, own FLWR_HOME, no runtime dependency installation), submits
 ``flwr run`` on the Ray engine with one virtual SuperNode per site, streams the logs, checks that
 the run really completed (``flwr run`` exits 0 even when a run fails), prints the per-site table,
 and stops the SuperLink again, also on failure or Ctrl-C.
+
+``--ray-address HOST:PORT`` runs the simulation's actors on an existing Ray cluster (started with
+``ray start --head`` and ``ray start --address``) instead of a private local Ray. Flower 1.39 no
+longer passes an address to ``ray.init``; it calls ``ray.init()`` only when Ray is not initialised,
+so the address travels as ``RAY_ADDRESS`` in the environment of the SuperLink, whose simulation
+process inherits it. The address is checked before anything starts.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import argparse
 import json
 import logging
 import shlex
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -58,6 +65,7 @@ class SimulationRequest:
     app_dir: Path = REPO_ROOT
     flwr_home: Path = REPO_ROOT / ".flwr"
     site_names: tuple[str, ...] = ()  # a benchmark profile's sites (folders of sites_root), in order
+    ray_address: str | None = None  # HOST:PORT of a running Ray cluster's head (GCS); None: a private Ray
 
 
 def ensure_synthetic_sites(root: Path, sites: int, seed: int, federation: str = "synthetic") -> None:
@@ -78,20 +86,37 @@ def ensure_public_set(root: Path, seed: int) -> None:
     generate_public_set(root, seed, overwrite=True)
 
 
-def _environment(flwr_home: Path) -> dict[str, str]:
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the address, when no Ray head (its GCS port) answers there."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise SimulationError(f"--ray-address {address!r}: give HOST:PORT of the Ray head's GCS "
+                              f"(what `ray start --head --port PORT` printed)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise SimulationError(f"no Ray cluster answers at --ray-address {address} ({error}); start one with "
+                              f"`ray start --head --port {port}` on {host} or fix the address") from None
+
+
+def _environment(flwr_home: Path, ray_address: str | None = None) -> dict[str, str]:
     env = flwr_environment(flwr_home)
     env.update({
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "RAY_DEDUP_LOGS": "0",  # every site's progress lines, not "[repeated 3x]"
     })
+    env.pop("RAY_ADDRESS", None)  # a private Ray unless asked: never an address left in this shell
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     return env
 
 
 class PrivateSuperLink:
     """A simulation SuperLink owned by this process: started on a free port, always stopped."""
 
-    def __init__(self, flwr_home: Path) -> None:
+    def __init__(self, flwr_home: Path, ray_address: str | None = None) -> None:
         self.flwr_home = flwr_home
+        self.ray_address = ray_address
         self.port = free_port()
         self.log_file = flwr_home / "superlink.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -101,7 +126,8 @@ class PrivateSuperLink:
         command = [console_script("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                    "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation",
                    "--log-file", str(self.log_file)]
-        self.process = subprocess.Popen(command, env=_environment(self.flwr_home), stdout=subprocess.DEVNULL,
+        self.process = subprocess.Popen(command, env=_environment(self.flwr_home, self.ray_address),
+                                        stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
         self._wait_healthy()
         return self
@@ -117,6 +143,14 @@ class PrivateSuperLink:
         stop_process_group(self.process)
 
 
+def _site_names(request: SimulationRequest) -> tuple[str, ...]:
+    """The sites by name, partition order: what every node (of a Ray cluster too) maps partitions by."""
+    if request.site_names or not request.sites_root.is_dir():
+        return request.site_names
+    folders = sorted(p.name for p in request.sites_root.iterdir() if p.is_dir())
+    return tuple(folders[:request.sites]) if len(folders) >= request.sites else ()
+
+
 def _run_config(request: SimulationRequest) -> str:
     public = f"public.root={request.public_root.resolve()}" if request.public_root else ""
     values = {
@@ -124,7 +158,7 @@ def _run_config(request: SimulationRequest) -> str:
         "profile": request.profile,
         "overrides": " ".join(filter(None, [f"seed={request.seed}", public, request.overrides])),
         "sites-root": str(request.sites_root.resolve()),
-        "site-names": " ".join(request.site_names),
+        "site-names": " ".join(_site_names(request)),
         "output-dir": str(request.output_dir.resolve()),
     }
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
@@ -134,7 +168,10 @@ def run_simulation(request: SimulationRequest) -> Path:
     """Run the federation; return the run's output folder or raise SimulationError."""
     federation = (f"num-supernodes={request.sites} client-resources-num-cpus={request.cpus_per_site} "
                   f"client-resources-num-gpus={float(request.gpus_per_site)}")
-    with PrivateSuperLink(request.flwr_home) as superlink:
+    if request.ray_address:
+        check_ray_address(request.ray_address)
+        log.info("simulating on the Ray cluster at %s", request.ray_address)
+    with PrivateSuperLink(request.flwr_home, request.ray_address) as superlink:
         command = ["run", str(request.app_dir), CONNECTION, "--stream",
                    "--federation-config", federation, "--run-config", _run_config(request)]
         log.info("flwr %s", shlex.join(command))
@@ -169,6 +206,9 @@ def parse_args(argv: list[str] | None = None) -> SimulationRequest:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of the run")
     parser.add_argument("--cpus-per-site", type=int, default=1, help="Ray CPUs reserved per simulated site")
     parser.add_argument("--gpus-per-site", type=float, default=0.0, help="Ray GPUs per site, e.g. 0.25 = 4 per GPU")
+    parser.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                        help="run the sites' actors on this running Ray cluster (its head's GCS address, "
+                             "from `ray start --head`); every node must see --sites-root at the same path")
     parser.add_argument("--no-generate", action="store_true", help="never generate data; use --sites-root as is")
     parser.add_argument("--federation", default="synthetic", choices=FEDERATIONS,
                         help="which synthetic sites to generate: synthetic (default), synthetic-resdrift (4 sites "
@@ -211,7 +251,8 @@ def parse_args(argv: list[str] | None = None) -> SimulationRequest:
         sites=args.sites, sites_root=args.sites_root, output_dir=args.output_dir,
         public_root=args.public_root if args.public_root.is_dir() else None, algorithm=args.algorithm,
         profile=args.profile, overrides=args.overrides, seed=args.seed, cpus_per_site=args.cpus_per_site,
-        gpus_per_site=args.gpus_per_site, flwr_home=args.flwr_home.resolve(), site_names=names or fixed_names)
+        gpus_per_site=args.gpus_per_site, flwr_home=args.flwr_home.resolve(), site_names=names or fixed_names,
+        ray_address=args.ray_address)
     return request
 
 
