@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-load test-browser gpu-check bench venv clean
+.PHONY: demo test test-load test-browser test-compose test-ray-cluster gpu-check bench venv clean
 
 # Re-install only when the dependency list changes; the stamp is written after a successful install.
 $(STAMP): pyproject.toml
@@ -36,6 +36,15 @@ test-browser: $(STAMP)
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -q && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 	$(BIN)/python -m pytest -m browser -s -q
+
+## `docker compose up` on a real Docker engine: deploy/docker-setup.sh installs and starts Debian's
+## docker.io, the Compose plugin and a Debian-built base image where they are missing (says which).
+test-compose: $(STAMP)
+	$(BIN)/python -m pytest -m compose -s -q --durations=0
+
+## A simulation on a two-node Ray cluster started on this machine (`ray start`, one CPU per node).
+test-ray-cluster: $(STAMP)
+	$(BIN)/python -m pytest -m ray_cluster -s -q --durations=0
 
 ## On a CUDA machine: the tests that need no Ray, then a TLS deployment per algorithm with ResNet-50 on the GPU.
 gpu-check: $(STAMP)
