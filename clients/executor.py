@@ -45,6 +45,7 @@ from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
 from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
     AcquireTaskRequest,
     PullAppMessagesRequest,
+    PullPendingTasksRequest,
     PullTaskInputRequest,
     SendTaskHeartbeatRequest,
 )
@@ -55,7 +56,11 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
 )
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.inflatable.inflatable_utils import (
+    ObjectPullError,
+    ObjectUnavailableError,
+    pull_and_inflate_object_from_tree,
+)
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -76,12 +81,14 @@ COMPONENT = "fedreid-site-worker"  # how this executor introduces itself to the 
 SIGNED_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingTasks",
                             "/flwr.proto.Runtime/ClaimTask"})
 PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.5  # asking again for a part the SuperNode does not have yet
+ABANDONED_CHECK_S = 2.0  # while a part is missing, how often to look whether the SuperNode moved on
 
 # What this module takes from Flower 1.39 (checked by tests/test_site_runtime.py against the installed Flower).
 FLOWER_RUNTIME_API = {
     "flwr.supercore.runtime.RuntimeHttpClient": ["AcquireTask", "PullTaskInput", "PullMessages", "PushMessages",
                                                  "PushObject", "PullObject", "PushTaskOutput", "SendTaskHeartbeat",
-                                                 "ConfirmMessageReceived", "from_server_address", "close"],
+                                                 "ConfirmMessageReceived", "PullPendingTasks", "from_server_address",
+                                                 "close"],
     "flwr.proto.runtime_pb2.PullTaskInputResponse": ["context", "run", "fab", "task_id"],
     "flwr.proto.runtime_pb2.PullAppMessagesResponse": ["messages_list", "message_object_trees"],
     "flwr.supercore.inflatable.inflatable_utils.pull_and_inflate_object_from_tree": [
@@ -98,6 +105,7 @@ FLOWER_RUNTIME_API = {
     "flwr.proto.runtime_pb2.AcquireTaskResponse": ["task", "token"],
     "flwr.proto.task_pb2.Task": ["task_id", "type", "run_id", "fab_hash"],
     "flwr.supercore.heartbeat.HeartbeatSender": ["start", "stop", "is_running"],
+    "flwr.proto.runtime_pb2.PullPendingTasksResponse": ["tasks"],
 }
 
 Acceptor = Callable[[Run, Fab], "str | None"]  # None: run it; otherwise the reason for refusing
@@ -155,12 +163,34 @@ def _heartbeat(client: RuntimeHttpClient, lost: threading.Event) -> Callable[[],
     return beat
 
 
-def pull_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
+class AbandonedTask:
+    """Whether the SuperNode gave up receiving this task's message (checked at most every 2 s).
+
+    The SuperNode receives one message at a time: it creates the task, then pulls the message's
+    parts from the SuperLink. When the run stops being RUNNING meanwhile (a SuperLink restarted
+    mid-round finishes the old runs), Flower 1.39 leaves that task open with parts that will never
+    arrive, and a worker asking for them would wait for ever. A newer pending task means the
+    SuperNode has moved on, so this task's parts are not coming."""
+
+    def __init__(self, pending: Callable[[], list[int]], task_id: int) -> None:
+        self.pending, self.task_id, self.checked = pending, task_id, 0.0
+
+    def __call__(self) -> bool:
+        if time.monotonic() - self.checked < ABANDONED_CHECK_S:
+            return False
+        self.checked = time.monotonic()
+        return any(task != self.task_id for task in self.pending())
+
+
+def pull_input(client: RuntimeHttpClient,
+               pending: Callable[[], list[int]] | None = None) -> tuple[Message, Context, Run, Fab]:
     """Flower's ``pull_task_input`` (flwr/supernode/runtime/run_clientapp.py), step for step, except
     that a part of the message the SuperNode has not received yet is asked for again after 0.05 s
-    (doubling up to 0.5 s), not after 1 s (up to 10 s). A long-lived executor takes a task the
-    moment the SuperNode creates it, which is before the SuperNode has the message's arrays; with
-    Flower's backoff that cost 1.3 s per round (bench/round_overhead.py)."""
+    (doubling up to 0.5 s), not after 1 s (up to 10 s), and that the wait ends when the SuperNode
+    has abandoned the message (``pending`` lists the ids of tasks waiting; see AbandonedTask). A
+    long-lived executor takes a task the moment the SuperNode creates it, which is before the
+    SuperNode has the message's arrays; with Flower's backoff that cost 1.3 s per round
+    (bench/round_overhead.py)."""
     response = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id, TaskIdentity.run_id = response.task_id, response.run.run_id
     TaskIdentity.node_id = response.context.node_id
@@ -169,8 +199,20 @@ def pull_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
     if not pulled.messages_list:
         raise RuntimeError("the SuperNode's Runtime API handed over no message for this task")
     node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    pull = make_pull_object_fn_protobuf(client.PullObject, node, context.run_id)
+    abandoned = AbandonedTask(pending or (lambda: []), response.task_id)
+
+    def pull_unless_abandoned(object_id: str) -> bytes:
+        try:
+            return pull(object_id)
+        except ObjectUnavailableError:
+            if abandoned():
+                raise ObjectPullError(object_id, f"the SuperNode abandoned this message (run {run.run_id} is "
+                                                 "no longer running, or it moved on to a newer task)") from None
+            raise
+
     message = pull_and_inflate_object_from_tree(
-        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        tree, pull_unless_abandoned,
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
         return_type=Message, max_tries_per_object=None, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S)
     message.metadata.__dict__["_message_id"] = tree.object_id  # a pulled message does not carry its own id
@@ -230,6 +272,14 @@ class TaskLoop:
             else:
                 time.sleep(self.poll_s)
 
+    def pending_tasks(self) -> list[int]:
+        """Ids of the tasks waiting at the SuperNode (a signed call, like AcquireTask)."""
+        client = self.runtime.client()
+        try:
+            return [task.task_id for task in client.PullPendingTasks(PullPendingTasksRequest()).tasks]
+        finally:
+            client.close()
+
     def run_task(self, token: str) -> None:
         """One task, end to end; never raises (a failure is the task's, not the worker's)."""
         client = self.runtime.client(token)
@@ -240,7 +290,7 @@ class TaskLoop:
         message: Message | None = None
         started = time.perf_counter()
         try:
-            message, context, run, fab = pull_input(client)
+            message, context, run, fab = pull_input(client, self.pending_tasks)
             pulled = time.perf_counter()
             kind = message.metadata.message_type
             died = Message(Error(ErrorCode.CLIENT_APP_CRASHED, (

@@ -65,7 +65,7 @@ class SimulationRequest:
     app_dir: Path = REPO_ROOT
     flwr_home: Path = REPO_ROOT / ".flwr"
     site_names: tuple[str, ...] = ()  # a benchmark profile's sites (folders of sites_root), in order
-    ray_address: str | None = None  # HOST:PORT of a running Ray cluster's head (GCS); None: a private Ray
+    ray_address: str | None = None  # HOST:PORT of a running Ray cluster's head (GCS); None: private Ray
 
 
 def ensure_synthetic_sites(root: Path, sites: int, seed: int, federation: str = "synthetic") -> None:

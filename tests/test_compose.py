@@ -116,7 +116,8 @@ def test_export_copies_each_role_its_files_and_nothing_more(tmp_path: Path) -> N
 def test_build_pip_config_keeps_network_settings_and_drops_local_paths() -> None:
     listing = ("global.cert='/etc/ssl/certs/ca-certificates.crt'\nglobal.constraint='/etc/xdg/pip/c.txt'\n"
                "global.extra-index-url='file:///opt/pypi/simple https://mirror.example.org/simple'\n"
-               "global.find-links='/opt/wheels'\n:env:.default-timeout='180'\nglobal.index-url='https://pypi.org/simple'\n")
+               "global.find-links='/opt/wheels'\n:env:.default-timeout='180'\n"
+               "global.index-url='https://pypi.org/simple'\n")
     settings = pip_settings(listing)
     assert settings["default-timeout"] == "180" and settings["find-links"] == "/opt/wheels"
     config = build_config(settings, ca_copied=True)

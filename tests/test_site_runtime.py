@@ -203,3 +203,18 @@ def test_flowers_runtime_api_is_what_the_site_worker_was_written_against(name: s
         else:
             present = hasattr(target, part)
         assert present, f"Flower's runtime API changed under the pin: {name} has no {part!r}; {pin}"
+
+
+def test_a_task_whose_message_the_supernode_abandoned_ends_instead_of_waiting_for_ever(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from clients import executor
+
+    monkeypatch.setattr(executor, "ABANDONED_CHECK_S", 0.0)
+    pending: list[int] = [7]  # only this task itself: the SuperNode is still receiving its message
+    abandoned = executor.AbandonedTask(lambda: pending, task_id=7)
+    assert not abandoned()
+    pending.append(8)  # a newer task: the SuperNode moved on, this message's parts will never come
+    assert abandoned()
+    monkeypatch.setattr(executor, "ABANDONED_CHECK_S", 60.0)
+    rate_limited = executor.AbandonedTask(lambda: [8], task_id=7)
+    assert rate_limited() and not rate_limited()  # asks the SuperNode at most once per interval
