@@ -11,9 +11,11 @@ node without a site's folder names itself and the path.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,7 +61,9 @@ class RayCluster:
     def __init__(self, root: Path) -> None:
         self.root, self.port = root, free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.temp = root / "ray"  # every Ray process of this cluster has it on its command line
+        # Every Ray process of this cluster has this folder on its command line; short, because Ray's
+        # sockets live under it (AF_UNIX paths stop at 107 bytes).
+        self.temp = Path(tempfile.mkdtemp(prefix="fedreid-ray-", dir="/tmp"))
 
     def start(self) -> None:
         common = ["--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats", "--object-store-memory",
@@ -101,9 +105,10 @@ class RayCluster:
         mine = [p for p in psutil.process_iter(["cmdline"]) if str(self.temp) in " ".join(p.info["cmdline"] or [])]
         for process in mine:
             process.terminate()
-        _, alive = psutil.wait_procs(mine, timeout=15)
+        _, alive = psutil.wait_procs(mine, timeout=5)
         for process in alive:
             process.kill()
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 @pytest.fixture
