@@ -40,20 +40,21 @@ def _run_folder(tmp: Path) -> Path:
     return folders[0]
 
 
-def test_three_sites_two_rounds_write_every_output(tiny_sites: Path, tmp_path: Path) -> None:
-    """FedPav with RAF (every other end-to-end test runs plain FedPav), evaluated also with the
-    queries at ½ and ¼ resolution."""
+def test_three_sites_write_every_output(tiny_sites: Path, tmp_path: Path) -> None:
+    """FedPav with RAF (every other end-to-end test runs plain FedPav), one round evaluated before and
+    after, also with the queries at ½ and ¼ resolution."""
     sites = tmp_path / "sites"
     shutil.copytree(tiny_sites, sites)
     (sites / "2-campus" / "train" / "0003_c1s1_999999_01.jpg").write_bytes(b"\xff\xd8 broken jpeg")
     result = _simulate(sites, tmp_path, "--algorithm", "fedpav_raf", "--overrides",
-                       "federation.eval_at_start=true federation.eval_every=1 data.eval_query_scales=[0.5,0.25]")
+                       "federation.rounds=1 federation.eval_at_start=true federation.eval_every=1 "
+                       "data.eval_query_scales=[0.5,0.25]")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     folder = _run_folder(tmp_path)
     assert f"outputs: {folder}" in result.stdout
 
     lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert [line["round"] for line in lines] == [0, 1, 2]
+    assert [line["round"] for line in lines] == [0, 1]
     names = {"0-mall", "1-station", "2-campus"}
     for line in lines[1:]:
         assert set(line["train"]["sites"]) == names and not line["train"]["rejected"]
@@ -73,15 +74,15 @@ def test_three_sites_two_rounds_write_every_output(tiny_sites: Path, tmp_path: P
         assert mean["mAP@0.25"] == pytest.approx(np.mean([m["mAP@0.25"] for m in line["evaluate"]["sites"].values()]))
     assert lines[1]["train"]["sites"]["2-campus"]["corrupt-images"] == 1
     assert lines[1]["train"]["sites"]["0-mall"]["corrupt-images"] == 0
-    for metrics in lines[2]["evaluate"]["sites"].values():
+    for metrics in lines[1]["evaluate"]["sites"].values():
         assert 0 <= metrics["rank1"] <= 1 and 0 < metrics["mAP"] <= 1
 
     table = (folder / "results.md").read_text()
-    assert "after round 2" in table and all(f"| {name} |" in table for name in names) and "**mean**" in table
+    assert "after round 1" in table and all(f"| {name} |" in table for name in names) and "**mean**" in table
     assert table in result.stdout
 
     checkpoint = torch.load(folder / "global_model.pt", weights_only=False)
-    assert checkpoint["round"] == 2 and checkpoint["bn_stats"] == "local"
+    assert checkpoint["round"] == 1 and checkpoint["bn_stats"] == "local"
     spec = ModelSpec(**checkpoint["model"])
     expected = shared_state(build_model(spec), "local")
     assert checkpoint["state_dict"].keys() == expected.keys()
@@ -92,7 +93,7 @@ def test_three_sites_two_rounds_write_every_output(tiny_sites: Path, tmp_path: P
     report = (folder / "report.html").read_text()  # one page, the figure inside it, no script
     assert base64.b64encode((folder / "metrics.png").read_bytes()).decode() in report and "<script" not in report
     assert all(f"<td>{name}</td>" in report for name in names) and "fedpav_raf, resnet10 at 64x32" in report
-    mb_up = f"{lines[2]['train']['bytes']['received'] / 1e6:.2f}"
-    assert f"<tr><td>2</td><td>3</td>" in report and f"<td>{mb_up}</td>" in report
+    mb_up = f"{lines[1]['train']['bytes']['received'] / 1e6:.2f}"
+    assert f"<tr><td>1</td><td>3</td>" in report and f"<td>{mb_up}</td>" in report
     assert "None: every site that was asked answered" in report
     assert _port_is_closed(tmp_path / "flwr-home")
