@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,9 +44,14 @@ FLOWER_POLLING = {
 }
 
 
+COLOUR_FORCING = ("FORCE_COLOR", "CLICOLOR_FORCE", "PY_COLORS")  # Jupyter kernels and many CI systems set them
+
+
 def flwr_environment(flwr_home: Path | None = None) -> dict[str, str]:
-    """os.environ plus the settings every Flower process of ours runs with."""
-    env = dict(os.environ)
+    """os.environ plus the settings every Flower process of ours runs with. Colour is off: under
+    FORCE_COLOR (set by Jupyter kernels) the flwr CLI colours even its `--format json` output."""
+    env = {key: value for key, value in os.environ.items() if key not in COLOUR_FORCING}
+    env["NO_COLOR"] = "1"
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     env.update({
@@ -116,8 +122,12 @@ def kill_process_group(process: subprocess.Popen[bytes] | None) -> None:
     process.wait(timeout=30)
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def flwr_json(text: str) -> dict[str, object]:
     """The JSON object the flwr CLI prints with --format json (after any log lines)."""
+    text = ANSI_ESCAPE.sub("", text)  # in case a colour setting got through after all
     if "{" not in text:
         raise ValueError("no JSON in the output")
     return dict(json.loads(text[text.index("{"):text.rindex("}") + 1]))
