@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from reid.data.layout import site_folders
+
 
 IMAGES_PER_IDENTITY = "images-per-identity"  # node_config: a FedUReID site's own estimate (personalised merging)
 
@@ -72,7 +74,7 @@ def locate_site(node_config: Mapping[str, object], run_config: Mapping[str, obje
                                   f"`fedreid-prepare <dataset> <raw dir> {sites_root}/<name>`)")
         sites = [sites_root / n for n in names]
     else:
-        sites = sorted(p for p in sites_root.iterdir() if p.is_dir())
+        sites = site_folders(sites_root)
     partition = int(node_config["partition-id"])  # type: ignore[arg-type]
     wanted = int(node_config.get("num-partitions", len(sites)))  # type: ignore[arg-type]
     if wanted > len(sites):

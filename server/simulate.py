@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reid.backbones import check_backbone
+from reid.data.layout import site_folders
 from reid.data.public import generate_public_set
 from reid.data.synthetic import FEDERATIONS, federation_size, generate_sites, site_names
 from server.config import compose_config
@@ -147,7 +148,7 @@ def _site_names(request: SimulationRequest) -> tuple[str, ...]:
     """The sites by name, partition order: what every node (of a Ray cluster too) maps partitions by."""
     if request.site_names or not request.sites_root.is_dir():
         return request.site_names
-    folders = sorted(p.name for p in request.sites_root.iterdir() if p.is_dir())
+    folders = [p.name for p in site_folders(request.sites_root)]
     return tuple(folders[:request.sites]) if len(folders) >= request.sites else ()
 
 

@@ -73,6 +73,11 @@ def parse_name(name: str) -> tuple[int, int] | None:
     return int(match.group(1)), int(match.group(2))
 
 
+def site_folders(sites_root: Path) -> list[Path]:
+    """A folder of sites (one sub-folder each), in sorted order: the partition order of a simulation."""
+    return sorted(p for p in sites_root.iterdir() if p.is_dir())
+
+
 def find_split_folder(root: Path, split: str) -> Path:
     """Return the folder holding ``split`` under ``root``, accepting the Market alias names."""
     if not root.is_dir():
