@@ -52,12 +52,12 @@ class Stack:
         records = [json.loads(line) for line in out.splitlines() if line.strip().startswith("{")]
         return {r["Service"]: r for r in records}
 
-    def wait_exited(self, service: str, timeout: float, previous: str | None = None) -> int:
-        """Poll until ``service``'s container (a new one when ``previous`` names the old id) has exited."""
+    def wait_exited(self, service: str, timeout: float) -> int:
+        """Poll until ``service``'s container has exited; its exit code."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             record = self.containers().get(service)
-            if record and record["State"] == "exited" and record["ID"] != previous:
+            if record and record["State"] == "exited":
                 return int(record["ExitCode"])
             time.sleep(2)
         raise AssertionError(f"{service} did not exit within {timeout:.0f} s; log tail:\n{self.tail()}")
