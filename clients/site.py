@@ -34,8 +34,8 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from clients import outgoing
-from clients.kept import (LOCAL_STATE_KEY, RUN_TAG_KEY, persist_site_state, restore_local_state,
-                          restore_site_state, state_file)
+from clients.kept import (LOCAL_STATE_KEY, RUN_TAG_KEY, load_prune_state, persist_site_state,
+                          restore_local_state, restore_site_state, state_file)
 from clients.location import SiteLocation, folder_fingerprint, locate_site
 from clients.trust import check_backbone_factory
 from reid.config import SiteRunSpec
@@ -46,10 +46,15 @@ from reid.device import pick_device
 from reid.evaluate import evaluate_at_scales
 from reid.features import adapt_batchnorm
 from reid.models import ReIDNet, build_model, load_shared_state, split_state
+from reid.saved_model import ModelInfo, save_model
 from strategies.packing import is_packed, unpack_record
+from strategies.validation import EVALUATE_ROUND_KEY
 from strategies.sparse_records import decode_record
 
 log = logging.getLogger("clients")
+RUN_FOLDER_KEY = "run-folder"  # round config: the server's run folder (a simulated site writes its model there)
+ALGORITHM_KEY = "algorithm"  # round config: the preset's name, recorded in each site's model
+SITE_MODELS_DIR = "site-models"
 
 
 @dataclass
@@ -71,6 +76,7 @@ class Site:
         gpu = node_config.get("gpu")
         self.device = pick_device(None if gpu in (None, "") else int(gpu))  # type: ignore[arg-type]
         self._scans: dict[tuple[bool, bool], tuple[str, ReIDData]] = {}  # (verify, labelled) -> (fingerprint, scan)
+        self._kept_models: dict[Path, tuple[int, float]] = {}  # model file -> (round, mAP) last written
 
     @property
     def name(self) -> str:
@@ -103,7 +109,9 @@ class Site:
         restore_local_state(model, state, self.name)
         if spec.bn_stats == "local" and LOCAL_STATE_KEY not in state.array_records:
             self.adapt_batchnorm(model, data, spec)
-        return outgoing.evaluation_reply(self.name, self.evaluation(model, data, spec))
+        metrics = self.evaluation(model, data, spec)
+        self.keep_model(model, content, state, spec, metrics)
+        return outgoing.evaluation_reply(self.name, metrics)
 
     def adapt_batchnorm(self, model: ReIDNet, data: ReIDData, spec: SiteRunSpec) -> None:
         """A site that never trained (held out, or not yet) has no BatchNorm statistics of its own
@@ -142,6 +150,42 @@ class Site:
                  len(data.train) + len(data.query) + len(data.gallery), time.perf_counter() - start)
         self._scans[(verify, labelled)] = (fingerprint, data)
         return data
+
+    def model_file(self, content: RecordDict) -> Path | None:
+        """Where this site keeps its deployable model of the run: ``<state-dir>/models/<run>.pt`` on a
+        deployed site (it never leaves the site); in a simulation, ``<run folder>/site-models/<site>.pt``."""
+        config = content["config"]
+        if self.location.deployed:
+            run_file = state_file(self.state_dir, str(config.get(RUN_TAG_KEY, "")))
+            return run_file.parent / "models" / run_file.with_suffix(".pt").name if run_file is not None else None
+        folder = str(config.get(RUN_FOLDER_KEY, "") or "")
+        return Path(folder) / SITE_MODELS_DIR / f"{self.name}.pt" if folder else None
+
+    def keep_model(self, model: ReIDNet, content: RecordDict, state: RecordDict, spec: SiteRunSpec,
+                   metrics: MetricRecord) -> Path | None:
+        """Save the model this site just evaluated: the global SHARED weights with its own LOCAL
+        parts (BatchNorm statistics under ``bn_stats=local``, FedKLPR masks) and its own mAP. Written
+        after every evaluation, so an interrupted run leaves the latest; within one round the best of
+        several models (a held-out site under ``local`` ranks every site's) is kept."""
+        path = self.model_file(content)
+        if path is None:
+            return None
+        config = content["config"]
+        evaluated_round = int(config.get(EVALUATE_ROUND_KEY, config.get("server-round", 0)))
+        score = float(metrics["mAP"])
+        kept = self._kept_models.get(path)
+        if kept is not None and kept[0] == evaluated_round and kept[1] >= score:
+            return path
+        masks = load_prune_state(state).masks if spec.pruning.enabled else {}
+        info = ModelInfo(spec=spec.model, algorithm=str(config.get(ALGORITHM_KEY, "")), round=evaluated_round,
+                         bn_stats=spec.bn_stats, site=self.name, run=str(config.get(RUN_TAG_KEY, "")), mAP=score,
+                         metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                         eval_batch_size=spec.eval_batch_size, masks=masks)
+        save_model(path, model.state_dict(), info)
+        self._kept_models[path] = (evaluated_round, score)
+        log.info("%s: its model of round %d (mAP %.3f on its own cameras) is in %s", self.name, evaluated_round,
+                 score, path)
+        return path
 
     def state_file(self, content: RecordDict) -> Path | None:
         return state_file(self.state_dir, str(content["config"].get(RUN_TAG_KEY, "")))

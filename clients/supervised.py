@@ -64,6 +64,7 @@ def train_supervised(site: Site, content: RecordDict, state: RecordDict, spec: S
     evaluated = None
     if EVALUATE_ROUND_KEY in content["config"]:  # the received model is the global one of that round:
         evaluated = site.evaluation(model, data, spec)  # rank with it before training
+        site.keep_model(model, content, state, spec, evaluated)
     prune = load_prune_state(state) if spec.pruning.enabled else PruneState()
     prune.masks, prune.previous_masks = masks_to(prune.masks, device), masks_to(prune.previous_masks, device)
     if prune.masks:

@@ -43,6 +43,7 @@ def train_unsupervised(site: Site, content: RecordDict, state: RecordDict, spec:
     evaluated = None
     if EVALUATE_ROUND_KEY in content["config"]:  # the global model of that round, before any local change
         evaluated = site.evaluation(model, data, spec)
+        site.keep_model(model, content, state, spec, evaluated)
     paths = [sample.path for sample in data.train]  # the images only: no pid is read for training
     fingerprint = cache_key(paths, spec.model.height, spec.model.width)
     clusters = load_cluster_state(state, fingerprint, name)

@@ -18,7 +18,7 @@ from reid.distill import DistillConfig
 from reid.models import build_model, shared_state
 from server.config import compose_config, federation_settings, site_run_spec
 from server.faults import pause_point
-from server.outputs import (CHECKPOINT_FILE, CONFIG_FILE, PLOT_FILE, RunOutputs, hold_run_folder, make_run_dir,
+from server.outputs import (CONFIG_FILE, MODEL_FILE, PLOT_FILE, RunOutputs, hold_run_folder, make_run_dir,
                             site_facts)
 from server.plots import plot_site_metrics
 from server.public_steps import PublicSteps
@@ -33,6 +33,8 @@ from strategies.weighting import KLPWASpec
 
 app = ServerApp()
 RUN_TAG_KEY = "run-tag"  # names the run to the sites; they key their saved state by it (clients/kept.py)
+RUN_FOLDER_KEY = "run-folder"  # where a simulated site writes its own model (clients/site.py); deployed sites ignore it
+ALGORITHM_KEY = "algorithm"  # recorded in each site's model
 
 
 def transport_spec(cfg: DictConfig) -> TransportSpec:
@@ -151,6 +153,7 @@ def main(grid: Grid, context: Context) -> None:
         pause_point("recorded", server_round)
         extra = {"bn_stats": spec.bn_stats, "algorithm": str(cfg.algorithm.name)}
         outputs.save_checkpoint(arrays, server_round, spec.model, extra)
+        outputs.save_model(arrays, server_round, spec, str(cfg.algorithm.name), record.get("evaluate"))
         if strategy.site_models:
             outputs.save_site_models(strategy.site_models, strategy.site_nodes, server_round, spec.model, extra)
         if record.get("evaluate"):
@@ -158,7 +161,8 @@ def main(grid: Grid, context: Context) -> None:
             write_report(outputs.folder)
         gauges.record_round(record)
 
-    site_config = ConfigRecord({**spec.to_flat(), RUN_TAG_KEY: outputs.folder.name,
+    site_config = ConfigRecord({**spec.to_flat(), RUN_TAG_KEY: outputs.folder.name, RUN_FOLDER_KEY: str(outputs.folder),
+                                ALGORITHM_KEY: str(cfg.algorithm.name),
                                 TRANSPORT_DTYPE_KEY: transport_spec(cfg).dtype})
     runner = FederationRunner(grid, strategy, settings, site_config, on_round)
     strategy.restore_site_models(point.site_models, point.site_nodes)
@@ -168,5 +172,5 @@ def main(grid: Grid, context: Context) -> None:
     table = outputs.write_table(site_facts(outputs.rounds))
     report = write_report(outputs.folder)
     log(INFO, "\n%s", table)
-    log(INFO, "run finished in %.0f s; results, %s, %s and %s are in %s", time.time() - started, CHECKPOINT_FILE,
+    log(INFO, "run finished in %.0f s; results, %s, %s and %s are in %s", time.time() - started, MODEL_FILE,
         PLOT_FILE, report.name, outputs.folder)

@@ -2,7 +2,8 @@
 
 ``metrics.jsonl``  one JSON line per round (round 0 = the untrained model, when evaluated)
 ``results.md``     the final per-site table
-``global_model.pt`` the latest global SHARED state with its round and model settings
+``model.pt``       the latest global model, for use: loadable anywhere (reid/saved_model.py)
+``global_model.pt`` the latest global SHARED state with its round and model settings (for ``resume``)
 ``site_models.pt`` with clustering: the model each site trains from next
 ``metrics.png``    Rank-1 and mAP per site over rounds
 ``config.yaml``    the composed configuration
@@ -23,11 +24,14 @@ import torch
 from flwr.app import ArrayRecord
 from omegaconf import DictConfig, OmegaConf
 
+from reid.config import SiteRunSpec
 from reid.models import ModelSpec
+from reid.saved_model import BATCHNORM_MISSING, BATCHNORM_OWN, ModelInfo, save_model
 
 METRICS_FILE = "metrics.jsonl"
 TABLE_FILE = "results.md"
 CHECKPOINT_FILE = "global_model.pt"
+MODEL_FILE = "model.pt"
 SITE_MODELS_FILE = "site_models.pt"
 PLOT_FILE = "metrics.png"
 CONFIG_FILE = "config.yaml"
@@ -106,6 +110,19 @@ class RunOutputs:
         """The global model with its round and model settings."""
         return self._save_atomically(CHECKPOINT_FILE, {"state_dict": arrays.to_torch_state_dict(),
                                                        "round": server_round, "model": asdict(spec), **extra})
+
+    def save_model(self, arrays: ArrayRecord, server_round: int, spec: SiteRunSpec, algorithm: str,
+                   evaluation: dict[str, Any] | None) -> Path:
+        """``model.pt``: the global model of ``server_round`` for whoever uses it, with the mean mAP of
+        its evaluation (None when that round was not evaluated). Under ``bn_stats=local`` the
+        server never learnt BatchNorm statistics, and the file says so."""
+        mean = (evaluation or {}).get("mean") or {}
+        info = ModelInfo(spec=spec.model, algorithm=algorithm, round=server_round, bn_stats=spec.bn_stats,
+                         batchnorm=BATCHNORM_MISSING if spec.bn_stats == "local" else BATCHNORM_OWN,
+                         run=self.folder.name, mAP=float(mean["mAP"]) if "mAP" in mean else None,
+                         metrics={k: float(v) for k, v in mean.items() if isinstance(v, (int, float))},
+                         eval_batch_size=spec.eval_batch_size)
+        return save_model(self.folder / MODEL_FILE, arrays.to_torch_state_dict(), info)
 
     def save_site_models(self, models: dict[str, ArrayRecord], nodes: dict[str, int], server_round: int,
                          spec: ModelSpec, extra: dict[str, Any]) -> Path:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from reid.data.layout import UNLABELLED_PID, Sample, SplitScan, scan_split
+from reid.data.layout import UNLABELLED_PID, DatasetLayoutError, Sample, SplitScan, find_split_folder, scan_split
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +110,25 @@ def _load_split(root: Path, split: str, verify: bool, labelled: bool = True) -> 
     return samples, report
 
 
+def _has_split(root: Path, split: str) -> bool:
+    try:
+        find_split_folder(root, split)
+    except DatasetLayoutError:
+        return False
+    return True
+
+
 def load_reid_data(root: str | Path, name: str | None = None, verify: bool = True,
-                   labelled_train: bool = True) -> ReIDData:
+                   labelled_train: bool = True, need_train: bool = True) -> ReIDData:
     """Scan and check a site's three splits; raise DatasetLayoutError naming what is missing.
 
     ``labelled_train=False`` accepts training images named in any form (query and gallery keep
-    their labels: evaluation needs them)."""
+    their labels: evaluation needs them); ``need_train=False`` accepts a folder with only query
+    and gallery (a test set), leaving ``train`` empty."""
     root = Path(root)
-    loaded = {split: _load_split(root, split, verify, labelled_train or split != "train") for split in SPLITS}
+    splits = SPLITS if need_train or _has_split(root, "train") else tuple(s for s in SPLITS if s != "train")
+    loaded = {split: _load_split(root, split, verify, labelled_train or split != "train") for split in splits}
+    loaded.setdefault("train", ([], SplitReport(kept=0, junk=0, unparsed=0, corrupt=[])))
     data = ReIDData(
         name=name or root.name,
         root=root,
