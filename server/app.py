@@ -26,6 +26,7 @@ from server.report import write_report
 from server.resume import ResumePoint, find_run_folder, load_resume_point
 from server.rounds import FederationRunner
 from server.telemetry import FederationGauges
+from server.tensorboard_log import TensorBoardScalars
 from strategies.fedpav import NUM_EXAMPLES, ClusteringSpec, FedPav
 from strategies.packing import TRANSPORT_DTYPE_KEY, TransportSpec
 from strategies.screening import ScreenSpec
@@ -146,6 +147,7 @@ def main(grid: Grid, context: Context) -> None:
     started = time.time() - (outputs.rounds[-1].get("elapsed_s", 0.0) if outputs.rounds else 0.0)
     strategy = build_strategy(cfg)
     gauges = _gauges(cfg, outputs)
+    scalars = TensorBoardScalars(outputs.folder) if cfg.telemetry.get("tensorboard", False) else None
 
     def on_round(server_round: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:
         record = {**record, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "elapsed_s": time.time() - started}
@@ -160,6 +162,8 @@ def main(grid: Grid, context: Context) -> None:
             plot_site_metrics(outputs.rounds, outputs.folder / PLOT_FILE, title=f"{cfg.algorithm.name}")
             write_report(outputs.folder)
         gauges.record_round(record)
+        if scalars is not None:
+            scalars.record_round(record)
 
     site_config = ConfigRecord({**spec.to_flat(), RUN_TAG_KEY: outputs.folder.name, RUN_FOLDER_KEY: str(outputs.folder),
                                 ALGORITHM_KEY: str(cfg.algorithm.name),
@@ -169,6 +173,8 @@ def main(grid: Grid, context: Context) -> None:
     restore_history(strategy, outputs.rounds)
     arrays = point.arrays if point.arrays is not None else initial_arrays(cfg)
     runner.run(arrays, first_round=point.next_round, start_evaluated=any(r["round"] == 0 for r in point.rounds))
+    if scalars is not None:
+        scalars.close()
     table = outputs.write_table(site_facts(outputs.rounds))
     report = write_report(outputs.folder)
     log(INFO, "\n%s", table)

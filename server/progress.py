@@ -2,14 +2,18 @@
 
 ``flwr run --stream`` and ``flwr log --stream`` hand us the ServerApp's log; its lines say when the
 run started (how many rounds), when each round finished training and what each evaluation found.
-In a terminal or a notebook the lines scroll above a rich progress bar (rich comes with flwr);
-anywhere else (a pipe, CI) they pass through unchanged and no bar is drawn.
+In a terminal the lines scroll above a rich progress bar (rich comes with flwr). In a notebook,
+where rich's live display needs ipywidgets, the bar is an IPython display at the top of the cell's
+output, updated in place. Anywhere else (a pipe, CI) the lines pass through unchanged and no bar
+is drawn.
 """
 
 from __future__ import annotations
 
+import html
 import re
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
@@ -27,20 +31,46 @@ class RoundProgress:
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console()
-        self.live = self.console.is_terminal or self.console.is_jupyter
+        self.jupyter = self.console.is_jupyter
+        self.live = self.console.is_terminal or self.jupyter
+        self.handle: Any = None  # the notebook's display of the bar
+        self.started = time.monotonic()
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(),
                                  TextColumn("rounds"), TimeElapsedColumn(), TimeRemainingColumn(),
                                  TextColumn("{task.fields[status]}"), console=self.console, transient=False)
         self.task = self.progress.add_task("fedreid", total=None, status="")
 
     def __enter__(self) -> "RoundProgress":
-        if self.live:
+        if self.jupyter:
+            from IPython.display import display  # a notebook always has IPython
+
+            self.handle = display(self._notebook_bar(), display_id=True)
+        elif self.live:
             self.progress.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.live:
+        if self.handle is not None:
+            self.handle.update(self._notebook_bar())
+        elif self.live:
             self.progress.stop()
+
+    def _notebook_bar(self) -> Any:
+        """The bar as a notebook shows it: an HTML <progress> and the same facts as plain text."""
+        from IPython.display import HTML
+
+        done, total, status = self.state
+        task = self.progress.tasks[0]
+        elapsed = time.monotonic() - self.started
+        text = (f"{task.description}: {int(done)}/{int(total) if total else '?'} rounds, {elapsed:.0f} s"
+                f"{', ' + status if status else ''}")
+
+        class Bar(HTML):
+            def __repr__(self) -> str:  # text/plain, for front ends without HTML
+                return text
+
+        return Bar(f"<div class='fedreid-progress'><progress value='{int(done)}' max='{int(total or 1)}' "
+                   f"style='width:16em'></progress> {html.escape(text)}</div>")
 
     def feed(self, line: str) -> None:
         """Show the line, and move the bar when it reports a start, a round or an evaluation."""
@@ -58,6 +88,10 @@ class RoundProgress:
         elif match := EVALUATED.search(line):
             self.progress.update(self.task, status=f"round {match['round']}: mAP {match['mAP']}%, "
                                                    f"R1 {match['rank1']}%")
+        else:
+            return
+        if self.handle is not None:
+            self.handle.update(self._notebook_bar())
 
     @property
     def state(self) -> tuple[float, float | None, str]:
