@@ -46,7 +46,7 @@ from reid.device import pick_device
 from reid.evaluate import evaluate_at_scales
 from reid.features import adapt_batchnorm
 from reid.models import ReIDNet, build_model, load_shared_state, split_state
-from reid.saved_model import ModelInfo, save_model
+from reid.saved_model import SITE_MODELS_DIR, ModelInfo, save_model
 from strategies.packing import is_packed, unpack_record
 from strategies.validation import EVALUATE_ROUND_KEY
 from strategies.sparse_records import decode_record
@@ -54,7 +54,6 @@ from strategies.sparse_records import decode_record
 log = logging.getLogger("clients")
 RUN_FOLDER_KEY = "run-folder"  # round config: the server's run folder (a simulated site writes its model there)
 ALGORITHM_KEY = "algorithm"  # round config: the preset's name, recorded in each site's model
-SITE_MODELS_DIR = "site-models"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The Python API behind ``import fedreid``: simulate, load_run, compare.
+"""The Python API behind ``import fedreid``: simulate, load_run, compare (load_model: reid/inference.py).
 
 ``simulate`` builds exactly the request ``fedreid-sim`` builds from its flags and runs it; a run
 folder, from a simulation or a deployment, reads back with ``load_run``. Errors are typed
@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 
 from reid.backbones import registered_factory, save_factory
 from server.config import compose_config
-from server.outputs import CHECKPOINT_FILE, CONFIG_FILE, TABLE_KEYS, site_facts
+from reid.saved_model import SITE_MODELS_DIR
+from server.outputs import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE, TABLE_KEYS, site_facts
 from server.report import REPORT_FILE
 from server.simulate import SimulationError, parse_args, run_simulation
 
@@ -44,6 +45,17 @@ class RunResult:
         """The global model of the last recorded round (``global_model.pt``), if written."""
         path = self.run_dir / CHECKPOINT_FILE
         return path if path.is_file() else None
+
+    @property
+    def model(self) -> Path | None:
+        """``model.pt``: the global model, for ``fedreid.load_model``, if written."""
+        path = self.run_dir / MODEL_FILE
+        return path if path.is_file() else None
+
+    @property
+    def site_models(self) -> dict[str, Path]:
+        """A simulation's per-site models (``site-models/<site>.pt``), by site name."""
+        return {p.stem: p for p in sorted((self.run_dir / SITE_MODELS_DIR).glob("*.pt"))}
 
     @property
     def report(self) -> Path | None:

@@ -30,6 +30,7 @@ from reid.models import BN_COUNTER_SUFFIX, BN_STATS_SUFFIXES, CLASSIFIER_PREFIX,
 MODEL_FORMAT = "fedreid-model"
 FORMAT_VERSION = 1
 BATCHNORM_OWN, BATCHNORM_MISSING = "own", "missing"
+SITE_MODELS_DIR = "site-models"  # in a simulation's run folder: each site's own model, <site>.pt
 
 
 class ModelFileError(ValueError):
