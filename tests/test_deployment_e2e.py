@@ -19,6 +19,7 @@ import torch
 
 import fedreid
 from clients.answer_on_death import AnswerOnDeath
+from clients.kept import LOCAL_STATE_KEY, record_from_bytes
 from server.certs import create
 from server.flower_cli import free_port
 from tests.attack import image_fingerprints, leaked, stealing_app
@@ -112,6 +113,15 @@ def test_tls_federation_names_sites_by_their_registered_keys_and_runs_only_insta
     assert (folder / "global_model.pt").stat().st_size > 1_000_000
     saved = list((tmp_path / "site-state" / "1-station").glob("*.state"))  # where a restarted box finds it
     assert [p.name for p in saved] == [f"{folder.name}.state"]
+    # The site's own model stays on the site: the global SHARED weights plus its own BatchNorm statistics.
+    own = torch.load(tmp_path / "site-state" / "1-station" / "models" / f"{folder.name}.pt", weights_only=True)
+    kept = record_from_bytes(saved[0].read_bytes())[LOCAL_STATE_KEY].to_torch_state_dict()
+    shared = torch.load(folder / "model.pt", weights_only=True)["state_dict"]
+    assert own["info"]["mAP"] == pytest.approx(line["evaluate"]["sites"]["1-station"]["mAP"])
+    assert all(torch.equal(own["state_dict"][k], v) for k, v in shared.items())
+    statistics = [k for k in kept if k.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.equal(own["state_dict"][k], kept[k]) for k in statistics)
+    assert not (folder / "site-models").exists()  # nothing of it reaches the server
 
     result = fedreid.load_run(folder)  # a deployment's folder reads back as a simulation's does
     assert result.rounds == 1 and [row["site"] for row in result.table] == ["1-station"]

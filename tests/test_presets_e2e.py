@@ -12,10 +12,14 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import onnxruntime
 import pytest
 import torch
 
+import fedreid
+
 from reid.data.synthetic import DEFAULT_STYLES, generate_site
+from reid.export import export_model
 from tests.test_simulation_e2e import _simulate
 
 pytestmark = pytest.mark.ray  # Ray's simulation engine: left out by `make gpu-check`
@@ -119,6 +123,17 @@ def test_fedklpr_upload_bytes_fall_as_pruning_rises(tiny_sites: Path, runs: dict
             assert uploads[1] < 0.5 * dense[site]["received"], (site, uploads[1], dense[site]["received"])
         assert uploads[0] < dense[site]["received"]
     assert all(line["train"]["sites"][s]["kept-fraction"] < 1.0 for line in lines[:1] for s in SITES)
+    # A pruned site's own model (the most pruned one) keeps its masks, exports to ONNX and embeds as PyTorch does.
+    kept = {site: lines[-1]["train"]["sites"][site]["kept-fraction"] for site in SITES}
+    site = min(kept, key=kept.__getitem__)
+    model = fedreid.load_model(folder / "site-models" / f"{site}.pt", device="cpu")
+    assert model.info.kept_fraction == pytest.approx(kept[site]) and kept[site] < 1.0, kept
+    assert model.info.algorithm == "fedklpr" and model.info.round == 2
+    session = onnxruntime.InferenceSession(str(export_model(model.net, "onnx", tmp_path / "pruned.onnx")),
+                                           providers=["CPUExecutionProvider"])
+    batch = model.preprocess(tmp_path / "sites" / site / "query")
+    exported = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+    assert abs(exported - model.embed(batch, flip=False)).max() <= 1e-4
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -21,10 +22,12 @@ SIM = [sys.executable, "-m", "server.simulate"]
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _simulate(sites_root: Path, tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def _simulate(sites_root: Path, tmp: Path, *extra: str,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     command = [*SIM, "--profile", "test", "--sites", "3", "--sites-root", str(sites_root), "--no-generate",
                "--output-dir", str(tmp / "outputs"), "--flwr-home", str(tmp / "flwr-home"), *extra]
-    return subprocess.run(command, cwd=REPO, text=True, capture_output=True, timeout=600)
+    return subprocess.run(command, cwd=REPO, text=True, capture_output=True, timeout=600,
+                          env={**os.environ, **(env or {})})
 
 
 def _port_is_closed(flwr_home: Path) -> bool:
@@ -42,13 +45,15 @@ def _run_folder(tmp: Path) -> Path:
 
 def test_three_sites_write_every_output(tiny_sites: Path, tmp_path: Path) -> None:
     """FedPav with RAF (every other end-to-end test runs plain FedPav), one round evaluated before and
-    after, also with the queries at ½ and ¼ resolution."""
+    after, also with the queries at ½ and ¼ resolution; TensorBoard scalars on; run from a shell whose
+    colour settings are forced (as Jupyter kernels and many CI systems set them)."""
     sites = tmp_path / "sites"
     shutil.copytree(tiny_sites, sites)
     (sites / "2-campus" / "train" / "0003_c1s1_999999_01.jpg").write_bytes(b"\xff\xd8 broken jpeg")
     result = _simulate(sites, tmp_path, "--algorithm", "fedpav_raf", "--overrides",
                        "federation.rounds=1 federation.eval_at_start=true federation.eval_every=1 "
-                       "data.eval_query_scales=[0.5,0.25]")
+                       "data.eval_query_scales=[0.5,0.25] telemetry.tensorboard=true",
+                       env={"FORCE_COLOR": "1", "CLICOLOR_FORCE": "1", "TERM": "xterm-color"})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     folder = _run_folder(tmp_path)
     assert f"outputs: {folder}" in result.stdout
@@ -97,6 +102,18 @@ def test_three_sites_write_every_output(tiny_sites: Path, tmp_path: Path) -> Non
     assert f"<tr><td>1</td><td>3</td>" in report and f"<td>{mb_up}</td>" in report
     assert "None: every site that was asked answered" in report
     assert _port_is_closed(tmp_path / "flwr-home")
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    for site in names:
+        assert scalars[f"eval/{site}/mAP"] == [(r, pytest.approx(100 * lines[r]["evaluate"]["sites"][site]["mAP"]))
+                                              for r in (0, 1)]
+        assert scalars[f"train/{site}/loss"] == [(1, pytest.approx(lines[1]["train"]["sites"][site]["train-loss"]))]
+    assert scalars["eval/mean/rank1"][-1] == (1, pytest.approx(100 * lines[1]["evaluate"]["mean"]["rank1"]))
+    assert scalars["bytes/up"] == [(1, pytest.approx(lines[1]["train"]["bytes"]["received"], rel=1e-6))]  # float32
 
 
 def test_flwr_calls_read_json_whatever_colour_settings_the_caller_has(tmp_path: Path,
