@@ -232,7 +232,7 @@ def cross_site(args: argparse.Namespace, method: str, seed: int, low_scale: floa
     BatchNorm statistics stay with the sites under bn_stats=local, so each model first recomputes
     them on the tested site's training images (labels unused)."""
     folder = sorted((args.runs / method / f"seed{seed}").iterdir())[-1]
-    saved = torch.load(folder / "site_models.pt", weights_only=False)
+    saved = torch.load(folder / "site_models.pt", weights_only=True)
     spec, device = ModelSpec(**saved["model"]), pick_device()
     sites = {p.name: load_reid_data(p) for p in sorted(args.sites_root.iterdir()) if p.is_dir()}
     rows = []

@@ -64,7 +64,7 @@ def load_resume_point(folder: Path) -> ResumePoint:
     """Read the checkpoint and the metrics lines it covers (dropping any later, unfinished line)."""
     if not (folder / CONFIG_FILE).is_file():
         raise ResumeError(f"cannot resume from {folder}: it holds no {CONFIG_FILE}")
-    checkpoint = (torch.load(folder / CHECKPOINT_FILE, weights_only=False)
+    checkpoint = (torch.load(folder / CHECKPOINT_FILE, weights_only=True)
                   if (folder / CHECKPOINT_FILE).is_file() else None)
     done = int(checkpoint["round"]) if checkpoint else 0  # died before its first checkpoint: start over
     metrics = folder / METRICS_FILE
@@ -76,7 +76,7 @@ def load_resume_point(folder: Path) -> ResumePoint:
                         arrays=ArrayRecord(checkpoint["state_dict"]) if checkpoint else None)
     site_file = folder / SITE_MODELS_FILE
     if site_file.is_file():
-        saved = torch.load(site_file, weights_only=False)
+        saved = torch.load(site_file, weights_only=True)
         if int(saved["round"]) == done:
             point.site_models = {site: ArrayRecord(state) for site, state in saved["state_dicts"].items()}
             point.site_nodes = {site: int(node) for site, node in saved.get("nodes", {}).items()}

@@ -92,14 +92,14 @@ def test_clustering_logs_a_partition_and_keeps_a_model_per_site(runs: dict[str, 
     for line in _rounds(runs["fedpav_cluster"]):
         clusters = line["train"]["clusters"]
         assert sorted(s for group in clusters for s in group) == sorted(SITES)
-    saved = torch.load(runs["fedpav_cluster"] / "site_models.pt", weights_only=False)
+    saved = torch.load(runs["fedpav_cluster"] / "site_models.pt", weights_only=True)
     assert set(saved["state_dicts"]) == SITES and saved["round"] == 1 and saved["bn_stats"] == "average"
 
 
 def test_local_baseline_keeps_every_site_on_its_own_model(runs: dict[str, Path]) -> None:
     for line in _rounds(runs["local"]):
         assert line["train"]["clusters"] == [[s] for s in sorted(SITES)]
-    saved = torch.load(runs["local"] / "site_models.pt", weights_only=False)["state_dicts"]
+    saved = torch.load(runs["local"] / "site_models.pt", weights_only=True)["state_dicts"]
     key = "bottleneck.0.weight"
     mall, station, campus = (saved[s][key] for s in sorted(SITES))
     assert not torch.equal(mall, station) and not torch.equal(station, campus)

@@ -86,7 +86,7 @@ def test_three_sites_write_every_output(tiny_sites: Path, tmp_path: Path) -> Non
     assert "after round 1" in table and all(f"| {name} |" in table for name in names) and "**mean**" in table
     assert table in result.stdout
 
-    checkpoint = torch.load(folder / "global_model.pt", weights_only=False)
+    checkpoint = torch.load(folder / "global_model.pt", weights_only=True)
     assert checkpoint["round"] == 1 and checkpoint["bn_stats"] == "local"
     spec = ModelSpec(**checkpoint["model"])
     expected = shared_state(build_model(spec), "local")
