@@ -20,6 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from server.app_source import staged_app
 from server.progress import RoundProgress
 
 
@@ -197,7 +198,8 @@ class SuperLinkConnection:
 
     def submit(self, app: Path, run_config: str) -> int:
         """`flwr run` without streaming; the new run's id."""
-        done = self.flwr("run", str(app), self.name, "--run-config", run_config, "--format", "json")
+        with staged_app(app) as lean:  # the same FAB, without walking .venv (server/app_source.py)
+            done = self.flwr("run", str(lean), self.name, "--run-config", run_config, "--format", "json")
         try:
             reply = flwr_json(done.stdout)
         except ValueError:

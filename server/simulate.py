@@ -29,6 +29,7 @@ from reid.backbones import check_backbone
 from reid.data.layout import site_folders
 from reid.data.public import generate_public_set
 from reid.data.synthetic import FEDERATIONS, federation_size, generate_sites, site_names
+from server.app_source import staged_app
 from server.config import compose_config
 from server.flower_cli import (
     SuperLinkConnection,
@@ -172,11 +173,11 @@ def run_simulation(request: SimulationRequest) -> Path:
     if request.ray_address:
         check_ray_address(request.ray_address)
         log.info("simulating on the Ray cluster at %s", request.ray_address)
-    with PrivateSuperLink(request.flwr_home, request.ray_address) as superlink:
-        command = ["run", str(request.app_dir), CONNECTION, "--stream",
-                   "--federation-config", federation, "--run-config", _run_config(request)]
-        log.info("flwr %s", shlex.join(command))
-        superlink.connection.flwr(*command, stream=True, timeout=None)
+    with PrivateSuperLink(request.flwr_home, request.ray_address) as superlink, \
+            staged_app(request.app_dir) as app:  # the same FAB, without walking .venv (server/app_source.py)
+        options = [CONNECTION, "--stream", "--federation-config", federation, "--run-config", _run_config(request)]
+        log.info("flwr %s", shlex.join(["run", str(request.app_dir), *options]))
+        superlink.connection.flwr("run", str(app), *options, stream=True, timeout=None)
         try:
             runs = superlink.connection.runs()
         except RuntimeError as error:

@@ -131,3 +131,23 @@ def test_flwr_calls_read_json_whatever_colour_settings_the_caller_has(tmp_path: 
     assert "\x1b[" not in raw.stdout and flwr_json(raw.stdout)["success"] is True
     assert flwr_json('\x1b[1m{\x1b[0m\n  \x1b[1;34m"success"\x1b[0m: \x1b[3;92mtrue\x1b[0m\n\x1b[1m}\x1b[0m') == \
         {"success": True}
+
+
+def test_the_staged_app_packs_into_exactly_the_fab_flower_builds_from_the_checkout(tmp_path: Path) -> None:
+    """server/app_source.py leaves out only folders Flower's own rules exclude whole: same FAB bytes."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from server.app_source import staged_app
+
+    (REPO / "outputs").mkdir(exist_ok=True)
+    probe = REPO / "outputs" / "probe.py"  # an ignored folder with a file the include rules would take
+    probe.write_text("x = 1\n")
+    try:
+        with staged_app(REPO) as lean:
+            assert not (lean / ".venv").exists() and not (lean / "outputs").exists()
+            assert (lean / "clients" / "site.py").read_bytes() == (REPO / "clients" / "site.py").read_bytes()
+            staged = build_fab_from_disk(lean)
+        assert not lean.exists()  # removed afterwards
+        assert staged == build_fab_from_disk(REPO)
+    finally:
+        probe.unlink()
