@@ -23,7 +23,8 @@ MATCH, WRONG, SAME_CAMERA, UNKNOWN = "match", "wrong", "same-camera", "unknown"
 COLOURS = {MATCH: (26, 152, 80), WRONG: (215, 48, 39), SAME_CAMERA: (150, 150, 150), UNKNOWN: (90, 90, 90)}
 LABELS = {MATCH: "same person, other camera", WRONG: "another person",
           SAME_CAMERA: "same person, same camera (ignored by the protocol)", UNKNOWN: "identity unknown"}
-THUMB_HEIGHT = 128
+THUMB_HEIGHT = 128  # crops on the HTML page
+GRID_HEIGHT = 96  # crops in the PNG grid (100 queries x 11 crops stay under 10 MB)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def render_html(results: Sequence[QueryResult], title: str, facts: Sequence[str]
     return "".join(parts)
 
 
-def render_grid(results: Sequence[QueryResult], cell_height: int = THUMB_HEIGHT) -> Image.Image:
+def render_grid(results: Sequence[QueryResult], cell_height: int = GRID_HEIGHT) -> Image.Image:
     """One row per query: the query (blue frame), a gap, then its top-k with coloured frames and
     their distances underneath; same-camera crops are drawn faded."""
     border, caption, gap = 4, 16, 12

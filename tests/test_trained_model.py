@@ -201,7 +201,7 @@ def test_the_search_page_shows_every_query_with_its_ranked_list_and_the_right_co
     assert page.scripts == 0 and all(src.startswith("data:image/jpeg;base64,") for src in page.image_sources)
     assert len(page.image_sources) == len(queries) * 6  # each query and its five
     grid = Image.open(out.with_suffix(".png"))
-    assert grid.height > len(queries) * 128 and grid.width > 6 * 64
+    assert grid.height > len(queries) * 96 and grid.width > 6 * 48
     with pytest.raises(SystemExit, match="neither an image file nor a folder"):
         search_app.main(["--model", str(path), "--query", str(tmp_path / "none"), "--gallery", str(tiny_site)])
 
