@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from reid.data.batch_augment import normalise
 from reid.data.layout import IMAGE_SUFFIXES
-from reid.data.tensor_cache import decode_images, load_images
+from reid.data.tensor_cache import decode_image, decode_images, load_images, resize_picture
 from reid.device import autocast, pick_device, tune_for
 from reid.features import adapt_batchnorm, cosine_distance, extract_features
 from reid.models import ReIDNet
@@ -96,9 +96,9 @@ class ReIDModel:
             return decode_images([Path(item).expanduser() for item in items], height, width)
         out = torch.empty((len(items), 3, height, width), dtype=torch.uint8)
         for index, item in enumerate(items):
-            picture = item if isinstance(item, Image.Image) else Image.open(item)
-            resized = picture.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
-            out[index] = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)
+            pixels = (resize_picture(item, height, width) if isinstance(item, Image.Image)
+                      else decode_image(Path(item).expanduser(), height, width))
+            out[index] = torch.from_numpy(pixels).permute(2, 0, 1)
         return out
 
     def preprocess(self, images: ImageInput) -> torch.Tensor:

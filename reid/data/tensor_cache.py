@@ -40,11 +40,16 @@ MEMO_BYTES = int(float(os.environ.get("FEDREID_IMAGE_MEMO_MB", "4096")) * 1e6)  
 _IN_PROCESS: OrderedDict[str, torch.Tensor] = OrderedDict()
 
 
-def decode_image(path: Path, height: int, width: int) -> np.ndarray:
+def resize_picture(image: Image.Image, height: int, width: int) -> np.ndarray:
     """RGB, bicubic resize to (height, width): [H, W, 3] uint8, the pixels ``transforms.Resize`` gives."""
-    with Image.open(path) as image:
-        resized = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    resized = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
     return np.array(resized, dtype=np.uint8)  # a writable copy
+
+
+def decode_image(path: Path, height: int, width: int) -> np.ndarray:
+    """One image file as ``resize_picture`` gives it."""
+    with Image.open(path) as image:
+        return resize_picture(image, height, width)
 
 
 def decode_images(paths: Sequence[Path], height: int, width: int, workers: int = 4) -> torch.Tensor:
