@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-load test-browser test-compose test-ray-cluster gpu-check bench venv clean
+.PHONY: demo test test-load test-browser test-compose test-ray-cluster test-benchmark gpu-check bench venv clean
 
 # Re-install only when the dependency list changes; the stamp is written after a successful install.
 $(STAMP): pyproject.toml
@@ -45,6 +45,10 @@ test-compose: $(STAMP)
 ## A simulation on a two-node Ray cluster started on this machine (`ray start`, one CPU per node).
 test-ray-cluster: $(STAMP)
 	$(BIN)/python -m pytest -m ray_cluster -s -q --durations=0
+
+## The fedreid9 preset end to end: miniatures of the nine releases -> fedreid-prepare -> a nine-site simulation.
+test-benchmark: $(STAMP)
+	$(BIN)/python -m pytest -m benchmark -s -q --durations=0
 
 ## On a CUDA machine: the tests that need no Ray, then a TLS deployment per algorithm with ResNet-50 on the GPU.
 gpu-check: $(STAMP)

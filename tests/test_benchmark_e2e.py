@@ -1,5 +1,9 @@
 """The fedreid9 preset end to end: fabricated miniatures of all nine original releases ->
-fedreid-prepare -> a Flower simulation with one site per dataset -> per-site results for all nine."""
+fedreid-prepare -> a Flower simulation with one site per dataset -> per-site results for all nine.
+
+Run by `make test-benchmark` (marker ``benchmark``), not by `make test`: nine sites cost ~45 s, and
+`make test` covers each preparer (tests/test_prepare.py), the preset's composition
+(tests/test_config.py) and simulations of three and four sites."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from reid.data.prepare import prepare
 from server.config import compose_config
 from tests.fabricate import FABRICATORS
 
-pytestmark = pytest.mark.ray  # Ray's simulation engine: left out by `make gpu-check`
+pytestmark = [pytest.mark.ray, pytest.mark.benchmark]  # Ray's engine: left out by `make gpu-check`
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -133,21 +133,26 @@ def test_flwr_calls_read_json_whatever_colour_settings_the_caller_has(tmp_path: 
         {"success": True}
 
 
-def test_the_staged_app_packs_into_exactly_the_fab_flower_builds_from_the_checkout(tmp_path: Path) -> None:
-    """server/app_source.py leaves out only folders Flower's own rules exclude whole: same FAB bytes."""
+def test_the_staged_app_packs_into_exactly_the_fab_flower_builds_from_the_folder(tmp_path: Path) -> None:
+    """server/app_source.py leaves out only folders Flower's own rules exclude whole: same FAB bytes. On a
+    copy of this project's pyproject.toml, .gitignore and site code, with a file the include rules would take
+    planted in every folder its .gitignore and Flower exclude (a venv of ~100,000 files made the walk slow)."""
     from flwr.cli.build import build_fab_from_disk
 
     from server.app_source import staged_app
 
-    (REPO / "outputs").mkdir(exist_ok=True)
-    probe = REPO / "outputs" / "probe.py"  # an ignored folder with a file the include rules would take
-    probe.write_text("x = 1\n")
-    try:
-        with staged_app(REPO) as lean:
-            assert not (lean / ".venv").exists() and not (lean / "outputs").exists()
-            assert (lean / "clients" / "site.py").read_bytes() == (REPO / "clients" / "site.py").read_bytes()
-            staged = build_fab_from_disk(lean)
-        assert not lean.exists()  # removed afterwards
-        assert staged == build_fab_from_disk(REPO)
-    finally:
-        probe.unlink()
+    app = tmp_path / "app"
+    for name in ("pyproject.toml", ".gitignore", "README.md"):
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, app / name)
+    shutil.copytree(REPO / "clients", app / "clients", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in (".venv/lib", "data/synthetic", "outputs/run", ".flwr/apps", "bench/results/runs", "x.egg-info",
+                   "clients/__pycache__", ".git"):
+        (app / folder).mkdir(parents=True, exist_ok=True)
+        (app / folder / "planted.py").write_text("x = 1\n")
+    with staged_app(app) as lean:
+        assert not (lean / ".venv").exists() and not (lean / "outputs").exists() and not (lean / "data").exists()
+        assert (lean / "clients" / "site.py").read_bytes() == (REPO / "clients" / "site.py").read_bytes()
+        staged = build_fab_from_disk(lean)
+    assert not lean.exists()  # removed afterwards
+    assert staged == build_fab_from_disk(app)
