@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from reid.backbones import registered_factory, save_factory
-from server.config import compose_config
 from reid.saved_model import SITE_MODELS_DIR
+from server.config import compose_config
 from server.outputs import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE, TABLE_KEYS, site_facts
 from server.report import REPORT_FILE
 from server.simulate import SimulationError, parse_args, run_simulation

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -152,11 +151,3 @@ def build_saved_model(path: str | Path) -> tuple[ReIDNet, ModelInfo]:
                              f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}); was the registered network "
                              f"changed?")
     return net.eval(), info
-
-
-def describe(info: ModelInfo) -> dict[str, Any]:
-    """The info as plain values (for ``--json`` and logs)."""
-    out = {f.name: getattr(info, f.name) for f in fields(info) if f.name not in ("spec", "masks")}
-    out["model"] = asdict(info.spec)
-    out["kept_fraction"] = info.kept_fraction
-    return out

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from reid.config import SiteRunSpec
 from reid.models import ModelSpec
-from reid.saved_model import BATCHNORM_MISSING, BATCHNORM_OWN, SITE_MODELS_DIR, ModelInfo, save_model
+from reid.saved_model import BATCHNORM_MISSING, BATCHNORM_OWN, ModelInfo, save_model
 
 METRICS_FILE = "metrics.jsonl"
 TABLE_FILE = "results.md"

@@ -11,7 +11,6 @@ from reid.data.dataset import ReIDData
 from reid.inference import ReIDModel, load_model
 from reid.saved_model import ModelFileError
 
-log = logging.getLogger("fedreid")
 
 
 def model_arguments(parser: argparse.ArgumentParser) -> None:
