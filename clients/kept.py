@@ -32,7 +32,6 @@ from reid.unsupervised import ClusterState
 
 log = logging.getLogger("clients.kept")  # under "clients", the logger the site's log shows
 
-RUN_TAG_KEY = "run-tag"  # round config: names the run (the server's output folder)
 LOCAL_STATE_KEY = "local-state"  # classifier head (+ BN statistics under bn_stats=local)
 MASKS_KEY = "pruning-masks"
 PREVIOUS_MASKS_KEY = "pruning-previous-masks"

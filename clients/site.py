@@ -34,8 +34,8 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from clients import outgoing
-from clients.kept import (LOCAL_STATE_KEY, RUN_TAG_KEY, load_prune_state, persist_site_state,
-                          restore_local_state, restore_site_state, state_file)
+from clients.kept import (LOCAL_STATE_KEY, load_prune_state, persist_site_state, restore_local_state,
+                          restore_site_state, state_file)
 from clients.location import SiteLocation, folder_fingerprint, locate_site
 from clients.trust import check_backbone_factory
 from reid.config import SiteRunSpec
@@ -48,12 +48,10 @@ from reid.features import adapt_batchnorm
 from reid.models import ReIDNet, build_model, load_shared_state, split_state
 from reid.saved_model import SITE_MODELS_DIR, ModelInfo, save_model
 from strategies.packing import is_packed, unpack_record
-from strategies.validation import EVALUATE_ROUND_KEY
+from strategies.validation import ALGORITHM_KEY, EVALUATE_ROUND_KEY, RUN_FOLDER_KEY, RUN_TAG_KEY
 from strategies.sparse_records import decode_record
 
 log = logging.getLogger("clients")
-RUN_FOLDER_KEY = "run-folder"  # round config: the server's run folder (a simulated site writes its model there)
-ALGORITHM_KEY = "algorithm"  # round config: the preset's name, recorded in each site's model
 
 
 @dataclass

@@ -30,12 +30,10 @@ from server.tensorboard_log import TensorBoardScalars
 from strategies.fedpav import NUM_EXAMPLES, ClusteringSpec, FedPav
 from strategies.packing import TRANSPORT_DTYPE_KEY, TransportSpec
 from strategies.screening import ScreenSpec
+from strategies.validation import ALGORITHM_KEY, RUN_FOLDER_KEY, RUN_TAG_KEY
 from strategies.weighting import KLPWASpec
 
 app = ServerApp()
-RUN_TAG_KEY = "run-tag"  # names the run to the sites; they key their saved state by it (clients/kept.py)
-RUN_FOLDER_KEY = "run-folder"  # where a simulated site writes its own model (clients/site.py); deployed sites ignore it
-ALGORITHM_KEY = "algorithm"  # recorded in each site's model
 
 
 def transport_spec(cfg: DictConfig) -> TransportSpec:
@@ -165,8 +163,8 @@ def main(grid: Grid, context: Context) -> None:
         if scalars is not None:
             scalars.record_round(record)
 
-    site_config = ConfigRecord({**spec.to_flat(), RUN_TAG_KEY: outputs.folder.name, RUN_FOLDER_KEY: str(outputs.folder),
-                                ALGORITHM_KEY: str(cfg.algorithm.name),
+    site_config = ConfigRecord({**spec.to_flat(), RUN_TAG_KEY: outputs.folder.name,
+                                RUN_FOLDER_KEY: str(outputs.folder), ALGORITHM_KEY: str(cfg.algorithm.name),
                                 TRANSPORT_DTYPE_KEY: transport_spec(cfg).dtype})
     runner = FederationRunner(grid, strategy, settings, site_config, on_round)
     strategy.restore_site_models(point.site_models, point.site_nodes)

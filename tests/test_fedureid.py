@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 import clients.site
 import clients.unsupervised
 from clients.app import app
-from clients.kept import CLUSTERS_KEY, PROGRESS_KEY, RUN_TAG_KEY
+from clients.kept import CLUSTERS_KEY, PROGRESS_KEY
 from reid.buc import ClusterMemory
 from reid.config import SiteRunSpec
 from reid.data.dataset import ReIDData, load_reid_data
@@ -27,6 +27,7 @@ from reid.features import extract_features
 from reid.models import ModelSpec, build_model, shared_state
 from reid.train import TrainConfig, train_local
 from reid.unsupervised import UnsupervisedConfig, blend_states, merge_count
+from strategies.validation import RUN_TAG_KEY
 
 UNSUPERVISED = UnsupervisedConfig(enabled=True, merge="personalized", epochs_first=1, epochs_later=1, rounds=3,
                                   images_per_identity=4)
