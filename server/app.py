@@ -152,8 +152,9 @@ def main(grid: Grid, context: Context) -> None:
         outputs.append_round(record)  # first the line, then the checkpoint: see server/resume.py
         pause_point("recorded", server_round)
         extra = {"bn_stats": spec.bn_stats, "algorithm": str(cfg.algorithm.name)}
-        outputs.save_checkpoint(arrays, server_round, spec.model, extra)
-        outputs.save_model(arrays, server_round, spec, str(cfg.algorithm.name), record.get("evaluate"))
+        state = arrays.to_torch_state_dict()  # one conversion for both files
+        outputs.save_checkpoint(state, server_round, spec.model, extra)
+        outputs.save_model(state, server_round, spec, str(cfg.algorithm.name), record.get("evaluate"))
         if strategy.site_models:
             outputs.save_site_models(strategy.site_models, strategy.site_nodes, server_round, spec.model, extra)
         if record.get("evaluate"):

@@ -106,12 +106,13 @@ class RunOutputs:
         tmp.replace(path)
         return path
 
-    def save_checkpoint(self, arrays: ArrayRecord, server_round: int, spec: ModelSpec, extra: dict[str, Any]) -> Path:
-        """The global model with its round and model settings."""
-        return self._save_atomically(CHECKPOINT_FILE, {"state_dict": arrays.to_torch_state_dict(),
-                                                       "round": server_round, "model": asdict(spec), **extra})
+    def save_checkpoint(self, state: dict[str, torch.Tensor], server_round: int, spec: ModelSpec,
+                        extra: dict[str, Any]) -> Path:
+        """The global model (``arrays.to_torch_state_dict()``) with its round and model settings."""
+        return self._save_atomically(CHECKPOINT_FILE, {"state_dict": state, "round": server_round,
+                                                       "model": asdict(spec), **extra})
 
-    def save_model(self, arrays: ArrayRecord, server_round: int, spec: SiteRunSpec, algorithm: str,
+    def save_model(self, state: dict[str, torch.Tensor], server_round: int, spec: SiteRunSpec, algorithm: str,
                    evaluation: dict[str, Any] | None) -> Path:
         """``model.pt``: the global model of ``server_round`` for whoever uses it, with the mean mAP of
         its evaluation (None when that round was not evaluated). Under ``bn_stats=local`` the
@@ -122,7 +123,7 @@ class RunOutputs:
                          run=self.folder.name, mAP=float(mean["mAP"]) if "mAP" in mean else None,
                          metrics={k: float(v) for k, v in mean.items() if isinstance(v, (int, float))},
                          eval_batch_size=spec.eval_batch_size)
-        return save_model(self.folder / MODEL_FILE, arrays.to_torch_state_dict(), info)
+        return save_model(self.folder / MODEL_FILE, state, info)
 
     def save_site_models(self, models: dict[str, ArrayRecord], nodes: dict[str, int], server_round: int,
                          spec: ModelSpec, extra: dict[str, Any]) -> Path:
