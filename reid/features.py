@@ -16,18 +16,30 @@ from reid.models import ReIDNet
 
 
 @torch.no_grad()
+def embed_batch(model: ReIDNet, batch: torch.Tensor, device: torch.device, flip: bool = True) -> torch.Tensor:
+    """One normalised batch on ``device`` -> L2-normalised features(x) + features(flipped x) (``flip``)
+    or features(x); the model is in eval mode."""
+    with autocast(device):
+        feats = model.features(batch)
+        if flip:
+            feats = feats + model.features(torch.flip(batch, dims=[3]))
+    return F.normalize(feats.float(), dim=1)
+
+
+@torch.no_grad()
 def extract_features(model: ReIDNet, images: torch.Tensor, device: torch.device, batch_size: int = 128,
-                     scale: float = 1.0) -> np.ndarray:
-    """uint8 [N, 3, H, W] -> features [N, D], float32, L2-normalised, in input order; with
-    ``scale`` < 1 each image is first brought to that resolution (reid/data/resolution.py)."""
+                     scale: float = 1.0, flip: bool = True) -> np.ndarray:
+    """uint8 [N, 3, H, W] (or an already normalised float batch) -> features [N, D], float32,
+    L2-normalised, in input order; with ``scale`` < 1 each image is first brought to that
+    resolution (reid/data/resolution.py); ``flip=False``: one pass, no flip-sum."""
     tune_for(device)
     model.to(device).eval()
     feats = []
     for start in range(0, len(images), batch_size):
-        batch = normalise(degrade(images[start:start + batch_size].to(device, non_blocking=True), scale))
-        with autocast(device):
-            summed = model.features(batch) + model.features(torch.flip(batch, dims=[3]))
-        feats.append(F.normalize(summed.float(), dim=1))
+        batch = images[start:start + batch_size].to(device, non_blocking=True)
+        if batch.dtype == torch.uint8:
+            batch = normalise(degrade(batch, scale))
+        feats.append(embed_batch(model, batch, device, flip))
     if not feats:
         return np.zeros((0, model.spec.bottleneck_dim), dtype=np.float32)
     return torch.cat(feats).cpu().numpy()

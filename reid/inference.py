@@ -15,12 +15,11 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 from PIL import Image
-from torch.nn import functional as F
 
 from reid.data.batch_augment import normalise
 from reid.data.layout import IMAGE_SUFFIXES
 from reid.data.tensor_cache import decode_image, decode_images, load_images, resize_picture
-from reid.device import autocast, pick_device, tune_for
+from reid.device import pick_device
 from reid.features import adapt_batchnorm, cosine_distance, extract_features
 from reid.models import ReIDNet
 from reid.saved_model import ModelInfo, build_saved_model
@@ -117,24 +116,10 @@ class ReIDModel:
         evaluation; ``flip=False``: one pass (what an exported model computes)."""
         self._warn_batchnorm()
         if isinstance(images, torch.Tensor) and images.is_floating_point():  # from .preprocess
-            return self._embed_normalised(images, flip)
-        uint8 = self.load_uint8(images)
-        if flip:
-            return extract_features(self.net, uint8, self.device, self.batch_size)
-        return self._embed_normalised(normalise(uint8), flip=False)
-
-    def _embed_normalised(self, batch: torch.Tensor, flip: bool) -> np.ndarray:
-        tune_for(self.device)
-        self.net.eval()
-        out = []
-        for start in range(0, len(batch), self.batch_size):
-            x = batch[start:start + self.batch_size].to(self.device)
-            with autocast(self.device):
-                feats = self.net.features(x)
-                if flip:
-                    feats = feats + self.net.features(torch.flip(x, dims=[3]))
-            out.append(F.normalize(feats.float(), dim=1).cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, self.info.spec.bottleneck_dim), np.float32)
+            batch = images
+        else:
+            batch = self.load_uint8(images)
+        return extract_features(self.net, batch, self.device, self.batch_size, flip=flip)
 
     def rank(self, query: ImageInput | np.ndarray, gallery: ImageInput | np.ndarray, top_k: int = 10) -> Ranking:
         """The ``top_k`` gallery items nearest each query by cosine distance; embeddings (float
