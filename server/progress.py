@@ -44,33 +44,27 @@ class RoundProgress:
         if self.jupyter:
             from IPython.display import display  # a notebook always has IPython
 
-            self.handle = display(self._notebook_bar(), display_id=True)
+            self.handle = display(self._notebook_bar(), raw=True, display_id=True)
         elif self.live:
             self.progress.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.handle is not None:
-            self.handle.update(self._notebook_bar())
+            self.handle.update(self._notebook_bar(), raw=True)
         elif self.live:
             self.progress.stop()
 
-    def _notebook_bar(self) -> Any:
-        """The bar as a notebook shows it: an HTML <progress> and the same facts as plain text."""
-        from IPython.display import HTML
-
+    def _notebook_bar(self) -> dict[str, str]:
+        """The bar as a notebook shows it: an HTML <progress>, and the same facts as plain text."""
         done, total, status = self.state
         task = self.progress.tasks[0]
         elapsed = time.monotonic() - self.started
         text = (f"{task.description}: {int(done)}/{int(total) if total else '?'} rounds, {elapsed:.0f} s"
                 f"{', ' + status if status else ''}")
-
-        class Bar(HTML):
-            def __repr__(self) -> str:  # text/plain, for front ends without HTML
-                return text
-
-        return Bar(f"<div class='fedreid-progress'><progress value='{int(done)}' max='{int(total or 1)}' "
-                   f"style='width:16em'></progress> {html.escape(text)}</div>")
+        return {"text/plain": text,
+                "text/html": f"<div class='fedreid-progress'><progress value='{int(done)}' max='{int(total or 1)}' "
+                             f"style='width:16em'></progress> {html.escape(text)}</div>"}
 
     def feed(self, line: str) -> None:
         """Show the line, and move the bar when it reports a start, a round or an evaluation."""
@@ -91,7 +85,7 @@ class RoundProgress:
         else:
             return
         if self.handle is not None:
-            self.handle.update(self._notebook_bar())
+            self.handle.update(self._notebook_bar(), raw=True)
 
     @property
     def state(self) -> tuple[float, float | None, str]:
