@@ -17,12 +17,12 @@ file never carries code, so the loading process must register the same network f
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
+from reid.atomic import torch_save_atomically
 from reid.backbones import check_backbone, registered_factory
 from reid.models import BN_COUNTER_SUFFIX, BN_STATS_SUFFIXES, CLASSIFIER_PREFIX, ModelSpec, ReIDNet
 
@@ -86,11 +86,7 @@ def save_model(path: Path, state: dict[str, torch.Tensor], info: ModelInfo) -> P
                        if not k.startswith(CLASSIFIER_PREFIX)},
         "masks": {k: m.detach().cpu().bool() for k, m in info.masks.items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-    return path
+    return torch_save_atomically(payload, path)
 
 
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelInfo]:

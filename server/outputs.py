@@ -24,6 +24,7 @@ import torch
 from flwr.app import ArrayRecord
 from omegaconf import DictConfig, OmegaConf
 
+from reid.atomic import torch_save_atomically
 from reid.config import SiteRunSpec
 from reid.models import ModelSpec
 from reid.saved_model import BATCHNORM_MISSING, BATCHNORM_OWN, ModelInfo, save_model
@@ -99,12 +100,8 @@ class RunOutputs:
             os.fsync(handle.fileno())
 
     def _save_atomically(self, name: str, payload: dict[str, Any]) -> Path:
-        """torch.save to a temp file, then rename: a crash never leaves half a file."""
-        path = self.folder / name
-        tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
-        return path
+        """A crash never leaves half a file (reid/atomic.py)."""
+        return torch_save_atomically(payload, self.folder / name)
 
     def save_checkpoint(self, state: dict[str, torch.Tensor], server_round: int, spec: ModelSpec,
                         extra: dict[str, Any]) -> Path:

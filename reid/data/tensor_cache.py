@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from reid.atomic import torch_save_atomically
 from reid.data.dataset import ReIDData
 
 log = logging.getLogger(__name__)
@@ -84,11 +85,8 @@ def _read(file: Path, count: int, height: int, width: int) -> torch.Tensor | Non
 
 
 def _write(file: Path, images: torch.Tensor) -> None:
-    """Atomically (temporary file, then rename): a crash never leaves half a cache behind."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
-    torch.save(images, partial)
-    os.replace(partial, file)
+    """Atomically: a crash never leaves half a cache behind."""
+    torch_save_atomically(images, file)
 
 
 def load_images(paths: Sequence[Path], height: int, width: int, cache_dir: Path | None = None,
