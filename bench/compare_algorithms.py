@@ -67,7 +67,7 @@ METHODS = ["fedpav", "fedpav_cdw", "fedpav_kd", "fedpav_cdw_kd", "fedpav_cluster
 UNSUPERVISED_METHODS = ["fedureid", "fedureid_no_personalization", "local_unsupervised", "fedpav"]
 RESDRIFT_METHODS = ["fedpav", "fedpav_raf", "fedpav_multires_aug", "local"]
 METHODS += ["fedpav_raf", "fedpav_multires_aug", "feddg_ccst", "feddg_ccst_no_share", "feddg_ccst_mean_style",
-            "fedklpr_fp16_p50"]
+            "fedpav_compressed", "fedklpr_compressed"]
 LOWEST_SCALE = "0.25"
 
 
@@ -430,7 +430,8 @@ def main() -> None:
 
 
 FEDREID9_METHODS = ["fedpav", "local", "feddg_ccst", "feddg_ccst_no_share", "feddg_ccst_mean_style", "fedpav_cdw",
-                    "fedpav_kd", "fedpav_cluster", "fedklpr_fp16_p50"]
+                    "fedpav_kd", "fedpav_cluster", "fedklpr", "fedklpr_no_pruning", "fedpav_compressed",
+                    "fedklpr_compressed"]
 LOSO_METHODS = ["fedpav", "feddg_ccst"]
 
 

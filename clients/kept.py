@@ -5,7 +5,8 @@ source of truth) and, after every training round, in the site's state file on it
 that a restarted box rejoins with them instead of as a new site:
 
 * ``local-state``: the identity classifier, and the BatchNorm statistics under ``bn_stats=local``;
-* ``pruning-*``: FedKLPR's masks, ratio and Cross-Round Recovery bookkeeping;
+* ``update-*``: with compressed transfers, the model as this site holds it (the base the server's
+  next change applies to), its masks and version, and the error-feedback residual of its uploads;
 * ``buc-*``: FedUReID's pseudo-labels, cluster memory and merge progress, keyed by the training
   files' fingerprint, and (``update: ema``) the site's previous local model.
 
@@ -19,24 +20,25 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from reid.models import ReIDNet
-from reid.pruning import PruneState, masks_to_numpy
 from reid.unsupervised import ClusterState
 
 log = logging.getLogger("clients.kept")  # under "clients", the logger the site's log shows
 
 LOCAL_STATE_KEY = "local-state"  # classifier head (+ BN statistics under bn_stats=local)
-MASKS_KEY = "pruning-masks"
-PREVIOUS_MASKS_KEY = "pruning-previous-masks"
-PRUNING_KEY = "pruning-state"
-_PRUNING_SCALARS = ("ratio", "previous_ratio", "reference", "pending", "hold_until", "recoveries")
+HELD_KEY = "update-held"  # ArrayRecord: the SHARED arrays as this site holds them (compressed transfers)
+HELD_MASKS_KEY = "update-held-masks"  # ArrayRecord: their pruning masks, where they have one
+HELD_VERSION_KEY = "update-held-version"  # ConfigRecord: {"version": the server's name for that model}
+RESIDUAL_KEY = "update-residual"  # ArrayRecord: what this site's uploads have not yet sent (error feedback)
 CLUSTERS_KEY = "buc-clusters"  # ArrayRecord: labels [N] int64, slots [C, D] float32
 PROGRESS_KEY = "buc-progress"  # ConfigRecord: rounds trained, merges done, the training files' fingerprint
 PREVIOUS_LOCAL_KEY = "buc-previous-local"  # ArrayRecord: the SHARED arrays this site trained last round (ema)
@@ -102,29 +104,37 @@ def restore_local_state(model: ReIDNet, state: RecordDict, site: str) -> None:
     model.load_state_dict(usable, strict=False)
 
 
-def _masks(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {key: torch.from_numpy(array.numpy().astype(bool)) for key, array in record.items()}
+@dataclass(frozen=True)
+class HeldModel:
+    """The model a site holds under compressed transfers: the server's changes apply to it."""
+
+    version: str
+    values: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray]
 
 
-def load_prune_state(state: RecordDict) -> PruneState:
-    """The site's pruning state from earlier rounds, or a fresh (unpruned) one."""
-    if PRUNING_KEY not in state.config_records:
-        return PruneState()
-    scalars = state.config_records[PRUNING_KEY]
-    return PruneState(
-        ratio=float(scalars["ratio"]), previous_ratio=float(scalars["previous_ratio"]),
-        reference=float(scalars["reference"]), pending=bool(scalars["pending"]),
-        hold_until=int(scalars["hold_until"]), recoveries=int(scalars["recoveries"]),
-        masks=_masks(state.array_records[MASKS_KEY]) if MASKS_KEY in state.array_records else {},
-        previous_masks=(_masks(state.array_records[PREVIOUS_MASKS_KEY])
-                        if PREVIOUS_MASKS_KEY in state.array_records else {}),
-    )
+def load_held(state: RecordDict) -> HeldModel | None:
+    if HELD_KEY not in state.array_records or HELD_VERSION_KEY not in state.config_records:
+        return None
+    masks = state[HELD_MASKS_KEY] if HELD_MASKS_KEY in state.array_records else ArrayRecord()
+    return HeldModel(str(state[HELD_VERSION_KEY]["version"]),
+                     {k: a.numpy() for k, a in state[HELD_KEY].items()},
+                     {k: a.numpy().astype(bool) for k, a in masks.items()})
 
 
-def save_prune_state(state: RecordDict, prune: PruneState) -> None:
-    state[PRUNING_KEY] = ConfigRecord({name: getattr(prune, name) for name in _PRUNING_SCALARS})
-    state[MASKS_KEY] = ArrayRecord({k: Array(m) for k, m in masks_to_numpy(prune.masks).items()})
-    state[PREVIOUS_MASKS_KEY] = ArrayRecord({k: Array(m) for k, m in masks_to_numpy(prune.previous_masks).items()})
+def save_held(state: RecordDict, held: HeldModel) -> None:
+    state[HELD_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in held.values.items()})
+    state[HELD_MASKS_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(m)) for k, m in held.masks.items()})
+    state[HELD_VERSION_KEY] = ConfigRecord({"version": held.version})
+
+
+def load_residual(state: RecordDict) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in state[RESIDUAL_KEY].items()} if RESIDUAL_KEY in state.array_records else {}
+
+
+def save_residual(state: RecordDict, residual: dict[str, np.ndarray]) -> None:
+    state[RESIDUAL_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32))
+                                       for k, v in residual.items()})
 
 
 def load_cluster_state(state: RecordDict, fingerprint: str, site: str) -> ClusterState | None:

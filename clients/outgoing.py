@@ -3,7 +3,9 @@
 A reply holds exactly
 
 * ``arrays``: the SHARED part of the site's model, the keys and shapes of the model the server
-  declared (pruned tensors in the sparse encoding, packed when the server sent its model packed);
+  declared (pruned tensors in the sparse encoding, or under compressed transfers each weight
+  tensor as its quantised change from the received model; packed when the server sent its model
+  packed);
 * ``metrics`` (and ``evaluation``): numbers whose names are in ``REPLY_METRICS`` (or of the form
   ``mAP@s`` / ``rank1@s`` for a query resolution s), each a finite int or float;
 * ``site``: the site's name, as its operator configured it;
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -26,6 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from strategies.packing import TRANSPORT_DTYPE_KEY, pack_record
 from strategies.sparse_records import encode_record
+from strategies.update_codec import CompressionSpec, encode_record_change
 from strategies.validation import EVALUATION_KEY, STYLE_KEY, check_style
 
 SITE_KEY = "site"
@@ -34,7 +38,7 @@ TRAINING_METRICS = frozenset({
     "train-loss", "train-accuracy", "train-seconds", "images-per-second", "epochs",  # local training
     "image-passes", "feature-passes", "gpu-peak-mb",  # its cost
     "cdw-distance", "kl-divergence",  # how far the model moved (CDW, KLPWA)
-    "validation-accuracy", "pruning-ratio", "crr-recoveries", "kept-fraction",  # FedKLPR's pruning
+    "kept-fraction", "holdout-map", "holdout-map-se", "holdout-queries", "holdout-identities",  # FedKLPR
     "clusters", "clusters-merged", "cluster-nmi", "cluster-precision", "cluster-recall", "cluster-f",  # FedUReID
     "restyled-images",  # feddg_ccst
 })
@@ -83,17 +87,44 @@ def evaluation_reply(name: str, metrics: MetricRecord) -> RecordDict:
     return RecordDict({"metrics": metric_record(dict(metrics)), SITE_KEY: site_record(name)})
 
 
+@dataclass(frozen=True)
+class ChangeFrom:
+    """Under compressed transfers: the received model (and masks) the upload is a change from, and
+    the residual earlier uploads did not send (error feedback; empty when it is off)."""
+
+    base: Mapping[str, np.ndarray]
+    masks: Mapping[str, np.ndarray]
+    spec: CompressionSpec
+    residual: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class TrainingReply:
+    """The reply, and under compressed transfers with error feedback what it did not send."""
+
+    content: RecordDict
+    residual: dict[str, np.ndarray] | None = None
+
+
 def training_reply(name: str, shared: Mapping[str, torch.Tensor], declared: Mapping[str, tuple[int, ...]],
                    received_config: ConfigRecord, received_packed: bool, metrics: Mapping[str, float],
                    evaluated: MetricRecord | None, masks: Mapping[str, np.ndarray], value_dtype: str,
-                   style: np.ndarray | None = None) -> RecordDict:
-    """The SHARED arrays (sparse-encoded where pruned; packed when the server sent its model packed),
-    the metrics, when the round asked for it the evaluation of the received model, and the site's
-    style statistics when it shares them."""
+                   style: np.ndarray | None = None, change: ChangeFrom | None = None) -> TrainingReply:
+    """The SHARED arrays (sparse-encoded where pruned, or as a compressed change; packed when the
+    server sent its model packed), the metrics, when the round asked for it the evaluation of the
+    received model, and the site's style statistics when it shares them."""
     check_shared(shared, declared)
     if style is not None and (reason := check_style(style)):
         raise OutgoingRefused(f"the style statistics are not sent: {reason}")
-    arrays: ArrayRecord = encode_record({k: v.numpy() for k, v in shared.items()}, dict(masks), value_dtype)
+    values = {k: v.numpy() for k, v in shared.items()}
+    residual = None
+    if change is not None:
+        encoded = encode_record_change(values, change.base, change.spec, dict(masks), dict(change.masks),
+                                       change.residual if change.spec.error_feedback else None)
+        arrays: ArrayRecord = encoded.record
+        residual = encoded.residual if change.spec.error_feedback else None
+    else:
+        arrays = encode_record(values, dict(masks), value_dtype)
     if received_packed:  # answer in the form the server chose
         arrays = pack_record(arrays, str(received_config.get(TRANSPORT_DTYPE_KEY, "float32")))
     reply = RecordDict({"arrays": arrays, "metrics": metric_record(metrics), SITE_KEY: site_record(name)})
@@ -101,4 +132,4 @@ def training_reply(name: str, shared: Mapping[str, torch.Tensor], declared: Mapp
         reply[EVALUATION_KEY] = metric_record(dict(evaluated))
     if style is not None:
         reply[STYLE_KEY] = ArrayRecord({STYLE_KEY: Array(np.ascontiguousarray(style, dtype=np.float32))})
-    return reply
+    return TrainingReply(reply, residual)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -34,8 +34,8 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from clients import outgoing
-from clients.kept import (LOCAL_STATE_KEY, load_prune_state, persist_site_state, restore_local_state,
-                          restore_site_state, state_file)
+from clients.kept import (LOCAL_STATE_KEY, HeldModel, load_held, load_residual, persist_site_state,
+                          restore_local_state, restore_site_state, save_held, save_residual, state_file)
 from clients.location import SiteLocation, folder_fingerprint, locate_site
 from clients.trust import check_backbone_factory
 from reid.config import SiteRunSpec
@@ -48,8 +48,10 @@ from reid.features import adapt_batchnorm
 from reid.models import ReIDNet, build_model, load_shared_state, split_state
 from reid.saved_model import SITE_MODELS_DIR, ModelInfo, save_model
 from strategies.packing import is_packed, unpack_record
+from strategies.sparse_records import Tensor, decode_record
+from strategies.transfer import UPDATE_BASE_KEY, UPDATE_VERSION_KEY
+from strategies.update_codec import CompressionSpec, decode_record_change
 from strategies.validation import ALGORITHM_KEY, EVALUATE_ROUND_KEY, RUN_FOLDER_KEY, RUN_TAG_KEY
-from strategies.sparse_records import decode_record
 
 log = logging.getLogger("clients")
 
@@ -60,6 +62,13 @@ class Received:
 
     tensors: dict[str, torch.Tensor]  # as received (dense values)
     declared: dict[str, tuple[int, ...]]  # the SHARED keys and shapes of the model: all a reply may carry
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # pruned tensors: the positions kept
+
+    def values(self) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in self.tensors.items()}
+
+    def numpy_masks(self) -> dict[str, np.ndarray]:
+        return {k: m.numpy() for k, m in self.masks.items()}
 
 
 class Site:
@@ -102,12 +111,12 @@ class Site:
         """Rank this site's gallery for its own queries with the global backbone; only numbers leave."""
         spec, data = self.round_inputs(content, state)
         model = build_model(spec.model, num_classes=0)
-        self.load_received(model, content, spec.bn_stats)
+        received = self.load_received(model, content, state, spec.bn_stats)
         restore_local_state(model, state, self.name)
         if spec.bn_stats == "local" and LOCAL_STATE_KEY not in state.array_records:
             self.adapt_batchnorm(model, data, spec)
         metrics = self.evaluation(model, data, spec)
-        self.keep_model(model, content, state, spec, metrics)
+        self.keep_model(model, content, state, spec, metrics, received.masks)
         return outgoing.evaluation_reply(self.name, metrics)
 
     def adapt_batchnorm(self, model: ReIDNet, data: ReIDData, spec: SiteRunSpec) -> None:
@@ -159,7 +168,7 @@ class Site:
         return Path(folder) / SITE_MODELS_DIR / f"{self.name}.pt" if folder else None
 
     def keep_model(self, model: ReIDNet, content: RecordDict, state: RecordDict, spec: SiteRunSpec,
-                   metrics: MetricRecord) -> Path | None:
+                   metrics: MetricRecord, masks: Mapping[str, torch.Tensor] | None = None) -> Path | None:
         """Save the model this site just evaluated: the global SHARED weights with its own LOCAL
         parts (BatchNorm statistics under ``bn_stats=local``, FedKLPR masks) and its own mAP. Written
         after every evaluation, so an interrupted run leaves the latest; within one round the best of
@@ -173,11 +182,10 @@ class Site:
         kept = self._kept_models.get(path)
         if kept is not None and kept[0] == evaluated_round and kept[1] >= score:
             return path
-        masks = load_prune_state(state).masks if spec.pruning.enabled else {}
         info = ModelInfo(spec=spec.model, algorithm=str(config.get(ALGORITHM_KEY, "")), round=evaluated_round,
                          bn_stats=spec.bn_stats, site=self.name, run=str(config.get(RUN_TAG_KEY, "")), mAP=score,
                          metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-                         eval_batch_size=spec.eval_batch_size, masks=masks)
+                         eval_batch_size=spec.eval_batch_size, masks=dict(masks or {}))
         save_model(path, model.state_dict(), info)
         self._kept_models[path] = (evaluated_round, score)
         log.info("%s: its model of round %d (mAP %.3f on its own cameras) is in %s", self.name, evaluated_round,
@@ -188,15 +196,23 @@ class Site:
         return state_file(self.state_dir, str(content["config"].get(RUN_TAG_KEY, "")))
 
     @staticmethod
-    def load_received(model: ReIDNet, content: RecordDict, bn_stats: str) -> Received:
-        """Decode the received global arrays (packed or not, dense or sparse-encoded) into ``model``."""
+    def load_received(model: ReIDNet, content: RecordDict, state: RecordDict, bn_stats: str) -> Received:
+        """Decode the received global arrays into ``model``: packed or not, dense or sparse-encoded,
+        or (compressed transfers) a change from the model this site holds, which a training
+        message's new version then replaces in ``state``."""
         expected = split_state(model.state_dict(), bn_stats)[0]
         record = unpack_record(content["arrays"])
         shapes = {k: tuple(expected[k].shape) for k in record.keys() if k in expected}
-        received = {k: torch.from_numpy(t.values) for k, t in decode_record(record, shapes).items()}
+        config = content["config"]
+        tensors = _decoded(record, shapes, config, state)
+        if UPDATE_VERSION_KEY in config:  # a training message: this is now the model the site holds
+            save_held(state, HeldModel(str(config[UPDATE_VERSION_KEY]), {k: t.values for k, t in tensors.items()},
+                                       {k: t.mask for k, t in tensors.items() if t.mask is not None}))
+        received = {k: torch.from_numpy(np.ascontiguousarray(t.values)) for k, t in tensors.items()}
         received.update({k: torch.from_numpy(record[k].numpy()) for k in record.keys() if k not in expected})
         load_shared_state(model, received, bn_stats)  # refuses unexpected or missing keys
-        return Received(received, {k: tuple(v.shape) for k, v in expected.items()})
+        masks = {k: torch.from_numpy(t.mask) for k, t in tensors.items() if t.mask is not None}
+        return Received(received, {k: tuple(v.shape) for k, v in expected.items()}, masks)
 
     def evaluation(self, model: ReIDNet, data: ReIDData, spec: SiteRunSpec) -> MetricRecord:
         """Rank-1/5/10, mAP (both conventions) and mINP of ``model`` on this site's query/gallery split;
@@ -223,19 +239,40 @@ class Site:
 
     def training_reply(self, model: ReIDNet, content: RecordDict, state: RecordDict, spec: SiteRunSpec,
                        received: Received, metrics: dict[str, float], evaluated: MetricRecord | None,
-                       masks: Mapping | None = None, keep_shared_as: str | None = None,
-                       style: np.ndarray | None = None) -> RecordDict:
+                       keep_shared_as: str | None = None, style: np.ndarray | None = None) -> RecordDict:
         """Keep the LOCAL part of the trained model in ``state`` (and on disk), and answer with the
-        SHARED part. ``keep_shared_as``: also keep the SHARED part under that key (FedUReID's ema);
-        ``style``: the site's shared style statistics (feddg_ccst)."""
+        SHARED part, on the received masks; under compressed transfers as its change from the
+        received model, keeping what the change left out for the next round. ``keep_shared_as``:
+        also keep the SHARED part under that key (FedUReID's ema); ``style``: the site's shared
+        style statistics (feddg_ccst)."""
         shared, local = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, spec.bn_stats)
         state[LOCAL_STATE_KEY] = ArrayRecord(local)
         if keep_shared_as is not None:
             state[keep_shared_as] = ArrayRecord(shared)
+        compression = CompressionSpec.from_config(content["config"])
+        change = None
+        if compression.enabled:
+            change = outgoing.ChangeFrom(received.values(), received.numpy_masks(), compression, load_residual(state))
+        reply = outgoing.training_reply(self.name, shared, received.declared, content["config"],
+                                        is_packed(content["arrays"]), metrics, evaluated, received.numpy_masks(),
+                                        spec.pruning.value_dtype, style, change)
+        if reply.residual is not None:
+            save_residual(state, reply.residual)
         persist_site_state(state, self.state_file(content))
-        return outgoing.training_reply(self.name, shared, received.declared, content["config"],
-                                       is_packed(content["arrays"]), metrics, evaluated, masks or {},
-                                       spec.pruning.value_dtype, style)
+        return reply.content
+
+
+def _decoded(record: ArrayRecord, shapes: dict[str, tuple[int, ...]], config: Mapping[str, object],
+             state: RecordDict) -> dict[str, Tensor]:
+    """The received tensors: the whole model, or a change applied to the model this site holds."""
+    base = config.get(UPDATE_BASE_KEY)
+    if not base:
+        return decode_record(record, shapes)
+    held = load_held(state)
+    if held is None or held.version != base:
+        raise ValueError(f"the server sent a change from model version {base}, but this site holds "
+                         f"{held.version if held else 'none'}; it needs the whole model once (the next round)")
+    return decode_record_change(record, held.values, shapes, held.masks)
 
 
 _SITES: dict[tuple[int, str], Site] = {}  # (run, node config) -> its Site, in this process

@@ -1,53 +1,37 @@
-"""A supervised training round on a site (FedPav, FedReID's CDW/KD/clustering, FedKLPR, RAF).
+"""A supervised training round on a site (FedPav, FedReID's CDW/KD/clustering, FedKLPR, RAF, FedDG).
 
 The site loads the global SHARED arrays and its own head, optionally ranks its gallery with the
 received model first (when the round carries the previous round's evaluation), trains locally,
 measures how far its model moved on a fixed probe batch (CDW's cosine distance, KLPWA's KL
-divergence), prunes on FedKLPR's schedule with Cross-Round Recovery, and replies.
+divergence), and replies. A model that arrives pruned (FedKLPR: the server's one mask, carried by
+the sparse encoding) stays pruned: its mask is re-applied after every step and the upload keeps
+exactly its positions. Under FedKLPR with Cross-Round Recovery a large enough site trains without
+a few of its identities and reports how well its trained model re-identifies them (reid/holdout.py).
 """
 
 from __future__ import annotations
 
-import logging
 from contextlib import nullcontext
 
 import torch
 from flwr.app import RecordDict
 
-from clients.kept import load_prune_state, restore_local_state, save_prune_state
+from clients.kept import restore_local_state
 from clients.site import Site
 from reid.config import SiteRunSpec
 from reid.data.dataset import ReIDData
-from reid.data.tensor_cache import training_images
-from reid.divergence import accuracy, cosine_logit_distance, eval_logits, eval_outputs, feature_kl, fixed_batch, \
-    kl_regulariser
-from reid.models import ReIDNet, build_model, split_state
-from reid.pruning import (PruneState, apply_masks, cross_round_check, kept_fraction, mask_keeper, masks_to,
-                          masks_to_numpy, prune_step)
+from reid.data.tensor_cache import LabelledImages, load_images, training_images
+from reid.divergence import cosine_logit_distance, eval_outputs, feature_kl, fixed_batch, kl_regulariser
+from reid.holdout import HeldBack, distractor_choice, held_back_score, hold_back
+from reid.models import ReIDNet, build_model
+from reid.pruning import apply_masks, kept_fraction, mask_keeper, masks_to
 from reid.raf import MultiResolution
 from reid.seeding import stable_seed
-from reid.train import train_local
 from reid.style import StyleMixer
+from reid.train import train_local
 from strategies.validation import EVALUATE_ROUND_KEY, STYLE_BANK_KEY, check_style
 
 PROBE_BATCH = 32  # images of the fixed per-round batch on which the model's change (CDW, KL) is measured
-VALIDATION_BATCH = 256  # images of the fixed batch whose accuracy is Cross-Round Recovery's signal (noise ~0.03)
-log = logging.getLogger("clients")
-
-
-def _prune(model: ReIDNet, prune: PruneState, spec: SiteRunSpec, signal: float, server_round: int,
-           received: dict[str, torch.Tensor], site: str) -> None:
-    """Cross-Round Recovery check of the last pruning step, then the scheduled pruning step."""
-    reopened = cross_round_check(prune, signal, server_round, spec.crr, site)
-    if reopened:
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for key, positions in reopened.items():  # re-opened weights start from the global model
-                params[key][positions.to(params[key].device)] = received[key].to(params[key].device)[positions]
-    shared = split_state(model.state_dict(), spec.bn_stats)[0]
-    if prune_step(prune, shared, signal, server_round, spec.pruning):
-        apply_masks(model, prune.masks)
-        log.info("%s round %d: pruned to ratio %.2f", site, server_round, prune.ratio)
 
 
 def train_supervised(site: Site, content: RecordDict, state: RecordDict, spec: SiteRunSpec,
@@ -56,20 +40,22 @@ def train_supervised(site: Site, content: RecordDict, state: RecordDict, spec: S
     name, device, server_round = site.name, site.device, int(content["config"]["server-round"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    held = hold_back(data, spec.crr, stable_seed(spec.seed, name, "holdout")) if spec.pruning.enabled else \
+        HeldBack(data, [])
     torch.manual_seed(stable_seed(spec.seed, name))  # a fresh head is the same in every run
-    model = build_model(spec.model, num_classes=data.num_train_ids)
-    received = site.load_received(model, content, spec.bn_stats)
+    model = build_model(spec.model, num_classes=held.training.num_train_ids)
+    received = site.load_received(model, content, state, spec.bn_stats)
     restore_local_state(model, state, name)
     model.to(device)
+    masks = masks_to(received.masks, device)
+    if masks:
+        apply_masks(model, masks)
     evaluated = None
     if EVALUATE_ROUND_KEY in content["config"]:  # the received model is the global one of that round:
         evaluated = site.evaluation(model, data, spec)  # rank with it before training
-        site.keep_model(model, content, state, spec, evaluated)
-    prune = load_prune_state(state) if spec.pruning.enabled else PruneState()
-    prune.masks, prune.previous_masks = masks_to(prune.masks, device), masks_to(prune.previous_masks, device)
-    if prune.masks:
-        apply_masks(model, prune.masks)
-    images = training_images(data, spec.model.height, spec.model.width, site.image_cache_dir, spec.train.num_workers)
+        site.keep_model(model, content, state, spec, evaluated, received.masks)
+    images = training_images(held.training, spec.model.height, spec.model.width, site.image_cache_dir,
+                             spec.train.num_workers)
     probe, _ = fixed_batch(images, PROBE_BATCH, seed=stable_seed(spec.seed, name, server_round, "probe"))
     before, before_features = eval_outputs(model, probe, device)  # received backbone, this site's previous head
     regulariser = kl_regulariser(model, spec.kll) if spec.kll.enabled and server_round >= spec.kll.start_round else None
@@ -79,12 +65,12 @@ def train_supervised(site: Site, content: RecordDict, state: RecordDict, spec: S
     with mixer or nullcontext():
         stats = train_local(model, images, spec.train, device, seed=stable_seed(spec.seed, name, server_round),
                             augment=spec.augment, extra_loss=regulariser,
-                            after_step=mask_keeper(model, prune.masks) if prune.masks else None,
+                            after_step=mask_keeper(model, masks) if masks else None,
                             label=f"[{name} round {server_round}]", multires=multires)
     after, after_features = eval_outputs(model, probe, device)
     metrics = {
         "num-examples": len(images),
-        "num-identities": data.num_train_ids,
+        "num-identities": held.training.num_train_ids,
         "train-loss": stats.loss,
         "train-accuracy": stats.accuracy,
         "train-seconds": stats.seconds,
@@ -93,22 +79,28 @@ def train_supervised(site: Site, content: RecordDict, state: RecordDict, spec: S
         "corrupt-images": data.num_corrupt,
         "cdw-distance": cosine_logit_distance(before, after),
         "kl-divergence": feature_kl(before_features, after_features),
+        "kept-fraction": kept_fraction(received.masks, model),
     }
-    if spec.pruning.enabled:
-        batch, targets = fixed_batch(images, VALIDATION_BATCH, seed=stable_seed(spec.seed, name, "validation"))
-        signal = accuracy(eval_logits(model, batch, device), targets)
-        _prune(model, prune, spec, signal, server_round, received.tensors, name)
-        save_prune_state(state, prune)
-        metrics.update({"validation-accuracy": signal, "pruning-ratio": prune.ratio,
-                        "crr-recoveries": prune.recoveries})
-    metrics["kept-fraction"] = kept_fraction(prune.masks)
+    if held.samples:
+        metrics.update(held_back_metrics(site, model, held, images, spec, stable_seed(spec.seed, name, "distractors")))
     if mixer is not None:
         metrics["restyled-images"] = mixer.restyled
     if device.type == "cuda":  # what this site's GPU must hold, for operators sizing their boxes
         metrics["gpu-peak-mb"] = torch.cuda.max_memory_allocated(device) / 1e6
     return site.training_reply(model, content, state, spec, received, metrics, evaluated,
-                               masks_to_numpy(prune.masks),
                                style=mixer.site_style() if mixer is not None and spec.style.share else None)
+
+
+def held_back_metrics(site: Site, model: ReIDNet, held: HeldBack, images: LabelledImages, spec: SiteRunSpec,
+                      seed: int) -> dict[str, float]:
+    """How the trained model re-identifies the held-back identities (Cross-Round Recovery's signal)."""
+    pictures = load_images([s.path for s in held.samples], spec.model.height, spec.model.width,
+                           site.image_cache_dir, spec.train.num_workers, label=f"{site.name} held back")
+    chosen = distractor_choice(held.training.train, seed)
+    score = held_back_score(model, pictures, held.samples, images.images[chosen],
+                            [held.training.train[i] for i in chosen], site.device, spec.eval_batch_size)
+    return {"holdout-map": score.mAP, "holdout-map-se": score.se, "holdout-queries": score.queries,
+            "holdout-identities": held.identities}
 
 
 def style_mixer(model: ReIDNet, content: RecordDict, spec: SiteRunSpec, seed: int) -> StyleMixer | None:

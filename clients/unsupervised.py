@@ -37,7 +37,7 @@ def train_unsupervised(site: Site, content: RecordDict, state: RecordDict, spec:
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(stable_seed(spec.seed, name))
     model = build_model(spec.model, num_classes=0)
-    received = site.load_received(model, content, spec.bn_stats)
+    received = site.load_received(model, content, state, spec.bn_stats)
     restore_local_state(model, state, name)
     model.to(device)
     evaluated = None

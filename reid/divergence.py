@@ -33,18 +33,6 @@ def fixed_batch(images: LabelledImages, size: int, seed: int) -> tuple[torch.Ten
     return normalise(images.images[indices]), images.labels[indices]
 
 
-@torch.no_grad()
-def eval_logits(model: ReIDNet, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The model's identity logits in eval mode, on the CPU."""
-    model.to(device).eval()
-    return model(images.to(device)).float().cpu()
-
-
-def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Share of rows whose arg-max is the target."""
-    return float((logits.argmax(dim=1) == targets).float().mean())
-
-
 def cosine_logit_distance(before: torch.Tensor, after: torch.Tensor) -> float:
     """mean_x [1 - cos(before(x), after(x))]; in [0, 2]."""
     return float((1.0 - F.cosine_similarity(before, after, dim=1)).mean())

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from reid.distill import DistillConfig
 from reid.models import build_model, shared_state
-from server.config import compose_config, federation_settings, site_run_spec
+from server.config import compose_config, compression_spec, federation_settings, pruning_specs, site_run_spec
 from server.faults import pause_point
 from server.outputs import (CONFIG_FILE, MODEL_FILE, PLOT_FILE, RunOutputs, hold_run_folder, make_run_dir,
                             site_facts)
@@ -27,9 +27,12 @@ from server.resume import ResumePoint, find_run_folder, load_resume_point
 from server.rounds import FederationRunner
 from server.telemetry import FederationGauges
 from server.tensorboard_log import TensorBoardScalars
-from strategies.fedpav import NUM_EXAMPLES, ClusteringSpec, FedPav
+from strategies.clustering import ClusteringSpec
+from strategies.fedklpr import FedKLPR
+from strategies.fedpav import NUM_EXAMPLES, FedPav
 from strategies.packing import TRANSPORT_DTYPE_KEY, TransportSpec
 from strategies.screening import ScreenSpec
+from strategies.transfer import build_transfer
 from strategies.validation import ALGORITHM_KEY, RUN_FOLDER_KEY, RUN_TAG_KEY
 from strategies.weighting import KLPWASpec
 
@@ -41,19 +44,22 @@ def transport_spec(cfg: DictConfig) -> TransportSpec:
 
 
 def build_strategy(cfg: DictConfig) -> FedPav:
-    """The aggregation the ``algorithm`` preset describes, with its server-side steps wired in."""
+    """The aggregation the ``algorithm`` preset describes, with its server-side steps wired in:
+    FedKLPR's strategy when the preset weighs by KLPWA or prunes, FedPav's otherwise."""
     settings = federation_settings(cfg)
     algo = cfg.algorithm
     clustering = ClusteringSpec(method=str(algo.clustering.method), max_distance=float(algo.clustering.max_distance),
-                                k=int(algo.clustering.k), seed=int(cfg.seed))
+                                k=int(algo.clustering.k), seed=int(cfg.seed),
+                                embedding=str(algo.clustering.get("embedding", "features")))
     public = None
     if algo.kd.enabled or clustering.needs_embeddings:
         kd = DistillConfig(lr=float(algo.kd.lr), epochs=int(algo.kd.epochs), batch_size=int(algo.kd.batch_size))
         public = PublicSteps(cfg.public.root, site_run_spec(cfg), kd, embed_batch=int(cfg.public.embed_batch))
+
     def mode(value: object) -> str:  # YAML reads an unquoted `off` as False
         return "off" if value is False else str(value)
 
-    return FedPav(
+    options = dict(
         min_sites=settings.min_sites,
         fraction_train=settings.fraction_train,
         fraction_evaluate=settings.fraction_evaluate,
@@ -62,14 +68,17 @@ def build_strategy(cfg: DictConfig) -> FedPav:
         refine_every=int(algo.kd.every),
         clustering=clustering,
         embed=public.embed if public is not None and clustering.needs_embeddings else None,
-        klpwa=KLPWASpec(klaw=mode(algo.klpwa.klaw), praw=mode(algo.klpwa.praw)),
-        sparse_downlink=bool(algo.sparse_downlink),
-        transport=transport_spec(cfg),
+        transfer=build_transfer(compression_spec(cfg), transport_spec(cfg), bool(algo.sparse_downlink)),
         screen=ScreenSpec(**OmegaConf.to_container(algo.screen, resolve=True)),  # type: ignore[arg-type]
         held_out=settings.held_out,
         share_styles=bool(algo.style.enabled and algo.style.share),
         seed=int(cfg.seed),
     )
+    if str(algo.weighting) == "klpwa" or bool(algo.pruning.enabled):
+        schedule, recovery = pruning_specs(cfg)
+        klpwa = KLPWASpec(klaw=mode(algo.klpwa.klaw), praw=mode(algo.klpwa.praw), size=bool(algo.klpwa.size))
+        return FedKLPR(klpwa=klpwa, pruning=schedule, recovery=recovery, **options)  # type: ignore[arg-type]
+    return FedPav(**options)  # type: ignore[arg-type]
 
 
 def restore_history(strategy: FedPav, rounds: list[dict[str, Any]]) -> None:
@@ -166,11 +175,12 @@ def main(grid: Grid, context: Context) -> None:
 
     site_config = ConfigRecord({**spec.to_flat(), RUN_TAG_KEY: outputs.folder.name,
                                 RUN_FOLDER_KEY: str(outputs.folder), ALGORITHM_KEY: str(cfg.algorithm.name),
-                                TRANSPORT_DTYPE_KEY: transport_spec(cfg).dtype})
+                                TRANSPORT_DTYPE_KEY: transport_spec(cfg).dtype, **compression_spec(cfg).to_config()})
     runner = FederationRunner(grid, strategy, settings, site_config, on_round)
     strategy.restore_site_models(point.site_models, point.site_nodes)
     restore_history(strategy, outputs.rounds)
     arrays = point.arrays if point.arrays is not None else initial_arrays(cfg)
+    strategy.restore_global(arrays, outputs.rounds)
     runner.run(arrays, first_round=point.next_round, start_evaluated=any(r["round"] == 0 for r in point.rounds))
     if scalars is not None:
         scalars.close()

@@ -34,6 +34,8 @@ from reid.raf import RAFConfig
 from reid.style import StyleConfig
 from reid.train import TrainConfig
 from reid.unsupervised import UnsupervisedConfig
+from strategies.pruning_plan import PruningSchedule, RecoveryRule
+from strategies.update_codec import CompressionSpec
 
 CONF_DIR = Path(conf.__file__).resolve().parent
 
@@ -60,10 +62,16 @@ def compose_config(run_config: Mapping[str, Any]) -> DictConfig:
     return cfg
 
 
-def _section(cfg: DictConfig, name: str, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+def _section(cfg: DictConfig, name: str, drop: tuple[str, ...] = (), keep: tuple[str, ...] | None = None
+             ) -> dict[str, Any]:
+    """A config section as a dict, without ``drop``, or with only ``keep``."""
     values = OmegaConf.to_container(cfg[name], resolve=True)
     assert isinstance(values, dict)
-    return {k: v for k, v in values.items() if k not in drop}
+    return {k: v for k, v in values.items() if k not in drop and (keep is None or k in keep)}
+
+
+SITE_PRUNING_KEYS = ("enabled", "value_dtype")  # what a site needs of pruning (the server prunes)
+SITE_CRR_KEYS = ("enabled", "holdout_fraction", "min_identities")  # what a site needs of CRR (the server judges)
 
 
 def _scales(value: Any) -> str:
@@ -87,6 +95,18 @@ def check_unsupervised(cfg: DictConfig) -> None:
         raise ValueError(f"algorithm {algo.name}: unsupervised training does not combine with {', '.join(clashes)}")
 
 
+def pruning_specs(cfg: DictConfig) -> tuple[PruningSchedule, RecoveryRule]:
+    """The server's part of FedKLPR's pruning and Cross-Round Recovery."""
+    schedule = PruningSchedule(**_section(cfg.algorithm, "pruning", drop=("value_dtype",)))
+    recovery = RecoveryRule(**_section(cfg.algorithm, "crr", drop=SITE_CRR_KEYS[1:]))
+    return schedule, recovery
+
+
+def compression_spec(cfg: DictConfig) -> CompressionSpec:
+    """Compressed updates (``algorithm.compression``), off unless a preset turns them on."""
+    return CompressionSpec(**_section(cfg.algorithm, "compression"))
+
+
 def site_run_spec(cfg: DictConfig) -> SiteRunSpec:
     """The part of the configuration every site receives each round."""
     check_unsupervised(cfg)
@@ -95,8 +115,8 @@ def site_run_spec(cfg: DictConfig) -> SiteRunSpec:
         train=TrainConfig(**_section(cfg, "train")),
         augment=AugmentSpec(**_section(cfg, "augment")),
         kll=KLLConfig(**_section(cfg.algorithm, "kll")),
-        pruning=PruningConfig(**_section(cfg.algorithm, "pruning")),
-        crr=CRRConfig(**_section(cfg.algorithm, "crr")),
+        pruning=PruningConfig(**_section(cfg.algorithm, "pruning", keep=SITE_PRUNING_KEYS)),
+        crr=CRRConfig(**_section(cfg.algorithm, "crr", keep=SITE_CRR_KEYS)),
         unsupervised=UnsupervisedConfig(**_section(cfg.algorithm, "unsupervised"), rounds=int(cfg.federation.rounds)),
         raf=RAFConfig(**{**_section(cfg.algorithm, "raf"), "scales": _scales(cfg.algorithm.raf.scales)}),
         style=StyleConfig(**_section(cfg.algorithm, "style")),

@@ -203,7 +203,8 @@ class FederationRunner:
         if mean is not None:
             log(INFO, "round %d evaluation: mean Rank-1 %.1f%%, mAP %.1f%% over %d sites", server_round,
                 100 * mean["rank1"], 100 * mean["mAP"], len(self.strategy.last_evaluate.site_metrics))
-        return self._evaluation_record(mean, result.failed, result.totals(), result.seconds)
+        return {**self._evaluation_record(mean, result.failed, result.totals(), result.seconds),
+                "bytes_per_site": result.bytes_per_site}
 
     def evaluate_unseen(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any] | None:
         """The held-out sites rank their own galleries with round ``server_round``'s model (under
@@ -287,6 +288,7 @@ class FederationRunner:
             "aggregation_seconds": aggregation_seconds,
             "clusters": self.strategy.last_train.clusters or None,
             "refined": self.strategy.last_train.refined,
+            **self.strategy.last_train.notes,
             "aggregate": dict(metrics) if metrics else None,
             "bytes": result.totals(),
             "bytes_per_site": result.bytes_per_site,

@@ -6,12 +6,51 @@ grouped, and each group is aggregated on its own. Pure NumPy/scikit-learn on vec
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from sklearn.cluster import KMeans
 
 CLUSTER_METHODS = ("none", "threshold", "kmeans", "singletons")
+EMBEDDINGS = ("features", "update")
+MAX_UPDATE_VALUES = 1 << 20  # an update embedding samples at most this many values, evenly spaced
+
+
+@dataclass(frozen=True)
+class ClusteringSpec:
+    """How sites are grouped: none, threshold (first-neighbour links), kmeans, or singletons."""
+
+    method: str = "none"
+    max_distance: float = 0.9
+    k: int = 2
+    seed: int = 0
+    embedding: str = "features"  # features: on public images (needs an embedder); update: the upload's change
+
+    def __post_init__(self) -> None:
+        if self.method not in CLUSTER_METHODS:
+            raise ValueError(f"unknown clustering method {self.method!r}; choose one of {CLUSTER_METHODS}")
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"unknown clustering embedding {self.embedding!r}; choose one of {EMBEDDINGS}")
+
+    @property
+    def groups_sites(self) -> bool:
+        return self.method in ("threshold", "kmeans")
+
+    @property
+    def needs_embeddings(self) -> bool:
+        """Whether the server needs an embedder (a model on public images) to group the sites."""
+        return self.groups_sites and self.embedding == "features"
+
+
+def update_embeddings(changes: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+    """One row per site: its model change (upload minus what it was sent) over every float tensor,
+    flattened and sampled evenly down to ``MAX_UPDATE_VALUES`` values. Needs no BatchNorm statistics
+    and no public images: sites whose data pull the model the same way point the same way."""
+    keys = sorted(k for k, v in changes[0].items() if np.asarray(v).dtype.kind == "f")
+    total = sum(int(np.size(changes[0][k])) for k in keys)
+    stride = max(1, -(-total // MAX_UPDATE_VALUES))
+    return np.stack([np.concatenate([np.ravel(c[k]).astype(np.float32) for k in keys])[::stride] for c in changes])
 
 
 def _unit_rows(embeddings: np.ndarray) -> np.ndarray:

@@ -76,6 +76,22 @@ def _remainder_stream(remainders: np.ndarray, b: int) -> np.ndarray:
     return ((remainders.astype(np.uint64)[:, None] >> shifts) & 1).astype(np.uint8).ravel()
 
 
+def encode_positions(positions: np.ndarray) -> tuple[np.ndarray, int]:
+    """Sorted distinct positions as Rice-coded gaps: (the bytes, the Rice parameter). The bytes hold
+    the two streams' lengths first, so ``decode_positions`` knows where they end."""
+    gaps_minus_one = np.diff(positions, prepend=-1).astype(np.uint64) - 1  # first gap counts from -1
+    b, _ = _best_rice_parameter(gaps_minus_one)
+    unary = np.packbits(_unary_stream(gaps_minus_one >> np.uint64(b)))
+    remainder = np.packbits(_remainder_stream(gaps_minus_one & np.uint64((1 << b) - 1), b))
+    return np.concatenate([np.array([unary.size, remainder.size], dtype="<u4").view(np.uint8), unary, remainder]), b
+
+
+def rice_position_bytes(positions: np.ndarray) -> int:
+    """What ``encode_positions`` would take, without building it."""
+    gaps_minus_one = np.diff(positions, prepend=-1).astype(np.uint64) - 1
+    return (_best_rice_parameter(gaps_minus_one)[1] + 7) // 8 + 8
+
+
 def encode(tensor: np.ndarray, mask: np.ndarray | None = None, value_dtype: str = "float32") -> np.ndarray:
     """Encode the kept entries of ``tensor`` (``mask``; default: its non-zeros) as one uint8 array."""
     flat = np.ascontiguousarray(tensor, dtype=np.float32).ravel()
@@ -86,13 +102,8 @@ def encode(tensor: np.ndarray, mask: np.ndarray | None = None, value_dtype: str 
     k = positions.size
     dtype = np.dtype("<f2") if value_dtype == "float16" else np.dtype("<f4")
     values = flat[positions].astype(dtype)
-    gaps_minus_one = np.diff(positions, prepend=-1).astype(np.uint64) - 1  # first gap counts from -1
-    b, rice_bits = _best_rice_parameter(gaps_minus_one)
-    if (rice_bits + 7) // 8 + 8 < (n + 7) // 8:  # + 8: the two streams' lengths stored below
-        unary = np.packbits(_unary_stream(gaps_minus_one >> np.uint64(b)))
-        remainder = np.packbits(_remainder_stream(gaps_minus_one & np.uint64((1 << b) - 1), b))
-        support = np.concatenate([np.array([unary.size, remainder.size], dtype="<u4").view(np.uint8),
-                                  unary, remainder])
+    if rice_position_bytes(positions) < (n + 7) // 8:
+        support, b = encode_positions(positions)
         fmt = RICE
     else:
         mask = np.zeros(n, dtype=bool)
@@ -121,7 +132,9 @@ def _read_header(blob: np.ndarray) -> tuple[int, np.dtype, int, int, int]:
     return fmt, _DTYPES[dtype_code], b, n, k
 
 
-def _decode_rice(body: np.ndarray, n: int, k: int, b: int) -> tuple[np.ndarray, int]:
+def decode_positions(body: np.ndarray, n: int, k: int, b: int) -> tuple[np.ndarray, int]:
+    """The k positions (< n) ``encode_positions`` wrote at the start of ``body``, and the bytes they
+    took; raises SparseFormatError when the streams are short, run past the end or leave the range."""
     if body.size < 8:
         raise SparseFormatError("Rice support truncated before its stream lengths")
     unary_len, remainder_len = (int(x) for x in body[:8].view("<u4"))
@@ -162,7 +175,7 @@ def decode(blob: np.ndarray, shape: tuple[int, ...]) -> Decoded:
             raise SparseFormatError(f"bitmask marks {int(mask.sum())} kept elements but the header says {k}")
         positions, used = np.flatnonzero(mask), mask_bytes
     else:
-        positions, used = _decode_rice(body, n, k, b)
+        positions, used = decode_positions(body, n, k, b)
     value_bytes = body[used:]
     if value_bytes.size != k * dtype.itemsize:
         raise SparseFormatError(f"{value_bytes.size} value bytes for {k} kept {dtype.name} values "

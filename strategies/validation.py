@@ -8,7 +8,7 @@ The first problem found is returned as a sentence for the log.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from strategies.packing import PackingError, unpack_record
 from strategies.sparse_codec import SparseFormatError
 from strategies.sparse_records import Tensor, decode_record
+from strategies.update_codec import UpdateFormatError
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -49,12 +50,17 @@ def _describe(keys: Iterable[str]) -> str:
     return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
 
 
-def check_arrays(arrays: ArrayRecord, expected: dict[str, ArraySpec]) -> tuple[dict[str, Tensor] | None, str | None]:
+Decoder = Callable[[ArrayRecord, dict[str, tuple[int, ...]]], dict[str, Tensor]]
+"""(unpacked arrays, expected shapes) -> decoded tensors; raises with the reason when they do not decode."""
+
+
+def check_arrays(arrays: ArrayRecord, expected: dict[str, ArraySpec],
+                 decode: Decoder = decode_record) -> tuple[dict[str, Tensor] | None, str | None]:
     """Decode the arrays and check them against ``expected`` (keys, shapes, dtypes, finiteness).
 
     Returns (decoded tensors, None) or (None, the first problem as a sentence). The record may come
-    packed (strategies/packing.py); a tensor may come dense, or sparse-encoded (a uint8 blob) when
-    it was pruned.
+    packed (strategies/packing.py); a tensor may come dense, sparse-encoded (a uint8 blob) when it
+    was pruned, or as a compressed change that ``decode`` rebuilds on the model the node was sent.
     """
     try:
         arrays = unpack_record(arrays)
@@ -71,7 +77,9 @@ def check_arrays(arrays: ArrayRecord, expected: dict[str, ArraySpec]) -> tuple[d
         if np.dtype(array.dtype) != np.uint8 and tuple(array.shape) != spec.shape:
             return None, f"array {key} has shape {tuple(array.shape)}, expected {spec.shape}"
     try:
-        tensors = decode_record(arrays, {key: spec.shape for key, spec in expected.items()})
+        tensors = decode(arrays, {key: spec.shape for key, spec in expected.items()})
+    except UpdateFormatError as error:
+        return None, f"malformed compressed change: {error}"
     except (SparseFormatError, ValueError) as error:
         return None, f"undecodable arrays: {error}"
     for key, spec in expected.items():
@@ -109,7 +117,8 @@ def check_record_names(content: RecordDict, allowed: set[str], required: set[str
 
 
 def check_train_reply(
-    message: Message, expected: dict[str, ArraySpec], weight_key: str, required_metrics: Iterable[str] = ()
+    message: Message, expected: dict[str, ArraySpec], weight_key: str, required_metrics: Iterable[str] = (),
+    decode: Decoder = decode_record,
 ) -> tuple[dict[str, Tensor] | None, str | None]:
     """Everything a training reply must satisfy: (decoded tensors, None) or (None, the first violation)."""
     if message.has_error():
@@ -124,7 +133,7 @@ def check_train_reply(
     reason = check_metrics(content[METRICS_KEY], [weight_key, *required_metrics], positive=[weight_key])
     if reason:
         return None, reason
-    return check_arrays(content[ARRAYS_KEY], expected)
+    return check_arrays(content[ARRAYS_KEY], expected, decode)
 
 
 def check_evaluate_reply(message: Message, required_metrics: Iterable[str]) -> str | None:

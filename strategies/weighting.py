@@ -1,6 +1,7 @@
-"""Aggregation weights from what the sites report: data size, CDW, and FedKLPR's KLPWA.
+"""FedKLPR's aggregation weights, KLPWA, from what the sites report.
 
-KLPWA = KLAW x PRAW, normalised. FedKLPR's text is ambiguous about both directions, so each is a
+KLPWA = size x KLAW x PRAW, normalised (``size: false``: KLAW x PRAW alone, the first reconstruction,
+under which a site that barely moved weighed almost nothing however much data it held). FedKLPR's text is ambiguous about both directions, so each is a
 switch (the reconstruction in shared/reference/fedreid-algorithms.md, section 9.2):
 
 * KLAW from each site's KL divergence D_k to the received global model on a fixed batch:
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-WEIGHTINGS = ("size", "cdw", "klpwa")
 KLAW_MODES = ("gain", "alignment", "off")
 PRAW_MODES = ("density", "sparsity", "off")
 
@@ -28,6 +28,7 @@ class KLPWASpec:
 
     klaw: str = "gain"
     praw: str = "density"
+    size: bool = True  # multiply by each site's training images, as FedPav weighs
 
     def __post_init__(self) -> None:
         if self.klaw not in KLAW_MODES:
@@ -57,7 +58,11 @@ def praw_factors(kept: np.ndarray, mode: str) -> np.ndarray:
     return pruned if (pruned > 0).any() else np.ones_like(kept)
 
 
-def klpwa_weights(kl: np.ndarray, kept: np.ndarray, spec: KLPWASpec) -> np.ndarray:
-    """w_k = a_k b_k / sum_j a_j b_j."""
-    product = klaw_factors(kl, spec.klaw) * praw_factors(kept, spec.praw)
+def klpwa_weights(kl: np.ndarray, kept: np.ndarray, spec: KLPWASpec, sizes: np.ndarray | None = None) -> np.ndarray:
+    """w_k = n_k a_k b_k / sum_j n_j a_j b_j (n_k = 1 without ``spec.size``), with a and b each
+    scaled to mean 1 so that they modulate the data-size weights rather than replace them."""
+    a = klaw_factors(kl, spec.klaw)
+    b = praw_factors(kept, spec.praw)
+    n = np.asarray(sizes, dtype=np.float64) if spec.size and sizes is not None else np.ones_like(a)
+    product = n * (a / a.mean()) * (b / b.mean() if b.mean() > 0 else 1.0)
     return product / product.sum()

@@ -115,40 +115,123 @@ def test_simulated_sites_are_picked_by_partition_id(tiny_sites: Path) -> None:
         locate_site({}, {})
 
 
-def test_a_pruning_site_uploads_encoded_tensors_and_keeps_its_masks(tiny_site: Path) -> None:
-    from clients.kept import MASKS_KEY
+class _Nodes:
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def _federate(strategy, sites: dict[int, Context], spec: SiteRunSpec, arrays: ArrayRecord, server_round: int
+              ) -> tuple[ArrayRecord, list[Message], list[Message]]:
+    """One training round between a real strategy and real ClientApp calls: (new global, sent, replies)."""
+    config = ConfigRecord(spec.to_flat())
+    sent = list(strategy.configure_train(server_round, arrays, config, _Nodes(sorted(sites))))
+    replies = [app(message, sites[message.metadata.dst_node_id]) for message in sent]
+    assert not any(r.has_error() for r in replies), [r.error.reason for r in replies if r.has_error()]
+    new, _ = strategy.aggregate_train(server_round, replies)
+    return new, sent, replies
+
+
+def test_every_site_trains_and_uploads_on_the_one_mask_the_server_sent(tiny_sites: Path) -> None:
+    """FedKLPR's server prunes the aggregate of round 1; in round 2 both sites receive it sparse,
+    train on its mask and upload exactly its positions: the masks agree across sites by construction,
+    and both directions shrink."""
     from reid.divergence import KLLConfig
-    from reid.pruning import CRRConfig, PruningConfig
+    from reid.pruning import PruningConfig
+    from strategies.fedklpr import FedKLPR
+    from strategies.pruning_plan import PruningSchedule
     from strategies.sparse_records import decode_record
+    from strategies.transfer import ModelTransfer
 
-    # CRR off: a recovery would rightly re-open the pruned weights; this test is about the masks
     spec = SiteRunSpec(model=SPEC.model, train=SPEC.train, bn_stats="local", kll=KLLConfig(enabled=True, start_round=1),
-                       pruning=PruningConfig(enabled=True, target=0.5, schedule="constant"),
-                       crr=CRRConfig(enabled=False))
-    context = _context(tiny_site)
-    global_arrays = _global(spec)
-    reply = app(_message("train", global_arrays, spec, 1), context)
-    arrays = reply.content["arrays"]
-    assert set(arrays.keys()) == set(global_arrays.keys())
-    encoded = [k for k in arrays.keys() if arrays[k].numpy().dtype == np.uint8]
-    assert "backbone.conv1.weight" in encoded and "bottleneck.0.weight" in encoded
-    assert not any(k.endswith(("bias", "running_mean")) or ".bn" in k for k in encoded)
-    shapes = {k: tuple(global_arrays[k].shape) for k in global_arrays.keys()}
-    decoded = decode_record(arrays, shapes)
-    conv = decoded["backbone.conv1.weight"]
-    assert conv.mask.mean() == pytest.approx(0.5, abs=0.01) and (conv.values[~conv.mask] == 0).all()
-    metrics = reply.content["metrics"]
-    assert metrics["kept-fraction"] == pytest.approx(0.5, abs=0.01) and metrics["pruning-ratio"] == 0.5
-    assert metrics["kl-divergence"] >= 0 and metrics["validation-accuracy"] >= 0
-    dense_bytes = sum(a.numpy().nbytes for a in global_arrays.values())
-    assert message_wire_bytes(reply) < 0.6 * dense_bytes
-    masks = context.state[MASKS_KEY]
-    np.testing.assert_array_equal(masks["backbone.conv1.weight"].numpy(), conv.mask)
+                       pruning=PruningConfig(enabled=True))
+    strategy = FedKLPR(min_sites=2, transfer=ModelTransfer(sparse_downlink=True),
+                       pruning=PruningSchedule(enabled=True, target=0.5, ramp_rounds=1, start_round=1, start_accuracy=0))
+    folders = sorted(p for p in tiny_sites.iterdir() if p.is_dir())[:2]
+    sites = {node: Context(run_id=1, node_id=node, node_config={"data-root": str(f), "dataset": f.name},
+                           state=RecordDict(), run_config={}) for node, f in zip((11, 12), folders)}
+    dense = _global(spec)
+    pruned, first_sent, first = _federate(strategy, sites, spec, dense, 1)
+    assert strategy.last_train.notes["pruning"]["density"] == pytest.approx(0.5, abs=0.01)
+    conv = pruned["backbone.conv1.weight"].numpy()
+    assert (conv[~strategy.masks["backbone.conv1.weight"]] == 0).all()
+    agreed = {k: m.copy() for k, m in strategy.masks.items()}
 
-    # next round: a dense global model arrives, yet the site's pruned weights stay zero
-    second = app(_message("train", global_arrays, spec, 2), context)
-    again = decode_record(second.content["arrays"], shapes)["backbone.conv1.weight"]
-    assert (again.values[~conv.mask] == 0).all()
+    _, second_sent, second = _federate(strategy, sites, spec, pruned, 2)
+    shapes = {k: tuple(dense[k].shape) for k in dense.keys()}
+    uploads = [decode_record(unpack_record(r.content["arrays"]), shapes) for r in second]
+    for upload in uploads:  # identical across the sites: exactly the server's mask
+        for key, mask in agreed.items():
+            np.testing.assert_array_equal(upload[key].mask, mask)
+            assert not upload[key].values[~mask].any()
+    assert set(strategy.last_train.accepted) == {f.name for f in folders}
+    assert strategy.last_train.notes["pruning"]["mask_overlap"] == 1.0
+    assert all(r.content["metrics"]["kept-fraction"] == pytest.approx(0.5, abs=0.01) for r in second)
+    for before, after in ((first_sent, second_sent), (first, second)):  # down, then up
+        assert all(message_wire_bytes(b) * 0.6 > message_wire_bytes(a) for a, b in zip(after, before))
+
+
+def test_compressed_changes_both_ways_with_error_feedback_kept_on_the_site(tiny_sites: Path) -> None:
+    """Round 1 sends the whole model, round 2 its 8-bit change from the version the site holds; each
+    upload is the site's 8-bit change and the residual it left out is in context.state and its
+    state file. The server rebuilds every upload on its copy of what that site holds."""
+    from dataclasses import replace
+
+    from clients.kept import HELD_VERSION_KEY, RESIDUAL_KEY, load_held, save_held
+    from strategies.fedpav import FedPav
+    from strategies.transfer import UPDATE_BASE_KEY, CompressedTransfer
+    from strategies.update_codec import CompressionSpec
+
+    compression = CompressionSpec(enabled=True, bits=8)
+    strategy = FedPav(min_sites=2, transfer=CompressedTransfer(compression))
+    folders = sorted(p for p in tiny_sites.iterdir() if p.is_dir())[:2]
+    sites = {node: Context(run_id=1, node_id=node, node_config={"data-root": str(f), "dataset": f.name},
+                           state=RecordDict(), run_config={}) for node, f in zip((21, 22), folders)}
+    spec = SPEC
+    config_extra = compression.to_config()
+
+    def federate(arrays: ArrayRecord, server_round: int) -> tuple[ArrayRecord, list[Message], list[Message]]:
+        config = ConfigRecord({**spec.to_flat(), **config_extra})
+        sent = list(strategy.configure_train(server_round, arrays, config, _Nodes(sorted(sites))))
+        replies = [app(m, sites[m.metadata.dst_node_id]) for m in sent]
+        assert not any(r.has_error() for r in replies), [r.error.reason for r in replies if r.has_error()]
+        return strategy.aggregate_train(server_round, replies)[0], sent, replies
+
+    dense = _global(spec)
+    after_one, first_sent, first = federate(dense, 1)
+    assert all(UPDATE_BASE_KEY not in m.content["config"] for m in first_sent)  # nothing held yet: whole
+    dense_bytes = message_wire_bytes(first_sent[0])
+    assert all(message_wire_bytes(r) < 0.3 * dense_bytes for r in first)  # changes up
+    residuals = [sites[n].state[RESIDUAL_KEY]["backbone.conv1.weight"].numpy() for n in sorted(sites)]
+    assert all(0 < np.abs(r).max() for r in residuals)  # error feedback carries something to round 2
+    after_two, second_sent, second = federate(after_one, 2)
+    assert all(m.content["config"][UPDATE_BASE_KEY] == first_sent[0].content["config"]["update-version"]
+               for m in second_sent)  # a change from the version both sites hold
+    assert all(message_wire_bytes(m) < 0.3 * dense_bytes for m in second_sent)
+    assert set(strategy.last_train.accepted) == {f.name for f in folders}
+    held = load_held(sites[21].state)
+    assert held is not None and held.version == second_sent[0].content["config"]["update-version"]
+    server_copy = strategy.transfer.versions[strategy.transfer.held[21]]
+    for key, values in held.values.items():  # the server's copy is the site's, bit for bit
+        np.testing.assert_array_equal(server_copy.values[key], values)
+    gap = np.abs(held.values["backbone.conv1.weight"] - after_one["backbone.conv1.weight"].numpy()).max()
+    assert 0 < gap < 1e-2  # the site holds the global model up to the quantisation the next change sends
+    assert HELD_VERSION_KEY in sites[22].state.config_records
+    assert np.isfinite(after_two["backbone.conv1.weight"].numpy()).all()
+
+    # Sites that did not answer round 3 get the whole model in round 4: the server cannot know
+    # whether they hold round 3's version.
+    config = ConfigRecord({**spec.to_flat(), **config_extra})
+    third = list(strategy.configure_train(3, after_two, config, _Nodes(sorted(sites))))
+    assert all(UPDATE_BASE_KEY in m.content["config"] for m in third)
+    assert strategy.aggregate_train(3, []) == (None, None)
+    fourth = list(strategy.configure_train(4, after_two, ConfigRecord(dict(config)), _Nodes(sorted(sites))))
+    assert all(UPDATE_BASE_KEY not in m.content["config"] for m in fourth)
+    save_held(sites[21].state, replace(held, version="another"))  # as if it had moved on without us
+    with pytest.raises(ValueError, match="it needs the whole model"):  # Flower answers the server with it
+        app(third[0], sites[21])  # a change from a version the site does not hold is refused
 
 
 def test_a_site_answers_a_packed_message_packed_in_the_transport_precision(tiny_site: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -247,13 +248,36 @@ def _per_message_processes(deployment: Deployment) -> list[str]:
     return found.stdout.splitlines()
 
 
+def _fleet_bytes(deployment: Deployment, site: str) -> tuple[int, int]:
+    """(received, sent) by ``site``'s SuperNode over its connections to the Fleet API, as the kernel
+    counts them (TCP_INFO's bytes_received and bytes_acked, from ``ss``): TLS, HTTP/2 and gRPC framing,
+    polls and the app bundle included."""
+    found = subprocess.run(["pgrep", "-f", f"flower-supernode.*--port {deployment.runtime_ports[site]}"],
+                           capture_output=True, text=True, check=False)
+    pids = {int(pid) for pid in found.stdout.split()}
+    assert pids, f"no SuperNode process for {site}"
+    listing = subprocess.run(["ss", "-tinpH", "state", "established", "dst", f"127.0.0.1:{deployment.fleet_port}"],
+                             capture_output=True, text=True, check=True).stdout
+    received = sent = 0
+    for block in re.split(r"\n(?=\S)", listing.strip()):
+        owners = {int(pid) for pid in re.findall(r"pid=(\d+)", block)}
+        if owners & pids:
+            received += int(re.search(r"bytes_received:(\d+)", block).group(1)) if "bytes_received:" in block else 0
+            sent += int(re.search(r"bytes_acked:(\d+)", block).group(1)) if "bytes_acked:" in block else 0
+    return received, sent
+
+
 def test_a_site_worker_killed_mid_round_fails_that_round_and_a_restarted_box_rejoins_with_its_head(
         tiny_sites: Path, tmp_path: Path) -> None:
     """Campus's site worker is killed (SIGKILL) while it trains round 2: fedreid-client starts it again,
     the new worker answers for the lost task at once, and round 2 is aggregated from the mall alone,
     naming campus as failed. Then the whole campus box restarts between rounds (the ServerApp is held
     after round 2 until it is connected) and rejoins round 3 with the head it saved. No
-    flwr-clientapp process is ever started: the workers run every task."""
+    flwr-clientapp process is ever started: the workers run every task.
+
+    The run uses compressed updates: campus, which missed round 2, gets the whole model in round 3
+    while the mall gets a change; and the bytes the kernel counted on the mall's Fleet connection
+    are the bytes metrics.jsonl reports for it, plus the framing, polls and app bundle."""
     sites = {name: path for name, path in _sites(tiny_sites).items() if name in ("0-mall", "2-campus")}
     deployment = Deployment(tmp_path, sites)
     outputs, port, marker = tmp_path / "outputs", free_port(), tmp_path / "paused"
@@ -266,7 +290,9 @@ def test_a_site_worker_killed_mid_round_fails_that_round_and_a_restarted_box_rej
         for site in sites:
             deployment.start_client(site)
         deployment.wait_for_nodes(2)
-        run_id = deployment.submit(f'profile="test" output-dir="{outputs}" overrides="{overrides}"')
+        counted_before = _fleet_bytes(deployment, "0-mall")
+        run_id = deployment.submit(f'algorithm="fedpav_compressed" profile="test" output-dir="{outputs}" '
+                                   f'overrides="{overrides}"')
         folder = _wait_for_round(outputs, 1, deployment)
         scraped = _scrape_after_round(port, 1)
         (worker,) = _worker_pids(deployment, "2-campus")
@@ -286,6 +312,7 @@ def test_a_site_worker_killed_mid_round_fails_that_round_and_a_restarted_box_rej
         marker.unlink()  # round 3 may start
         status = deployment.wait_finished(run_id, timeout=600)
         assert status == "finished:completed", _logs(deployment)
+        counted = [after - before for after, before in zip(_fleet_bytes(deployment, "0-mall"), counted_before)]
     finally:
         deployment.close()
 
@@ -307,6 +334,14 @@ def test_a_site_worker_killed_mid_round_fails_that_round_and_a_restarted_box_rej
     assert mall.count("message handled") == 4 and mall.count("scanned and checked") == 1, mall  # one scan,
     assert mall.count("decoded") + mall.count("from the disk cache") == 3, mall  # each image set decoded once
     assert set(rounds[-1]["evaluate"]["sites"]) == set(sites)
+    third = rounds[2]["train"]["bytes_per_site"]
+    assert third["2-campus"]["sent"] > 3 * third["0-mall"]["sent"]  # the whole model, against a change
+    assert rounds[1]["train"]["bytes_per_site"]["0-mall"]["received"] < 0.3 * rounds[0]["train"]["bytes_per_site"][
+        "0-mall"]["sent"]  # the mall's upload: an 8-bit change, about a quarter of the whole model
+    exchanges = [r["train"] for r in rounds] + [rounds[-1]["evaluate"]]
+    reported = [sum(e["bytes_per_site"]["0-mall"][way] for e in exchanges) for way in ("sent", "received")]
+    for kernel, ours in zip(counted, reported):  # down, then up, as the mall's SuperNode sees them
+        assert ours <= kernel <= 1.02 * ours + 1_500_000, (counted, reported)
     assert clientapps == []  # no process per message, at any point of the run
     assert "did not answer: <class" not in deployment.run_log(run_id)
 

@@ -8,7 +8,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from strategies.averaging import normalise_weights, weighted_average
 from strategies.packing import is_packed, unpack_record
-from strategies.fedpav import ClusteringSpec, FedPav
+from strategies.clustering import ClusteringSpec
+from strategies.fedpav import FedPav
 
 
 

@@ -1,4 +1,5 @@
-"""Pruning masks and schedules, Cross-Round Recovery, and the KL pieces of FedKLPR."""
+"""FedKLPR's pieces: the server's pruning plan (one mask, a schedule tied to learning, Cross-Round
+Recovery above the noise floor), the KL terms, KLPWA, and a site keeping the received mask."""
 
 from __future__ import annotations
 
@@ -10,90 +11,108 @@ import torch
 
 from reid.data.dataset import load_reid_data
 from reid.data.tensor_cache import training_images
-from reid.divergence import KLLConfig, feature_kl, kl_regulariser, softened_kl
+from reid.divergence import KLLConfig, cosine_logit_distance, feature_kl, kl_regulariser, softened_kl
+from reid.holdout import hold_back
 from reid.models import ModelSpec, build_model, split_state
-from reid.pruning import (
-    CRRConfig,
-    PruneState,
-    PruningConfig,
-    apply_masks,
-    cross_round_check,
-    kept_fraction,
-    magnitude_masks,
-    mask_keeper,
-    masks_to_numpy,
-    prunable_keys,
-    prune_step,
-)
+from reid.pruning import CRRConfig, apply_masks, kept_fraction, mask_keeper
 from reid.train import TrainConfig, train_local
+from strategies.pruning_plan import (PruningPlan, PruningSchedule, RecoveryRule, Signal, judge, magnitude_mask,
+                                     mask_overlap, prunable_keys)
+from strategies.weighting import KLPWASpec, klpwa_weights
 
-SPEC = ModelSpec(backbone="resnet10", last_stride=1, height=64, width=32)
+SMALL = ModelSpec(backbone="resnet10", last_stride=1, height=64, width=32)
 
 
-def test_only_conv_and_linear_weights_of_the_shared_state_are_prunable() -> None:
-    shared = split_state(build_model(SPEC, num_classes=5).state_dict(), "local")[0]
-    keys = prunable_keys(shared)
+def _arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"conv.weight": rng.normal(size=(8, 4, 3, 3)).astype(np.float32),
+            "fc.weight": rng.normal(size=(16, 32)).astype(np.float32),
+            "fc.bias": rng.normal(size=16).astype(np.float32)}
+
+
+def test_only_conv_and_linear_weights_are_prunable() -> None:
+    assert prunable_keys(_arrays()) == ["conv.weight", "fc.weight"]
+    shared = split_state(build_model(SMALL).state_dict(), "average")[0]
+    keys = prunable_keys({k: v.numpy() for k, v in shared.items()})
     assert "backbone.conv1.weight" in keys and "bottleneck.0.weight" in keys
-    assert not any(k.endswith("bias") or ".bn" in k or "bottleneck.1" in k or k.startswith("classifier")
-                   for k in keys)
+    assert not any(k.endswith(("bias", "running_mean", "running_var")) or ".bn" in k for k in keys)
 
 
-def test_magnitude_masks_keep_the_largest_weights_at_the_ratio() -> None:
-    weight = torch.tensor([[0.1, -5.0, 0.3, 2.0], [-0.2, 0.05, 4.0, -1.0]])
-    mask = magnitude_masks({"w": weight}, ["w"], ratio=0.5)["w"]
-    assert mask.tolist() == [[False, True, False, True], [False, False, True, True]]
-    assert kept_fraction({"w": mask}) == 0.5
-    assert magnitude_masks({"w": weight}, ["w"], 0.0)["w"].all()
+def test_magnitude_masks_keep_the_largest_and_never_revive_what_was_pruned() -> None:
+    values = np.arange(1, 101, dtype=np.float32).reshape(10, 10) * np.where(np.arange(100) % 2, 1, -1).reshape(10, 10)
+    mask = magnitude_mask(values, 0.3)
+    assert mask.sum() == 70 and (np.abs(values[mask]) > 30).all()
+    pruned_before = np.zeros(100, bool).reshape(10, 10)
+    pruned_before[9, 9] = True  # the largest, pruned earlier: it stays pruned
+    assert not magnitude_mask(values, 0.3, pruned_before)[9, 9]
 
 
-@pytest.mark.parametrize("schedule,expected", [
-    ("linear", [0.0, 0.2, 0.4, 0.6, 0.6]),
-    ("cubic", [0.0, 0.6 * (1 - (2 / 3) ** 3), 0.6 * (1 - (1 / 3) ** 3), 0.6, 0.6]),
-    ("constant", [0.0, 0.6, 0.6, 0.6, 0.6]),
-])
-def test_schedules_ramp_towards_the_target(schedule: str, expected: list[float]) -> None:
-    cfg = PruningConfig(enabled=True, target=0.6, schedule=schedule, start_round=2, ramp_rounds=3)
-    assert [cfg.ratio_at(r) for r in range(1, 6)] == pytest.approx(expected)
-    assert PruningConfig(enabled=False, target=0.6).ratio_at(9) == 0.0
+def _signals(value: float, queries: int = 40, se: float = 0.01) -> dict[str, Signal]:
+    return {"mall": Signal(value, se, queries), "station": Signal(value, se, queries)}
 
 
-def test_pruned_weights_stay_zero_and_masks_only_shrink() -> None:
-    torch.manual_seed(0)
-    model = build_model(SPEC, num_classes=3)
-    shared = split_state(model.state_dict(), "local")[0]
-    state = PruneState()
-    cfg = PruningConfig(enabled=True, target=0.5, ramp_rounds=2)
-    assert prune_step(state, shared, signal=0.8, server_round=1, cfg=cfg)
-    first = {k: m.clone() for k, m in state.masks.items()}
-    apply_masks(model, state.masks)
-    assert kept_fraction(state.masks) == pytest.approx(0.75, abs=1e-3)
-    assert (model.backbone.conv1.weight[~state.masks["backbone.conv1.weight"]] == 0).all()
-    shared = split_state(model.state_dict(), "local")[0]
-    assert prune_step(state, shared, signal=0.8, server_round=2, cfg=cfg)
-    assert all((state.masks[k] <= first[k]).all() for k in first)  # pruned weights stay pruned
-    assert state.ratio == 0.5 and state.pending and state.reference == 0.8
-    assert not prune_step(state, shared, signal=0.8, server_round=3, cfg=cfg)  # at the target already
+def test_pruning_waits_for_learning_then_ramps_one_step_a_round_on_one_mask() -> None:
+    plan = PruningPlan(PruningSchedule(enabled=True, target=0.6, ramp_rounds=3, start_round=2, start_accuracy=0.3))
+    arrays = _arrays()
+    notes = [plan.advance(r, arrays, _signals(0.5), accuracy) for r, accuracy in [(1, 0.9), (2, 0.1), (3, 0.35)]]
+    assert [n["step"] for n in notes] == [False, False, True]  # round 1: too early; round 2: not learnt yet
+    assert plan.ratio == pytest.approx(0.2)
+    plan.advance(4, arrays, _signals(0.5), 0.4)
+    plan.advance(5, arrays, _signals(0.5), 0.4)
+    assert plan.ratio == pytest.approx(0.6) and not plan.advance(6, arrays, _signals(0.5), 0.4)["step"]
+    for key in prunable_keys(arrays):
+        assert plan.masks[key].mean() == pytest.approx(0.4, abs=0.02)
+        assert not arrays[key][~plan.masks[key]].any()  # the global model itself is pruned
+    assert "fc.bias" not in plan.masks
 
 
-def test_cross_round_recovery_restores_on_a_forced_drop_and_holds(caplog: pytest.LogCaptureFixture) -> None:
-    weights = {"layer.weight": torch.arange(1.0, 9.0).reshape(2, 4)}
-    cfg = PruningConfig(enabled=True, target=0.75, schedule="linear", ramp_rounds=3)
-    crr = CRRConfig(enabled=True, threshold=0.05, hold_rounds=2)
-    state = PruneState()
-    prune_step(state, weights, signal=0.90, server_round=1, cfg=cfg)  # ratio 0.25
-    assert cross_round_check(state, signal=0.89, server_round=2, cfg=crr) is None  # small dip: kept
-    prune_step(state, weights, signal=0.89, server_round=2, cfg=cfg)  # ratio 0.5
-    before = {k: m.clone() for k, m in state.previous_masks.items()}
-    reopened = cross_round_check(state, signal=0.70, server_round=3, cfg=crr, site="mall")  # forced drop
-    assert reopened is not None and state.recoveries == 1
-    assert state.ratio == 0.25 and torch.equal(state.masks["layer.weight"], before["layer.weight"])
-    assert int(reopened["layer.weight"].sum()) == 2  # the two weights the failed step had pruned
-    assert "validation fell from 0.890 to 0.700" in caplog.text
-    assert not prune_step(state, weights, signal=0.7, server_round=4, cfg=cfg)  # holding
-    assert prune_step(state, weights, signal=0.7, server_round=5, cfg=cfg)  # hold over
-    off = PruneState()
-    prune_step(off, weights, 0.9, 1, cfg)
-    assert cross_round_check(off, 0.1, 2, CRRConfig(enabled=False)) is None
+def test_recovery_restores_the_previous_mask_and_values_then_backs_off_instead_of_jumping() -> None:
+    plan = PruningPlan(PruningSchedule(enabled=True, target=0.8, ramp_rounds=4, start_round=1, start_accuracy=0),
+                       RecoveryRule(threshold=0.02, z=2.0, min_queries=10, hold_rounds=2, backoff=0.5))
+    arrays = _arrays()
+    plan.advance(1, arrays, _signals(0.60), 1.0)  # step to 0.2
+    kept_at_02 = {k: m.copy() for k, m in plan.masks.items()}
+    before_step = {k: v.copy() for k, v in arrays.items()}
+    plan.advance(2, arrays, _signals(0.61), 1.0)  # judged fine; step to 0.4
+    note = plan.advance(3, arrays, _signals(0.45), 1.0)  # the step to 0.4 cost 0.16 mAP: recover
+    assert note["recovered"] and note["crr"]["recover"] and note["crr"]["judged"] == ["mall", "station"]
+    assert plan.ratio == pytest.approx(0.2) and plan.recoveries == 1
+    for key, mask in kept_at_02.items():
+        np.testing.assert_array_equal(plan.masks[key], mask)
+        np.testing.assert_array_equal(arrays[key][mask], before_step[key][mask])  # re-opened from before the step
+    assert not plan.advance(4, arrays, _signals(0.45), 1.0)["step"]  # holding
+    assert not plan.advance(5, arrays, _signals(0.45), 1.0)["step"]
+    plan.advance(6, arrays, _signals(0.45), 1.0)
+    assert plan.ratio == pytest.approx(0.3)  # half a step (0.2 -> 0.3), not 0.4 and not the target
+
+
+def test_recovery_does_not_trigger_on_a_signal_below_the_noise_floor() -> None:
+    rule = RecoveryRule(threshold=0.02, z=2.0, min_queries=10)
+    small = {"ilids": Signal(0.9, 0.2, 4)}  # 4 queries: not judged, however far it falls
+    assert not judge(small, {"ilids": Signal(0.1, 0.2, 4)}, rule).recover
+    assert judge(small, {"ilids": Signal(0.1, 0.2, 4)}, rule).judged == []
+    noisy = {"mall": Signal(0.60, 0.05, 20)}  # a 0.1 fall within 2 standard errors of a noisy estimate
+    verdict = judge(noisy, {"mall": Signal(0.50, 0.05, 20)}, rule)
+    assert not verdict.recover and verdict.floor == pytest.approx(2 * np.sqrt(2) * 0.05)
+    precise = {"mall": Signal(0.60, 0.01, 200)}
+    assert judge(precise, {"mall": Signal(0.50, 0.01, 200)}, rule).recover
+
+
+def test_mask_overlap_is_one_for_agreed_masks_and_less_for_differing_ones() -> None:
+    one = {"w": np.array([True, False, True, True])}
+    assert mask_overlap([one, {"w": one["w"].copy()}]) == 1.0
+    assert mask_overlap([one, {"w": np.array([True, True, False, True])}]) == pytest.approx(2 / 4)
+    assert mask_overlap([one]) is None
+
+
+def test_klpwa_weighs_by_data_size_times_normalised_klaw_and_praw() -> None:
+    kl, kept, sizes = np.array([0.1, 0.3]), np.array([0.5, 0.5]), np.array([100.0, 300.0])
+    weights = klpwa_weights(kl, kept, KLPWASpec(), sizes)
+    assert weights == pytest.approx(np.array([100 * 0.1, 300 * 0.3]) / (10 + 90))
+    assert klpwa_weights(kl, kept, KLPWASpec(size=False), sizes) == pytest.approx([0.25, 0.75])
+    assert klpwa_weights(kl, kept, KLPWASpec(klaw="off", praw="off"), sizes) == pytest.approx([0.25, 0.75])
+    aligned = klpwa_weights(kl, kept, KLPWASpec(klaw="alignment", size=False), sizes)
+    assert aligned[0] > aligned[1]  # closer to the global model: more weight
 
 
 def test_kl_terms_are_zero_for_identical_outputs_and_grow_with_disagreement() -> None:
@@ -103,11 +122,12 @@ def test_kl_terms_are_zero_for_identical_outputs_and_grow_with_disagreement() ->
     features = torch.nn.functional.normalize(torch.randn(8, 512), dim=1)
     assert feature_kl(features, features) == pytest.approx(0.0, abs=1e-6)
     assert feature_kl(features, torch.roll(features, 1, dims=1)) > 0.0
+    assert cosine_logit_distance(logits, logits) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_kl_regulariser_pulls_towards_the_frozen_copy_of_the_received_model() -> None:
     torch.manual_seed(0)
-    model = build_model(SPEC, num_classes=4).eval()
+    model = build_model(SMALL, num_classes=4).eval()
     loss = kl_regulariser(model, KLLConfig(enabled=True, weight=2.0, tau=2.0))
     images = torch.randn(4, 3, 64, 32)
     with torch.no_grad():
@@ -116,12 +136,12 @@ def test_kl_regulariser_pulls_towards_the_frozen_copy_of_the_received_model() ->
         assert float(loss(images, model(images))) > 0.0
 
 
-def test_the_step_hook_keeps_pruned_weights_at_zero_through_training(tiny_site: Path) -> None:
+def test_the_step_hook_keeps_the_received_mask_through_training(tiny_site: Path) -> None:
     torch.manual_seed(0)
     data = load_reid_data(tiny_site)
-    model = build_model(SPEC, num_classes=data.num_train_ids)
-    shared = split_state(model.state_dict(), "local")[0]
-    masks = magnitude_masks(shared, prunable_keys(shared), 0.5)
+    model = build_model(SMALL, num_classes=data.num_train_ids)
+    shared = {k: v.numpy() for k, v in split_state(model.state_dict(), "local")[0].items()}
+    masks = {k: torch.from_numpy(magnitude_mask(shared[k], 0.5)) for k in prunable_keys(shared)}
     apply_masks(model, masks)
     before = model.backbone.layer1[0].conv1.weight.detach().clone()
     train_local(model, training_images(data, 64, 32), TrainConfig(lr=0.1), torch.device("cpu"),
@@ -130,4 +150,14 @@ def test_the_step_hook_keeps_pruned_weights_at_zero_through_training(tiny_site: 
     for key, mask in masks.items():
         assert (params[key][~mask] == 0).all(), key
     assert not torch.equal(before, model.backbone.layer1[0].conv1.weight)  # the kept weights did train
-    assert {k: m.dtype for k, m in masks_to_numpy(masks).items()} == {k: np.dtype(bool) for k in masks}
+    assert kept_fraction(masks, model) == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_large_enough_site_holds_back_the_same_few_identities_every_round(tiny_site: Path) -> None:
+    data = load_reid_data(tiny_site)  # 8 training identities
+    first = hold_back(data, CRRConfig(holdout_fraction=0.25, min_identities=8), seed=3)
+    again = hold_back(data, CRRConfig(holdout_fraction=0.25, min_identities=8), seed=3)
+    assert first.identities == 2 and [s.path for s in first.samples] == [s.path for s in again.samples]
+    assert first.training.num_train_ids == 6 and not {s.pid for s in first.samples} & set(first.training.train_pids)
+    too_small = hold_back(data, CRRConfig(holdout_fraction=0.25, min_identities=20), seed=3)
+    assert too_small.samples == [] and too_small.training.num_train_ids == 8

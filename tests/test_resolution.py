@@ -176,11 +176,18 @@ def test_raf_combines_with_fedklpr_and_fedureid_on_a_site(tiny_site: Path, algor
     from reid.models import shared_state
     from server.config import compose_config, site_run_spec
 
+    from strategies.pruning_plan import magnitude_mask, prunable_keys
+    from strategies.sparse_records import encode_record
+
     overrides = ("model=small algorithm.raf.enabled=true algorithm.raf.scales=[0.5] train.batch_size=16 "
-                 "algorithm.unsupervised.epochs_first=1 algorithm.pruning.start_round=1")
+                 "algorithm.unsupervised.epochs_first=1 algorithm.kll.start_round=1")
     spec = site_run_spec(compose_config({"algorithm": algorithm, "overrides": overrides}))
     torch.manual_seed(0)
     arrays = ArrayRecord(shared_state(build_model(spec.model), spec.bn_stats))
+    if algorithm == "fedklpr":  # the server's pruned global model, as FedKLPR sends it
+        values = {k: a.numpy() for k, a in arrays.items()}
+        masks = {k: magnitude_mask(values[k], 0.5) for k in prunable_keys(values)}
+        arrays = encode_record({k: v * masks[k] if k in masks else v for k, v in values.items()}, masks)
     config = ConfigRecord({**spec.to_flat(), "server-round": 1})
     context = Context(run_id=1, node_id=7, node_config={"data-root": str(tiny_site), "dataset": "tiny"},
                       state=RecordDict(), run_config={})
@@ -190,6 +197,7 @@ def test_raf_combines_with_fedklpr_and_fedureid_on_a_site(tiny_site: Path, algor
     metrics = reply.content["metrics"]
     assert metrics["image-passes"] == 2 * (metrics["num-examples"] // 16) * 16  # full resolution + ½
     if algorithm == "fedklpr":
-        assert metrics["pruning-ratio"] > 0  # pruned after the RAF round, as without it
+        assert metrics["kept-fraction"] == pytest.approx(0.5, abs=0.01)  # trained on the received mask, with RAF
+        assert metrics["kl-divergence"] > 0
     else:
         assert metrics["clusters"] < metrics["num-examples"]
