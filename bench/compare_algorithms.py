@@ -47,7 +47,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from reid.data.dataset import load_reid_data  # noqa: E402
-from reid.data.synthetic import FEDERATIONS, federation_size  # noqa: E402
+from reid.data.federations import FEDERATIONS, federation_size  # noqa: E402
 from reid.data.tensor_cache import LabelledImages, training_images  # noqa: E402
 from reid.device import pick_device  # noqa: E402
 from reid.data.tensor_cache import load_images  # noqa: E402

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 import compare_algorithms  # noqa: E402  (bench/, next to this file)
-from reid.data.synthetic import FEDERATIONS, federation_size  # noqa: E402
+from reid.data.federations import FEDERATIONS, federation_size  # noqa: E402
 from server import simulate  # noqa: E402
 from server.config import compose_config  # noqa: E402
 from server.outputs import markdown_table  # noqa: E402

@@ -22,13 +22,13 @@ def handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
     """The reply content for a ``kind`` ("train" / "evaluate" / "query") message; ``context.state``
     updated in place. A query asks only for the site's name (the server learns which node is a
     held-out site before it sends any training)."""
-    from clients import outgoing
+    from clients import outgoing, rounds
     from clients.site import site_for  # torch and the model code: imported on first use
 
     site = site_for(context.run_id, context.node_config, context.run_config)
     if kind == "query":
         return outgoing.name_reply(site.name)
-    return site.train(content, context.state) if kind == "train" else site.evaluate(content, context.state)
+    return rounds.train(site, content, context.state) if kind == "train" else site.evaluate(content, context.state)
 
 
 @app.train()

@@ -14,9 +14,9 @@ What must survive a restart is never held here but in the ``state`` each call is
 (``context.state``, the one source of truth, kept by the SuperNode) and mirrored in the state file
 (clients/kept.py): the classifier head, BatchNorm statistics, pruning masks, FedUReID clusters.
 
-``train(content, state)`` and ``evaluate(content, state)`` answer one message each; the rounds
-themselves are in clients/supervised.py (FedPav / FedReID / FedKLPR) and clients/unsupervised.py
-(FedUReID). Every reply is built and checked by clients/outgoing.py; knobs that would run code on
+``evaluate(content, state)`` answers one evaluation message; a training message is answered by
+clients/rounds.py, which picks the round (clients/supervised.py for FedPav / FedReID / FedKLPR /
+RAF / FedDG, clients/unsupervised.py for FedUReID) and gives it this site. Every reply is built and checked by clients/outgoing.py; knobs that would run code on
 a deployed site are checked by clients/trust.py first.
 """
 
@@ -94,18 +94,6 @@ class Site:
         return self.state_dir / "image-cache" if self.state_dir is not None else None
 
     # -- one message each ------------------------------------------------------------------------
-
-    def train(self, content: RecordDict, state: RecordDict) -> RecordDict:
-        """Load the global SHARED arrays and this site's head, train locally, reply with the SHARED
-        arrays; ``state`` keeps what the site keeps (and the state file mirrors it)."""
-        spec, data = self.round_inputs(content, state)
-        if spec.unsupervised.enabled:
-            from clients.unsupervised import train_unsupervised
-
-            return train_unsupervised(self, content, state, spec, data)
-        from clients.supervised import train_supervised
-
-        return train_supervised(self, content, state, spec, data)
 
     def evaluate(self, content: RecordDict, state: RecordDict) -> RecordDict:
         """Rank this site's gallery for its own queries with the global backbone; only numbers leave."""

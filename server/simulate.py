@@ -28,7 +28,7 @@ from pathlib import Path
 from reid.backbones import check_backbone
 from reid.data.layout import site_folders
 from reid.data.public import generate_public_set
-from reid.data.synthetic import FEDERATIONS, federation_size, generate_sites, site_names
+from reid.data.federations import FEDERATIONS, federation_size, generate_sites, site_names
 from server.app_source import staged_app
 from server.config import compose_config
 from server.flower_cli import (

@@ -16,7 +16,8 @@ from clients.app import handle
 from reid.config import SiteRunSpec
 from reid.data import fedreid9
 from reid.data.dataset import load_reid_data
-from reid.data.synthetic import generate_site, generate_sites, site_names
+from reid.data.federations import generate_sites, site_names
+from reid.data.synthetic import generate_site
 from reid.models import ModelSpec, build_model, shared_state
 from reid.style import StyleConfig, StyleMixer
 from reid.train import TrainConfig

@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from clients.location import SiteConfigError, locate_site
-from reid.data.synthetic import generate_sites
+from reid.data.federations import generate_sites
 from server.flower_cli import console_script, free_port
 from server.simulate import SimulationError, SimulationRequest, _site_names, check_ray_address, main
 

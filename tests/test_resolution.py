@@ -16,7 +16,8 @@ from reid.data.batch_augment import normalise
 from reid.data.dataset import ReIDData, load_reid_data
 from reid.data.layout import Sample
 from reid.data.resolution import degrade, parse_scales
-from reid.data.synthetic import RESOLUTION_PROFILES, federation_styles, generate_site, site_names
+from reid.data.federations import federation_styles, site_names
+from reid.data.synthetic import RESOLUTION_PROFILES, generate_site
 from reid.data.tensor_cache import training_images
 from reid.evaluate import evaluate_at_scales, evaluate_model
 from reid.features import adapt_batchnorm

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from reid.data.dataset import load_reid_data
-from reid.data.synthetic import generate_site, generate_sites, site_names
+from reid.data.federations import generate_sites, site_names
+from reid.data.synthetic import generate_site
 from tests.conftest import TINY_STYLE
 
 
