@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=DEFAULT, choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--runs", type=Path, default=None, help="where runs are cached (default: OUT/runs)")
     parser.add_argument("--cached-only", action="store_true")
     parser.add_argument("--rerun", action="store_true")
     args = parser.parse_args()
@@ -166,7 +167,7 @@ def main() -> None:
     run_args = argparse.Namespace(
         federation=args.federation, profile=profile, sites=sites, out=args.out, rerun=args.rerun,
         sites_root=(REPO / "data" / args.federation).resolve(), public_root=(REPO / "data" / "synthetic-public").resolve(),
-        runs=args.out / "runs" / args.federation if args.federation != "synthetic" else args.out / "runs")
+        runs=(args.runs or args.out / "runs") / (args.federation if args.federation != "synthetic" else ""))
     simulate.ensure_synthetic_sites(run_args.sites_root, sites, 0, args.federation)
     simulate.ensure_public_set(run_args.public_root, 0)
     rows, policies = {}, {}

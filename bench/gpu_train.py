@@ -35,8 +35,9 @@ from reid.device import autocast, autocast_dtype, pick_device, tune_for  # noqa:
 from reid.divergence import KLLConfig, kl_regulariser  # noqa: E402
 from reid.features import extract_features  # noqa: E402
 from reid.models import ModelSpec, build_model, split_state  # noqa: E402
-from reid.pruning import apply_masks, magnitude_masks, mask_keeper, prunable_keys  # noqa: E402
+from reid.pruning import apply_masks, mask_keeper  # noqa: E402
 from reid.train import TrainConfig, make_optimizer, train_local  # noqa: E402
+from strategies.pruning_plan import magnitude_mask, prunable_keys  # noqa: E402
 
 MODELS = {"resnet50": ModelSpec(), "small": ModelSpec(backbone="resnet10", last_stride=1, height=64, width=32)}
 IDENTITIES = 751  # Market-1501's training identities
@@ -55,8 +56,8 @@ def timed_train(spec: ModelSpec, site: LabelledImages, cfg: TrainConfig, device:
     model = build_model(spec, IDENTITIES).to(device)
     extra, after = None, None
     if fedklpr:
-        shared = split_state(model.state_dict(), "local")[0]
-        masks = magnitude_masks(shared, prunable_keys(shared), 0.5)
+        shared = {k: v.detach().cpu().numpy() for k, v in split_state(model.state_dict(), "local")[0].items()}
+        masks = {k: torch.from_numpy(magnitude_mask(shared[k], 0.5)).to(device) for k in prunable_keys(shared)}
         apply_masks(model, masks)
         extra = kl_regulariser(model, KLLConfig(enabled=True))
         after = mask_keeper(model, masks)

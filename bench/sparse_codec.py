@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 
 from reid.models import ModelSpec, build_model, shared_state  # noqa: E402
-from reid.pruning import magnitude_masks, prunable_keys  # noqa: E402
 from strategies.averaging import masked_weighted_average, normalise_weights, weighted_average  # noqa: E402
 from strategies.sparse_codec import support_bound_bytes  # noqa: E402
+from strategies.pruning_plan import magnitude_mask, prunable_keys  # noqa: E402
 from strategies.sparse_records import Tensor, decode_record, encode_record  # noqa: E402
+from strategies.update_codec import CompressionSpec, decode_record_change, encode_record_change  # noqa: E402
 from strategies.wire import message_wire_bytes  # noqa: E402
 
 RATIOS = (0.3, 0.4, 0.5, 0.7, 0.9)
@@ -39,8 +40,7 @@ def resnet50_shared(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def pruned(state: dict[str, np.ndarray], ratio: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    torch_state = {k: torch.from_numpy(v) for k, v in state.items()}
-    masks = {k: m.numpy() for k, m in magnitude_masks(torch_state, prunable_keys(torch_state), ratio).items()}
+    masks = {k: magnitude_mask(state[k], ratio) for k in prunable_keys(state)}
     return {k: np.where(masks[k], v, 0).astype(np.float32) if k in masks else v for k, v in state.items()}, masks
 
 
@@ -117,9 +117,37 @@ def aggregation_timing(state: dict[str, np.ndarray], sites: int = 9, ratio: floa
           f"  -> mask-aware / blocked = {best['masked'] / best['blocked']:.2f}x")
 
 
+def change_table(state: dict[str, np.ndarray]) -> None:
+    """Compressed changes (strategies/update_codec.py) of a ResNet-50 round update: bytes against the
+    dense fp32 state, the error it leaves (relative L2 of the change; error feedback sends it later)
+    and the time both ways, one row per setting."""
+    rng = np.random.default_rng(1)
+    change = {k: (rng.standard_t(3, v.shape) * 1e-3).astype(np.float32) for k, v in state.items()}
+    target = {k: v + change[k] for k, v in state.items()}
+    dense = sum(v.nbytes for v in state.values())
+    shapes = {k: v.shape for k, v in state.items()}
+    norm = np.sqrt(sum(float((c.astype(np.float64) ** 2).sum()) for c in change.values()))
+    print("\ncompressed change of a ResNet-50 round update (heavy-tailed, 1e-3 scale), against dense fp32:")
+    print("bits | top-k | block | bytes/dense | wire/dense wire | relative L2 error | encode s | decode s")
+    dense_wire = wire_bytes(ArrayRecord({k: Array(v) for k, v in state.items()}))
+    for bits, topk in ((8, 0.0), (4, 0.0), (2, 0.0), (8, 0.1), (4, 0.1), (4, 0.01)):
+        spec = CompressionSpec(enabled=True, bits=bits, topk=topk)
+        start = time.perf_counter()
+        encoded = encode_record_change(target, state, spec)
+        encode_s = time.perf_counter() - start
+        start = time.perf_counter()
+        decoded = decode_record_change(encoded.record, state, shapes)
+        decode_s = time.perf_counter() - start
+        size = sum(a.numpy().nbytes for a in encoded.record.values())
+        error = np.sqrt(sum(float(((decoded[k].values - target[k]).astype(np.float64) ** 2).sum()) for k in state))
+        print(f"  {bits}  | {topk:5.2f} | {spec.block} | {size / dense:.4f} | {wire_bytes(encoded.record) / dense_wire:.4f}"
+              f" | {error / norm:.4f} | {encode_s:.2f} | {decode_s:.2f}")
+
+
 def main() -> None:
     state = resnet50_shared()
     codec_table(state)
+    change_table(state)
     aggregation_timing(state)
 
 

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 AUGMENT_STREAM = 0x5DEECE66D  # mixed into the seed so that batch order and augmentation draw different streams
 
-ExtraLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ExtraLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(images, bottleneck features, logits) of a batch -> a loss term added to the cross-entropy."""
 
 
 class FeatureHead(Protocol):
@@ -164,7 +165,7 @@ def train_local(
 ) -> TrainStats:
     """Train ``model`` in place for ``cfg.local_epochs`` epochs; logs progress about five times an epoch.
 
-    ``extra_loss(images, logits)`` is added to the cross-entropy; ``after_step()`` runs after every
+    ``extra_loss(images, features, logits)`` is added to the cross-entropy; ``after_step()`` runs after every
     optimiser step. With ``head`` the logits come from it instead of the model's classifier, and it
     is updated with each batch's features after the step. With ``stop_accuracy`` training ends after
     the first epoch whose training accuracy reaches it (FedUReID's dynamic epochs). The same seed
@@ -199,7 +200,7 @@ def train_local(
             if multires is not None:
                 loss = loss + multires.loss(feature_map, embedding, y, classify, model.bottleneck[2], criterion)
             if extra_loss is not None:
-                loss = loss + extra_loss(x, logits)
+                loss = loss + extra_loss(x, features, logits)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -76,7 +76,8 @@ def build_strategy(cfg: DictConfig) -> FedPav:
     )
     if str(algo.weighting) == "klpwa" or bool(algo.pruning.enabled):
         schedule, recovery = pruning_specs(cfg)
-        klpwa = KLPWASpec(klaw=mode(algo.klpwa.klaw), praw=mode(algo.klpwa.praw), size=bool(algo.klpwa.size))
+        klpwa = KLPWASpec(klaw=mode(algo.klpwa.klaw), praw=mode(algo.klpwa.praw), size=bool(algo.klpwa.size),
+                          temperature=float(algo.klpwa.temperature))
         return FedKLPR(klpwa=klpwa, pruning=schedule, recovery=recovery, **options)  # type: ignore[arg-type]
     return FedPav(**options)  # type: ignore[arg-type]
 

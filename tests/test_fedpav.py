@@ -280,9 +280,9 @@ def test_klpwa_weights_are_the_normalised_product_with_switchable_directions() -
     from strategies.weighting import KLPWASpec, klpwa_weights
 
     kl, kept = np.array([0.2, 0.6]), np.array([0.5, 1.0])
-    np.testing.assert_allclose(klpwa_weights(kl, kept, KLPWASpec()), np.array([0.1, 0.6]) / 0.7)
+    np.testing.assert_allclose(klpwa_weights(kl, kept, KLPWASpec(klaw="gain")), np.array([0.1, 0.6]) / 0.7)
     np.testing.assert_allclose(klpwa_weights(kl, kept, KLPWASpec(klaw="off")), [1 / 3, 2 / 3])
-    np.testing.assert_allclose(klpwa_weights(kl, kept, KLPWASpec(praw="off")), [0.25, 0.75])
+    np.testing.assert_allclose(klpwa_weights(kl, kept, KLPWASpec(klaw="gain", praw="off")), [0.25, 0.75])
     aligned = klpwa_weights(kl, kept, KLPWASpec(klaw="alignment", praw="off"))
     assert aligned[0] > aligned[1]  # closer to the global model weighs more
     compact = klpwa_weights(kl, kept, KLPWASpec(klaw="off", praw="sparsity"))

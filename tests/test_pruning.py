@@ -107,11 +107,13 @@ def test_mask_overlap_is_one_for_agreed_masks_and_less_for_differing_ones() -> N
 
 def test_klpwa_weighs_by_data_size_times_normalised_klaw_and_praw() -> None:
     kl, kept, sizes = np.array([0.1, 0.3]), np.array([0.5, 0.5]), np.array([100.0, 300.0])
-    weights = klpwa_weights(kl, kept, KLPWASpec(), sizes)
+    weights = klpwa_weights(kl, kept, KLPWASpec(klaw="gain"), sizes)
     assert weights == pytest.approx(np.array([100 * 0.1, 300 * 0.3]) / (10 + 90))
-    assert klpwa_weights(kl, kept, KLPWASpec(size=False), sizes) == pytest.approx([0.25, 0.75])
+    assert klpwa_weights(kl, kept, KLPWASpec(klaw="gain", size=False), sizes) == pytest.approx([0.25, 0.75])
+    tempered = klpwa_weights(kl, kept, KLPWASpec(), sizes)  # the default: alignment at T = 10
+    assert 0.25 < tempered[0] < 0.3  # a little more than its size share, as the site moved less
     assert klpwa_weights(kl, kept, KLPWASpec(klaw="off", praw="off"), sizes) == pytest.approx([0.25, 0.75])
-    aligned = klpwa_weights(kl, kept, KLPWASpec(klaw="alignment", size=False), sizes)
+    aligned = klpwa_weights(kl, kept, KLPWASpec(klaw="alignment", size=False, temperature=1.0), sizes)
     assert aligned[0] > aligned[1]  # closer to the global model: more weight
 
 
@@ -125,15 +127,22 @@ def test_kl_terms_are_zero_for_identical_outputs_and_grow_with_disagreement() ->
     assert cosine_logit_distance(logits, logits) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_kl_regulariser_pulls_towards_the_frozen_copy_of_the_received_model() -> None:
+@pytest.mark.parametrize("target", ["features", "logits"])
+def test_kl_regulariser_pulls_towards_the_frozen_copy_of_the_received_model(target: str) -> None:
     torch.manual_seed(0)
     model = build_model(SMALL, num_classes=4).eval()
-    loss = kl_regulariser(model, KLLConfig(enabled=True, weight=2.0, tau=2.0))
+    loss = kl_regulariser(model, KLLConfig(enabled=True, weight=2.0, tau=0.1 if target == "features" else 2.0,
+                                           target=target))
     images = torch.randn(4, 3, 64, 32)
     with torch.no_grad():
-        assert float(loss(images, model(images))) == pytest.approx(0.0, abs=1e-6)
-        model.classifier.weight.add_(torch.randn_like(model.classifier.weight))  # the model moves, not the copy
-        assert float(loss(images, model(images))) > 0.0
+        assert float(loss(images, model.features(images), model(images))) == pytest.approx(0.0, abs=1e-5)
+        moved = model.bottleneck[0].weight if target == "features" else model.classifier.weight
+        moved.add_(torch.randn_like(moved))  # the model moves, not the copy
+        assert float(loss(images, model.features(images), model(images))) > 0.0
+        if target == "features":  # the identity head does not enter the feature term
+            model.classifier.weight.add_(torch.randn_like(model.classifier.weight))
+            again = kl_regulariser(model, KLLConfig(enabled=True, target=target))
+            assert float(again(images, model.features(images), model(images))) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_the_step_hook_keeps_the_received_mask_through_training(tiny_site: Path) -> None:

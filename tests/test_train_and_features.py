@@ -60,7 +60,7 @@ def test_an_extra_loss_term_is_added_to_the_cross_entropy(tiny_site: Path) -> No
     plain = train_local(build_model(SPEC, data.num_train_ids), images, TrainConfig(lr=0.0), CPU, seed=3)
     torch.manual_seed(0)
     extra = train_local(build_model(SPEC, data.num_train_ids), images, TrainConfig(lr=0.0), CPU, seed=3,
-                        extra_loss=lambda images, logits: torch.tensor(2.5))
+                        extra_loss=lambda images, features, logits: torch.tensor(2.5))
     assert extra.loss == pytest.approx(plain.loss + 2.5, rel=0.05)
 
 
