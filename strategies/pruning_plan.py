@@ -43,6 +43,7 @@ class PruningSchedule:
     ramp_rounds: int = 5
     start_round: int = 2
     start_accuracy: float = 0.5
+    min_weights: int = 16384  # smaller tensors stay dense (the stem's first convolution, 9,408 in a ResNet)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target < 1.0:
@@ -114,9 +115,11 @@ def judge(reference: Mapping[str, Signal], current: Mapping[str, Signal], rule: 
     return Verdict(recover, judged, drop, floor, reason)
 
 
-def prunable_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:
-    """Conv (4-D) and linear (2-D) weights; biases, BatchNorm and buffers are never pruned."""
-    return [k for k, v in arrays.items() if k.endswith(".weight") and np.ndim(v) in (2, 4)]
+def prunable_keys(arrays: Mapping[str, np.ndarray], min_weights: int = 0) -> list[str]:
+    """Conv (4-D) and linear (2-D) weights of at least ``min_weights`` entries; biases, BatchNorm and
+    buffers are never pruned."""
+    return [k for k, v in arrays.items() if k.endswith(".weight") and np.ndim(v) in (2, 4)
+            and np.size(v) >= min_weights]
 
 
 def magnitude_mask(values: np.ndarray, ratio: float, pruned: np.ndarray | None = None) -> np.ndarray:
@@ -198,7 +201,7 @@ class PruningPlan:
         return note
 
     def _step(self, server_round: int, arrays: dict[str, np.ndarray], signals: Mapping[str, Signal]) -> None:
-        keys = prunable_keys(arrays)
+        keys = prunable_keys(arrays, self.schedule.min_weights)
         previous = {k: m.copy() for k, m in self.masks.items()}
         before = {k: arrays[k].copy() for k in keys} if self.recovery.enabled else {}
         self.pending = PendingStep(server_round, previous, self.progress, dict(signals), before)
@@ -230,7 +233,7 @@ class PruningPlan:
         self.hold_until = int(note.get("hold_until", 0))
         self.recoveries = int(note.get("recoveries", 0))
         if self.started and self.progress > 0:
-            self.masks = {k: np.asarray(arrays[k]) != 0 for k in prunable_keys(arrays)}
+            self.masks = {k: np.asarray(arrays[k]) != 0 for k in prunable_keys(arrays, self.schedule.min_weights)}
 
 
 def mask_overlap(masks: list[Mapping[str, np.ndarray]]) -> float | None:

@@ -93,7 +93,7 @@ def test_clustering_logs_a_partition_and_keeps_a_model_per_site(runs: dict[str, 
         clusters = line["train"]["clusters"]
         assert sorted(s for group in clusters for s in group) == sorted(SITES)
     saved = torch.load(runs["fedpav_cluster"] / "site_models.pt", weights_only=True)
-    assert set(saved["state_dicts"]) == SITES and saved["round"] == 1 and saved["bn_stats"] == "average"
+    assert set(saved["state_dicts"]) == SITES and saved["round"] == 1 and saved["bn_stats"] == "local"
 
 
 def test_local_baseline_keeps_every_site_on_its_own_model(runs: dict[str, Path]) -> None:
@@ -113,7 +113,7 @@ def test_fedklpr_sites_agree_on_one_mask_and_compressed_pruned_changes_shrink_bo
     shutil.copytree(tiny_sites, tmp_path / "sites")
     result = _simulate(tmp_path / "sites", tmp_path, "--algorithm", "fedklpr_compressed", "--overrides",
                        "federation.rounds=3 algorithm.pruning.start_round=1 algorithm.pruning.start_accuracy=0 "
-                       "algorithm.pruning.ramp_rounds=2 algorithm.pruning.target=0.7")
+                       "algorithm.pruning.ramp_rounds=2 algorithm.pruning.schedule=linear algorithm.pruning.target=0.7")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (folder,) = (tmp_path / "outputs").iterdir()
     lines = _rounds(folder)
