@@ -37,7 +37,7 @@ class CRRConfig:
     identities (at least 2) as the signal, when it has at least ``min_identities``."""
 
     enabled: bool = True
-    holdout_fraction: float = 0.1
+    holdout_fraction: float = 0.05
     min_identities: int = 20
 
     def __post_init__(self) -> None:

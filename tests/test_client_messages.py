@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from clients.app import app
@@ -135,9 +135,9 @@ def _federate(strategy, sites: dict[int, Context], spec: SiteRunSpec, arrays: Ar
 
 
 def test_every_site_trains_and_uploads_on_the_one_mask_the_server_sent(tiny_sites: Path) -> None:
-    """FedKLPR's server prunes the aggregate of round 1; in round 2 both sites receive it sparse,
-    train on its mask and upload exactly its positions: the masks agree across sites by construction,
-    and both directions shrink."""
+    """FedKLPR's server prunes the global model; in the next round both sites receive it sparse,
+    train on its mask and upload exactly its positions: after the round the masks agree across
+    sites by construction (overlap 1.0), and both directions shrink."""
     from reid.divergence import KLLConfig
     from reid.pruning import PruningConfig
     from strategies.fedklpr import FedKLPR
@@ -153,24 +153,26 @@ def test_every_site_trains_and_uploads_on_the_one_mask_the_server_sent(tiny_site
     sites = {node: Context(run_id=1, node_id=node, node_config={"data-root": str(f), "dataset": f.name},
                            state=RecordDict(), run_config={}) for node, f in zip((11, 12), folders)}
     dense = _global(spec)
-    pruned, first_sent, first = _federate(strategy, sites, spec, dense, 1)
-    assert strategy.last_train.notes["pruning"]["density"] == pytest.approx(0.5, abs=0.01)
-    conv = pruned["backbone.conv1.weight"].numpy()
-    assert (conv[~strategy.masks["backbone.conv1.weight"]] == 0).all()
+    values = {k: a.numpy().copy() for k, a in dense.items()}
+    strategy.plan.advance(1, values, {}, train_accuracy=1.0)  # the server's first pruning step, on round 0's model
+    strategy.masks = dict(strategy.plan.masks)
+    pruned = ArrayRecord({k: Array(v) for k, v in values.items()})
     agreed = {k: m.copy() for k, m in strategy.masks.items()}
+    assert strategy.plan.ratio == pytest.approx(0.5)
 
-    _, second_sent, second = _federate(strategy, sites, spec, pruned, 2)
+    _, sent, replies = _federate(strategy, sites, spec, pruned, 2)
     shapes = {k: tuple(dense[k].shape) for k in dense.keys()}
-    uploads = [decode_record(unpack_record(r.content["arrays"]), shapes) for r in second]
+    uploads = [decode_record(unpack_record(r.content["arrays"]), shapes) for r in replies]
     for upload in uploads:  # identical across the sites: exactly the server's mask
         for key, mask in agreed.items():
             np.testing.assert_array_equal(upload[key].mask, mask)
             assert not upload[key].values[~mask].any()
     assert set(strategy.last_train.accepted) == {f.name for f in folders}
     assert strategy.last_train.notes["pruning"]["mask_overlap"] == 1.0
-    assert all(r.content["metrics"]["kept-fraction"] == pytest.approx(0.5, abs=0.01) for r in second)
-    for before, after in ((first_sent, second_sent), (first, second)):  # down, then up
-        assert all(message_wire_bytes(b) * 0.6 > message_wire_bytes(a) for a, b in zip(after, before))
+    assert all(r.content["metrics"]["kept-fraction"] == pytest.approx(0.5, abs=0.01) for r in replies)
+    dense_down = message_wire_bytes(Message(content=RecordDict({"arrays": pack_record(dense), "config": ConfigRecord()}),
+                                            dst_node_id=11, message_type="train"))
+    assert all(message_wire_bytes(m) < 0.6 * dense_down for m in [*sent, *replies])  # down and up
 
 
 def test_compressed_changes_both_ways_with_error_feedback_kept_on_the_site(tiny_sites: Path) -> None:
