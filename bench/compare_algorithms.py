@@ -60,6 +60,7 @@ from server import simulate  # noqa: E402
 from server.config import compose_config, federation_settings, site_run_spec  # noqa: E402
 from server.outputs import markdown_table  # noqa: E402
 import fedreid9_tables  # noqa: E402  (bench/, next to this file)
+from traffic import bytes_cell, exchanged_bytes  # noqa: E402
 
 METHODS = ["fedpav", "fedpav_cdw", "fedpav_kd", "fedpav_cdw_kd", "fedpav_cluster", "local", "central",
            "fedklpr", "fedklpr_fp16", "fedklpr_no_kll", "fedklpr_no_klaw", "fedklpr_no_praw", "fedklpr_no_pruning",
@@ -142,6 +143,7 @@ def run_central(args: argparse.Namespace, seed: int) -> list[dict]:
 def summarise(method: str, runs: list[list[dict]]) -> dict:
     """Final per-site and mean Rank-1/mAP, averaged over seeds, with the spread of the mean mAP."""
     finals, last3, uploads, last_uploads, curves, purity, passes, train_rounds = [], [], [], [], [], [], [], []
+    downloads = []
     for lines in runs:
         trained = [line["train"]["sites"] for line in lines if line.get("train") and "sites" in line["train"]]
         train_rounds.append(len(trained))
@@ -153,7 +155,9 @@ def summarise(method: str, runs: list[list[dict]]) -> dict:
         finals.append(evaluated[-1]["evaluate"])
         last3.append(np.mean([line["evaluate"]["mean"]["mAP"] for line in evaluated[-3:]]))
         sizes = [line["train"]["bytes"]["received"] for line in lines if line.get("train")]
-        uploads.append(np.mean(sizes))
+        up, down = exchanged_bytes(lines)
+        uploads.append(up)
+        downloads.append(down)
         last_uploads.append(sizes[-1])
         curves.append([(line["round"], np.mean([m["mAP"] for m in line["evaluate"]["sites"].values()]))
                        for line in lines if line.get("evaluate")])
@@ -182,6 +186,7 @@ def summarise(method: str, runs: list[list[dict]]) -> dict:
                                                for p, n in zip(passes, train_rounds)])),
             "mAP_spread": (float(min(mean_maps)), float(max(mean_maps))), "last3_mAP": float(np.mean(last3)),
             "upload_mb": float(np.mean(uploads)) / 1e6, "last_upload_mb": float(np.mean(last_uploads)) / 1e6,
+            "download_mb": float(np.mean(downloads)) / 1e6,
             "curve": [(r, float(np.mean([c[i][1] for c in curves]))) for i, (r, _) in enumerate(curves[0])],
             "curve_band": [(r, float(min(c[i][1] for c in curves)), float(max(c[i][1] for c in curves)))
                            for i, (r, _) in enumerate(curves[0])],
@@ -192,12 +197,11 @@ def summarise(method: str, runs: list[list[dict]]) -> dict:
 def table(results: list[dict], caption: str) -> str:
     sites = sorted(results[0]["sites"])
     header = ["method", *(f"{s} R1 / mAP" for s in sites), "mean R1", "mean mAP (min-max over seeds)",
-              "mean mAP, last 3 evals", "upload MB / round (mean, last)"]
+              "mean mAP, last 3 evals", "up / down MB per round (x FedPav)"]
     rows = []
     for r in results:
         low, high = r["mAP_spread"]
-        upload = ("0 (outside Flower)" if r["method"] == "central"
-                  else f"{r['upload_mb']:.1f}, {r['last_upload_mb']:.1f}")
+        upload = bytes_cell(r, results)
         rows.append([r["method"], *(f"{100 * r['sites'][s]['rank1']:.1f} / {100 * r['sites'][s]['mAP']:.1f}"
                                     for s in sites),
                      f"{100 * r['mean']['rank1']:.1f}", f"{100 * r['mean']['mAP']:.1f} ({100 * low:.1f}-{100 * high:.1f})",
@@ -331,10 +335,10 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot_bytes_against_map(results: list[dict], path: Path) -> None:
-    """Mean upload MB per round against final mean mAP, one point per method with the seeds' min-max
-    as error bars, and the Pareto front; ``central`` moves no bytes and is drawn as a reference line."""
+    """Mean MB per round, up plus down, against final mean mAP, one point per method with the seeds'
+    min-max as error bars, and the Pareto front; ``central`` moves no bytes and is drawn as a line."""
     shown = [r for r in results if r["method"] != "central"]
-    points = [(r["upload_mb"], 100 * r["mean"]["mAP"]) for r in shown]
+    points = [(r["upload_mb"] + r["download_mb"], 100 * r["mean"]["mAP"]) for r in shown]
     fig, axis = plt.subplots(figsize=(8.5, 5.6))
     top = max(x for x, _ in points)
     bins = [round(x / (0.02 * top)) for x, _ in points]  # bytes within 2 % are the same bytes (metrics vary)
@@ -356,7 +360,7 @@ def plot_bytes_against_map(results: list[dict], path: Path) -> None:
         if r["method"] == "central":
             axis.axhline(100 * r["mean"]["mAP"], color=_style("central")["color"], linestyle=":",
                          label="central (pooled data, no bytes)")
-    axis.set_xlabel("mean upload per training round, all sites (MB); equal bytes drawn side by side")
+    axis.set_xlabel("mean MB per round, up + down, all sites; equal bytes drawn side by side")
     axis.set_ylabel("final mean mAP over sites (%); bars: min-max over seeds")
     axis.set_xlim(0, 1.1 * top)
     axis.grid(alpha=0.3)

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 import compare_algorithms  # noqa: E402  (bench/, next to this file)
+from traffic import exchanged_bytes  # noqa: E402
 from reid.data.federations import FEDERATIONS, federation_size  # noqa: E402
 from server import simulate  # noqa: E402
 from server.config import compose_config  # noqa: E402
@@ -80,17 +81,12 @@ def _late(lines: list[dict]) -> list[dict]:
 
 def seed_summary(lines: list[dict]) -> dict[str, float]:
     """One seed's late mean mAP (training sites, held-out sites) and bytes per round each way."""
-    rounds = max(line["round"] for line in lines)
     late = _late(lines)
-    up = down = 0
-    for line in lines:
-        for exchange in (line.get("train") or {}, line.get("evaluate") or {}):
-            down += (exchange.get("bytes") or {}).get("sent", 0)
-            up += (exchange.get("bytes") or {}).get("received", 0)
+    up, down = exchanged_bytes(lines)
     unseen = [line["unseen"]["mean"]["mAP"] for line in late if (line.get("unseen") or {}).get("mean")]
     return {"mAP": float(np.mean([line["evaluate"]["mean"]["mAP"] for line in late])),
             "unseen": float(np.mean(unseen)) if unseen else float("nan"),
-            "up_mb": up / rounds / 1e6, "down_mb": down / rounds / 1e6}
+            "up_mb": up / 1e6, "down_mb": down / 1e6}
 
 
 def bn_policy(variant: Variant, profile: str) -> str:

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from server.outputs import markdown_table  # noqa: E402
+from traffic import bytes_cell  # noqa: E402  (bench/, next to this file)
 
 GAIN_METHODS = ("fedpav", "feddg_ccst", "fedpav_kd", "fedpav_cdw")  # drawn against `local` in the figure
 
@@ -35,18 +36,16 @@ def by_size(result: dict) -> list[str]:
 
 def main_table(results: list[dict], caption: str) -> str:
     """mAP per training site (largest first) and its mean, mAP per held-out site and its mean (each
-    with the seeds' min-max), and upload bytes per round against FedPav's."""
+    with the seeds' min-max), and the bytes per round each way, their sum against FedPav's."""
     sites = by_size(results[0])
     held_out = sorted(results[0]["unseen"])
-    fedpav = next((r["upload_mb"] for r in results if r["method"] == "fedpav"), None)
     header = ["method", "seeds", *(f"{s} ({int(results[0]['train_images'][s])})" for s in sites),
               "mean mAP (min-max)", *(f"{s} (held out)" for s in held_out), "held-out mean mAP (min-max)",
-              "upload MB / round" + (" (x FedPav)" if fedpav else "")]
+              "up / down MB per round (x FedPav)"]
     rows = []
     for r in results:
         low, high = r["mAP_spread"]
-        upload = (f"{r['upload_mb']:.1f} ({r['upload_mb'] / fedpav:.2f}x)" if fedpav and r["method"] != "central"
-                  else f"{r['upload_mb']:.1f}")
+        upload = bytes_cell(r, results)
         rows.append([r["method"], str(r["seeds"]), *(_pct(r["sites"][s]["mAP"]) for s in sites),
                      f"{_pct(r['mean']['mAP'])} ({_pct(low)}-{_pct(high)})",
                      *(_pct(r["unseen"][s]["mAP"]) if s in r["unseen"] else "-" for s in held_out),

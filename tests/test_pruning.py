@@ -52,7 +52,8 @@ def _signals(value: float, queries: int = 40, se: float = 0.01) -> dict[str, Sig
 
 
 def test_pruning_waits_for_learning_then_ramps_one_step_a_round_on_one_mask() -> None:
-    plan = PruningPlan(PruningSchedule(enabled=True, target=0.6, ramp_rounds=3, start_round=2, start_accuracy=0.3))
+    plan = PruningPlan(PruningSchedule(enabled=True, target=0.6, ramp_rounds=3, start_round=2, start_accuracy=0.3,
+                                       min_weights=0))
     arrays = _arrays()
     notes = [plan.advance(r, arrays, _signals(0.5), accuracy) for r, accuracy in [(1, 0.9), (2, 0.1), (3, 0.35)]]
     assert [n["step"] for n in notes] == [False, False, True]  # round 1: too early; round 2: not learnt yet
@@ -64,10 +65,15 @@ def test_pruning_waits_for_learning_then_ramps_one_step_a_round_on_one_mask() ->
         assert plan.masks[key].mean() == pytest.approx(0.4, abs=0.02)
         assert not arrays[key][~plan.masks[key]].any()  # the global model itself is pruned
     assert "fc.bias" not in plan.masks
+    small = PruningPlan(PruningSchedule(enabled=True, target=0.6, ramp_rounds=1, start_round=1, start_accuracy=0,
+                                        min_weights=300))  # the 288-weight conv stays dense, as a stem would
+    small.advance(1, _arrays(), _signals(0.5), 1.0)
+    assert set(small.masks) == {"fc.weight"}
 
 
 def test_recovery_restores_the_previous_mask_and_values_then_backs_off_instead_of_jumping() -> None:
-    plan = PruningPlan(PruningSchedule(enabled=True, target=0.8, ramp_rounds=4, start_round=1, start_accuracy=0),
+    plan = PruningPlan(PruningSchedule(enabled=True, target=0.8, ramp_rounds=4, start_round=1, start_accuracy=0,
+                                       min_weights=0),
                        RecoveryRule(threshold=0.02, z=2.0, min_queries=10, hold_rounds=2, backoff=0.5))
     arrays = _arrays()
     plan.advance(1, arrays, _signals(0.60), 1.0)  # step to 0.2
