@@ -289,3 +289,65 @@ def test_klpwa_weights_are_the_normalised_product_with_switchable_directions() -
     np.testing.assert_allclose(compact, [1.0, 0.0])
     with pytest.raises(ValueError, match="klaw"):
         KLPWASpec(klaw="sideways")
+
+
+def _weights(values: list[float]) -> ArrayRecord:
+    return ArrayRecord({"layer.weight": Array(np.array(values, dtype=np.float32).reshape(2, 4)),
+                        "layer.bias": Array(np.array([0.5], dtype=np.float32))})
+
+
+def _change(base: ArrayRecord, target: ArrayRecord, **spec: object) -> ArrayRecord:
+    from strategies.update_codec import CompressionSpec, encode_record_change
+
+    return encode_record_change({k: a.numpy() for k, a in target.items()}, {k: a.numpy() for k, a in base.items()},
+                                CompressionSpec(enabled=True, block=16, **spec)).record  # type: ignore[arg-type]
+
+
+COMPRESSED_DAMAGE = {
+    "truncated": (lambda b: b[:-2], "bytes of scales and values"),
+    "nan scale": (lambda b: np.concatenate([b[:32], np.frombuffer(np.float32(np.nan).tobytes(), np.uint8), b[36:]]),
+                  "scale is negative, too large or not finite"),
+    "other tensor": (lambda b: np.concatenate([b[:12], np.frombuffer(np.uint64(7).tobytes(), np.uint8), b[20:]]),
+                     "the change has 7 elements, the tensor 8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMPRESSED_DAMAGE))
+def test_a_malformed_compressed_change_is_rejected_with_its_reason_and_the_round_goes_on(case: str) -> None:
+    """With compressed transfers, replies are changes from what each node was sent: they are rebuilt
+    on the server's copy of it, and one that does not decode is rejected, naming why."""
+    from strategies.transfer import CompressedTransfer
+    from strategies.update_codec import CompressionSpec
+
+    strategy = FedPav(min_sites=2, transfer=CompressedTransfer(CompressionSpec(enabled=True, block=16)))
+    start = _weights([0.0] * 8)
+    sent = _started(strategy, [1, 2], start)
+    good = _reply(sent[0], _change(start, _weights([1, 2, 3, 4, 5, 6, 7, 8])), {"num-examples": 10}, "good")
+    record = _change(start, _weights([8, 7, 6, 5, 4, 3, 2, 1]))
+    damage, reason = COMPRESSED_DAMAGE[case]
+    record["layer.weight"] = Array(damage(record["layer.weight"].numpy()).astype(np.uint8))
+    bad = _reply(sent[1], record, {"num-examples": 10}, "bad")
+    arrays, _ = strategy.aggregate_train(3, [good, bad])
+    assert "malformed compressed change" in strategy.last_train.rejected["bad"]
+    assert reason in strategy.last_train.rejected["bad"]
+    assert list(strategy.last_train.accepted) == ["good"]
+    np.testing.assert_allclose(arrays["layer.weight"].numpy().ravel(), np.arange(1, 9), atol=8 / 127)
+
+
+def test_compressed_changes_average_as_changes_and_a_missing_entry_is_no_change() -> None:
+    """Top-k changes from two sites: an entry one site did not send counts as that site's 'no change'
+    (the value it was sent), not as a zero weight."""
+    from strategies.transfer import CompressedTransfer
+    from strategies.update_codec import CompressionSpec
+
+    transfer = CompressedTransfer(CompressionSpec(enabled=True, block=16, topk=0.25))
+    strategy = FedPav(min_sites=2, transfer=transfer)
+    start = _weights([10.0] * 8)
+    sent = _started(strategy, [1, 2], start)
+    one = _change(start, _weights([12, 10, 10, 10, 10, 10, 10, 10]), topk=0.125)  # changes entry 0 only
+    two = _change(start, _weights([10, 10, 10, 10, 10, 10, 10, 14]), topk=0.125)  # changes entry 7 only
+    arrays, _ = strategy.aggregate_train(3, [_reply(sent[0], one, {"num-examples": 10}, "a"),
+                                             _reply(sent[1], two, {"num-examples": 10}, "b")])
+    np.testing.assert_allclose(arrays["layer.weight"].numpy().ravel(), [11, 10, 10, 10, 10, 10, 10, 12], atol=1e-5)
+    sent_versions = {m.metadata.dst_node_id: m.content["config"]["update-version"] for m in sent}
+    assert transfer.held == sent_versions and len(set(sent_versions.values())) == 1  # one version for both
