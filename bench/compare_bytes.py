@@ -65,7 +65,9 @@ VARIANTS = {v.label: v for v in (
     Variant("fedklpr_compressed"),
     Variant("fedpav_compressed", "algorithm.compression.bits=4", "4bit"),
     Variant("fedpav_compressed", "algorithm.compression.bits=2", "2bit"),
+    Variant("fedpav_compressed", "algorithm.compression.bits=4 algorithm.compression.topk=0.5", "4bit_top50"),
     Variant("fedpav_compressed", "algorithm.compression.bits=4 algorithm.compression.topk=0.1", "4bit_top10"),
+    Variant("fedklpr_no_crr"),
     Variant("fedpav_cluster"),
     Variant("fedpav_cluster", "algorithm.bn_stats=average algorithm.clustering.embedding=features", "journal"),
 )}

@@ -117,6 +117,7 @@ class CompressedTransfer(ModelTransfer):
         self.held: dict[int, str] = {}  # node -> the version it holds (acknowledged by a reply)
         self.pending: dict[int, str] = {}  # node -> the version it was sent this round
         self._made: dict[tuple[int, str | None], tuple[ArrayRecord, str, Version]] = {}  # this round's messages
+        self._evaluation: tuple[ArrayRecord, str, ArrayRecord] | None = None  # the last evaluation change
         self._prefix = uuid.uuid4().hex[:8]  # versions of another server process never match
         self._count = 0
 
@@ -135,8 +136,10 @@ class CompressedTransfer(ModelTransfer):
         if not training:  # an evaluation: a change the site applies without keeping it
             if base is None:
                 return Outgoing(self.whole(arrays, masks))
-            change = encode_record_change(plain_arrays(arrays), base.values, self.compression, masks, base.masks)
-            return Outgoing(self._pack(change.record), {UPDATE_BASE_KEY: base_name})  # type: ignore[dict-item]
+            if self._evaluation is None or self._evaluation[0] is not arrays or self._evaluation[1] != base_name:
+                change = encode_record_change(plain_arrays(arrays), base.values, self.compression, masks, base.masks)
+                self._evaluation = (arrays, base_name, self._pack(change.record))
+            return Outgoing(self._evaluation[2], {UPDATE_BASE_KEY: base_name})  # type: ignore[dict-item]
         key = (id(arrays), base_name if base is not None else None)
         if key not in self._made:
             shapes = {k: tuple(a.shape) for k, a in arrays.items()}

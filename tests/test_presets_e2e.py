@@ -107,36 +107,36 @@ def test_local_baseline_keeps_every_site_on_its_own_model(runs: dict[str, Path])
 
 def test_fedklpr_sites_agree_on_one_mask_and_compressed_pruned_changes_shrink_both_ways(
         tiny_sites: Path, runs: dict[str, Path], tmp_path: Path) -> None:
-    """fedklpr_compressed for three rounds, pruning from round 1 to 0.35 then 0.7: every site trains
-    and uploads on the server's mask (overlap 1.0, the same kept fraction everywhere), the downloads
-    and uploads of the pruned, compressed model are a fraction of the dense ones, and it trains."""
+    """fedklpr_compressed for two rounds, the server pruning to 0.35 after round 1 and to 0.7 after
+    round 2: in round 2 every site trains and uploads on the server's mask (overlap 1.0, the same kept
+    fraction everywhere), the download of the pruned model's change and the uploads are a fraction of
+    the dense ones, and it trains."""
     shutil.copytree(tiny_sites, tmp_path / "sites")
     result = _simulate(tmp_path / "sites", tmp_path, "--algorithm", "fedklpr_compressed", "--overrides",
-                       "federation.rounds=3 algorithm.pruning.start_round=1 algorithm.pruning.start_accuracy=0 "
+                       "federation.rounds=2 algorithm.pruning.start_round=1 algorithm.pruning.start_accuracy=0 "
                        "algorithm.pruning.ramp_rounds=2 algorithm.pruning.schedule=linear algorithm.pruning.target=0.7")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (folder,) = (tmp_path / "outputs").iterdir()
     lines = _rounds(folder)
     pruning = [line["train"]["pruning"] for line in lines]
-    assert [p["ratio"] for p in pruning] == pytest.approx([0.35, 0.7, 0.7])  # no site holds back 20 identities:
+    assert [p["ratio"] for p in pruning] == pytest.approx([0.35, 0.7])  # no site holds back 20 identities:
     assert all(p["crr"] is None or not p["crr"]["judged"] for p in pruning)  # nothing to judge, no recovery
-    assert [p["mask_overlap"] for p in pruning[1:]] == [1.0, 1.0]
-    for line, kept in zip(lines[1:], (0.65, 0.3)):  # what each site trained on: the mask of the round before
-        fractions = {s: line["train"]["sites"][s]["kept-fraction"] for s in SITES}
-        assert len(set(fractions.values())) == 1 and fractions["0-mall"] == pytest.approx(kept, abs=0.01), fractions
+    assert pruning[1]["mask_overlap"] == 1.0
+    fractions = {s: lines[1]["train"]["sites"][s]["kept-fraction"] for s in SITES}  # trained on round 1's mask
+    assert len(set(fractions.values())) == 1 and fractions["0-mall"] == pytest.approx(0.65, abs=0.01), fractions
     dense = _rounds(runs["local"])[0]["train"]["bytes_per_site"]  # same sites, whole dense models both ways
     for site in SITES:
         down = [line["train"]["bytes_per_site"][site]["sent"] for line in lines]
         up = [line["train"]["bytes_per_site"][site]["received"] for line in lines]
         assert down[0] == pytest.approx(dense[site]["sent"], rel=0.01)  # round 1: nothing held yet, the whole model
-        assert down[2] < 0.25 * dense[site]["sent"] and down[2] < down[1], (site, down)
-        assert up[0] < 0.3 * dense[site]["received"] and up[2] < 0.15 * dense[site]["received"], (site, up)
+        assert down[1] < 0.25 * dense[site]["sent"], (site, down)  # 8-bit change over the kept 65%, and the mask
+        assert up[0] < 0.3 * dense[site]["received"] and up[1] < 0.2 * dense[site]["received"], (site, up)
     losses = [line["train"]["aggregate"]["train-loss"] for line in lines]
     assert losses[-1] < losses[0], losses  # compressed, pruned changes still train the model
     # A site's own model keeps the mask it evaluated with, exports to ONNX and embeds as PyTorch does.
     model = fedreid.load_model(folder / "site-models" / "0-mall.pt", device="cpu")
-    assert model.info.kept_fraction == pytest.approx(0.3, abs=0.01)
-    assert model.info.algorithm == "fedklpr_compressed" and model.info.round == 3
+    assert model.info.kept_fraction == pytest.approx(0.3, abs=0.01)  # the final evaluation's model, at 0.7
+    assert model.info.algorithm == "fedklpr_compressed" and model.info.round == 2
     session = onnxruntime.InferenceSession(str(export_model(model.net, "onnx", tmp_path / "pruned.onnx")),
                                            providers=["CPUExecutionProvider"])
     batch = model.preprocess(tmp_path / "sites" / "0-mall" / "query")
