@@ -69,7 +69,8 @@ VARIANTS = {v.label: v for v in (
     Variant("fedpav_compressed", "algorithm.compression.bits=4 algorithm.compression.topk=0.1", "4bit_top10"),
     Variant("fedklpr_no_crr"),
     Variant("fedpav_cluster"),
-    Variant("fedpav_cluster", "algorithm.bn_stats=average algorithm.clustering.embedding=features", "journal"),
+    Variant("fedpav_cluster", "algorithm.bn_stats=average", "journal"),
+    Variant("fedpav_cluster", "algorithm.clustering.embedding=update", "update"),
 )}
 DEFAULT = list(VARIANTS)
 
