@@ -26,7 +26,8 @@ def test_every_method_has_its_own_colour_and_marker() -> None:
 
 def test_the_bytes_against_map_figure_draws_each_method(tmp_path: Path) -> None:
     def summary(method: str, mb: float, mAP: float) -> dict:
-        return {"method": method, "upload_mb": mb, "mean": {"mAP": mAP}, "mAP_spread": (mAP - 0.02, mAP + 0.01)}
+        return {"method": method, "upload_mb": mb, "download_mb": mb, "mean": {"mAP": mAP},
+                "mAP_spread": (mAP - 0.02, mAP + 0.01)}
 
     results = [summary("fedpav", 62.1, 0.42), summary("fedklpr", 37.0, 0.37), summary("fedklpr_fp16", 24.8, 0.38),
                summary("central", 0.0, 0.56)]
