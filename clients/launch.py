@@ -40,8 +40,9 @@ from pathlib import Path
 
 from clients.answer_on_death import AnswerOnDeath
 from clients.location import IMAGES_PER_IDENTITY
+from clients.supernode import DEFAULT_POLL_S, MIN_POLL_S
 from clients.trust import ALLOWED_MODULES_KEY
-from server.flower_cli import console_script, with_flower_tuning
+from server.flower_cli import with_flower_tuning
 
 log = logging.getLogger("fedreid.client")
 
@@ -59,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="site-local state: head, masks, Flower home (default ./fedreid-state/<dataset>)")
     parser.add_argument("--runtime-port", type=int, default=9094,
                         help="local port of the SuperNode's Runtime API (distinct per SuperNode on one host)")
+    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_S,
+                        help=f"seconds an idle SuperNode waits before asking the SuperLink again (default {DEFAULT_POLL_S}, "
+                             f"at least {MIN_POLL_S}; Flower's own is 3 s; raise it for hundreds of sites)")
     parser.add_argument("--max-wait-time", type=float, default=None,
                         help="give up after this many seconds without the SuperLink (default: retry forever)")
     parser.add_argument("--synthetic-site", type=int, default=None, metavar="INDEX",
@@ -81,7 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="FedUReID sites: this site's own estimate of images per person, from which it plans "
                              "its clustering (default: the run's algorithm.unsupervised.images_per_identity)")
     parser.add_argument("--check-only", action="store_true", help="check the data layout and the key files, then exit")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.poll_interval < MIN_POLL_S:
+        parser.error(f"--poll-interval {args.poll_interval} is below {MIN_POLL_S} s")
+    return args
 
 
 def ensure_synthetic_site(root: Path, index: int) -> bool:
@@ -130,7 +137,8 @@ STOP_WAIT_S = 15.0
 
 
 def supernode_command(args: argparse.Namespace, state_dir: Path, secret: Path | None) -> list[str]:
-    """``flower-supernode`` for this site; with ``secret``, in process isolation (our worker executes)."""
+    """Flower's SuperNode for this site, its idle wait set by ``--poll-interval`` (clients/supernode.py);
+    with ``secret``, in process isolation (our worker executes)."""
     root = args.data_root.expanduser().resolve()
     node_config = f'dataset="{args.dataset}" data-root="{root}" state-dir="{state_dir}"'
     if args.gpu is not None:
@@ -139,7 +147,8 @@ def supernode_command(args: argparse.Namespace, state_dir: Path, secret: Path | 
         node_config += f" {IMAGES_PER_IDENTITY}={float(args.images_per_identity)}"
     if args.allow_module:
         node_config += f' {ALLOWED_MODULES_KEY}="{" ".join(args.allow_module)}"'
-    command = [console_script("flower-supernode"), "--superlink", args.server, "--node-config", node_config,
+    command = [sys.executable, "-m", "clients.supernode", "--poll-interval", str(args.poll_interval),
+               "--superlink", args.server, "--node-config", node_config,
                "--host", "127.0.0.1", "--port", str(args.runtime_port)]
     if secret is not None:
         command += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]

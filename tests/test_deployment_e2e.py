@@ -252,7 +252,7 @@ def _fleet_bytes(deployment: Deployment, site: str) -> tuple[int, int]:
     """(received, sent) by ``site``'s SuperNode over its connections to the Fleet API, as the kernel
     counts them (TCP_INFO's bytes_received and bytes_acked, from ``ss``): TLS, HTTP/2 and gRPC framing,
     polls and the app bundle included."""
-    found = subprocess.run(["pgrep", "-f", f"flower-supernode.*--port {deployment.runtime_ports[site]}"],
+    found = subprocess.run(["pgrep", "-f", f"clients.supernode.*--port {deployment.runtime_ports[site]}"],
                            capture_output=True, text=True, check=False)
     pids = {int(pid) for pid in found.stdout.split()}
     assert pids, f"no SuperNode process for {site}"

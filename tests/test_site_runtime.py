@@ -12,6 +12,7 @@ import inspect
 import io
 import math
 import shutil
+import time
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -183,6 +184,31 @@ def test_a_task_in_progress_is_recorded_for_the_next_worker_owner_only(tmp_path:
     assert record.phase() == AnswerOnDeath.REPLYING
     record.disarm()
     assert record.phase() is None
+
+
+# -- the SuperNode's waits ------------------------------------------------------------------------
+
+def test_the_supernode_loop_wakes_at_the_poll_interval_and_keeps_every_other_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's fixed 3 s idle wait and 0.5 s reply check become --poll-interval and a fifth of it;
+    any other sleep, and the rest of the time module, is Flower's own."""
+    from clients import supernode
+
+    loop = supernode.check_flower_api()  # the pinned Flower still has both waits where we expect them
+    monkeypatch.setattr(loop, "time", loop.time)  # put Flower's own back after the test
+    paced = supernode.pace(0.1)
+    assert loop.time is paced and (paced.idle_s, paced.reply_s) == (0.1, supernode.MIN_POLL_S)
+    slept: list[float] = []
+    monkeypatch.setattr(paced, "_real", type("Clock", (), {"sleep": staticmethod(slept.append), "time": time.time})())
+    for seconds in (3, 0.5, 0.2):
+        loop.time.sleep(seconds)
+    assert slept == [0.1, supernode.MIN_POLL_S, 0.2]
+    assert abs(loop.time.time() - time.time()) < 1.0
+    with pytest.raises(ValueError, match="below"):
+        supernode.pace(0.01)
+    assert supernode.split_poll_interval(["--superlink", "a:1", "--poll-interval", "0.5", "--insecure"]) == (
+        0.5, ["--superlink", "a:1", "--insecure"])
+    assert supernode.split_poll_interval(["--poll-interval=2"]) == (2.0, [])
+    assert supernode.split_poll_interval([])[0] == supernode.DEFAULT_POLL_S
 
 
 # -- the Flower runtime API the worker relies on -------------------------------------------------

@@ -1,0 +1,108 @@
+"""Flower's SuperNode, awake when there is work: ``python -m clients.supernode --poll-interval S ...``.
+
+Flower 1.39's SuperNode loop (``flwr.supernode.start_client_internal``) sleeps a fixed 3 s whenever
+a pull finds no message and checks for the ClientApp's reply every 0.5 s. A round's next message
+therefore waits up to 3 s after the server has sent it, twice a round (train, then evaluate). This
+entry point runs Flower's own ``flower-supernode`` unchanged except for those two waits, which
+become ``--poll-interval`` (idle pull) and a fifth of it (reply check), bounded below by
+``MIN_POLL_S`` so that a large federation does not flood its SuperLink with empty pulls.
+
+Everything from Flower touched here is listed in ``FLOWER_SUPERNODE_API``; ``check_flower_api``
+(run at start and by a test) refuses a Flower whose loop no longer has those waits, instead of
+silently running with other timing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+from types import ModuleType
+from typing import Any
+
+LOOP_MODULE = "flwr.supernode.start_client_internal"
+CLI_MODULE = "flwr.supernode.cli.flower_supernode"
+FLOWER_IDLE_WAIT_S = 3.0  # `time.sleep(3)` in start_client_internal's receive loop
+FLOWER_REPLY_CHECK_S = 0.5  # `time.sleep(0.5)` in _push_messages, waiting for the ClientApp's reply
+FLOWER_SUPERNODE_API = {
+    LOOP_MODULE: {"time": "module global the loop sleeps through",
+                  "start_client_internal": "holds `time.sleep(3)` after an empty pull",
+                  "_push_messages": "holds `time.sleep(0.5)` while the reply is not ready"},
+    CLI_MODULE: {"flower_supernode": "the `flower-supernode` console script's function"},
+}
+DEFAULT_POLL_S = 0.25
+MIN_POLL_S = 0.05  # 20 idle pulls a second per site at most
+
+
+class PacedTime:
+    """The ``time`` module as Flower's loop sees it: its two fixed waits replaced, all else untouched."""
+
+    def __init__(self, idle_s: float, reply_s: float, real: ModuleType = time) -> None:
+        self.idle_s, self.reply_s, self._real = idle_s, reply_s, real
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == FLOWER_IDLE_WAIT_S:
+            seconds = self.idle_s
+        elif seconds == FLOWER_REPLY_CHECK_S:
+            seconds = self.reply_s
+        self._real.sleep(seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def check_flower_api() -> ModuleType:
+    """The installed Flower's SuperNode loop, if it still has every name and wait this module relies on."""
+    import importlib
+
+    modules = {name: importlib.import_module(name) for name in FLOWER_SUPERNODE_API}
+    for name, members in FLOWER_SUPERNODE_API.items():
+        missing = [member for member in members if not hasattr(modules[name], member)]
+        if missing:
+            raise RuntimeError(f"the installed Flower's {name} lacks {missing}: the SuperNode's waits "
+                               "cannot be set; pin flwr==1.39.* or update clients/supernode.py")
+    loop = modules[LOOP_MODULE]
+    for function, wait in (("start_client_internal", "time.sleep(3)"), ("_push_messages", "time.sleep(0.5)")):
+        if wait not in inspect.getsource(getattr(loop, function)):
+            raise RuntimeError(f"the installed Flower's {LOOP_MODULE}.{function} no longer calls {wait}; "
+                               "update clients/supernode.py's FLOWER_SUPERNODE_API")
+    return loop
+
+
+def pace(poll_s: float) -> PacedTime:
+    """Install the SuperNode loop's waits for ``poll_s`` (at least ``MIN_POLL_S``); return what was set."""
+    if poll_s < MIN_POLL_S:
+        raise ValueError(f"--poll-interval {poll_s} is below {MIN_POLL_S} s: each idle site would pull "
+                         f"more than {1 / MIN_POLL_S:.0f} times a second")
+    loop = check_flower_api()
+    paced = PacedTime(idle_s=poll_s, reply_s=max(MIN_POLL_S, poll_s / 5))
+    loop.time = paced  # the loop looks `time` up at every call: this is the whole change
+    return paced
+
+
+def split_poll_interval(argv: list[str]) -> tuple[float, list[str]]:
+    """``--poll-interval S`` (or ``=S``) taken out of ``argv``; the rest is Flower's own arguments."""
+    poll, rest, args = DEFAULT_POLL_S, [], iter(argv)
+    for arg in args:
+        if arg == "--poll-interval":
+            poll = float(next(args, "nan"))
+        elif arg.startswith("--poll-interval="):
+            poll = float(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    if poll != poll:
+        raise ValueError("--poll-interval needs a number of seconds")
+    return poll, rest
+
+
+def main(argv: list[str] | None = None) -> None:
+    poll, rest = split_poll_interval(sys.argv[1:] if argv is None else argv)
+    pace(poll)
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv = [sys.argv[0], *rest]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()
