@@ -57,6 +57,7 @@ class Variant:
 
 VARIANTS = {v.label: v for v in (
     Variant("fedpav"),
+    Variant("fedpav", "", "repeat"),  # the same run again: how far a rerun of one seed moves by itself
     Variant("fedpav", "transport.dtype=float16", "fp16"),
     Variant("fedpav", "algorithm.bn_stats=average", "bn_average"),
     Variant("fedklpr"),
@@ -101,11 +102,14 @@ def _pct(value: float) -> str:
     return "-" if np.isnan(value) else f"{100 * value:.1f}"
 
 
-def _paired(values: list[float], base: list[float]) -> str:
-    diffs = [100 * (v - b) for v, b in zip(values, base)]
+def _paired(seeds: list[dict[str, float]], base: list[dict[str, float]], key: str) -> str:
+    """Mean, standard deviation and range of the per-seed differences, each seed against FedPav's same seed."""
+    by_seed = {s["seed"]: s[key] for s in base}
+    diffs = [100 * (s[key] - by_seed[s["seed"]]) for s in seeds if s["seed"] in by_seed]
     if not diffs or any(np.isnan(diffs)):
         return "-"
-    return f"{np.mean(diffs):+.1f} ({min(diffs):+.1f} to {max(diffs):+.1f})"
+    spread = f" ±{np.std(diffs, ddof=1):.1f}" if len(diffs) > 1 else ""
+    return f"{np.mean(diffs):+.1f}{spread} ({min(diffs):+.1f} to {max(diffs):+.1f})"
 
 
 def bytes_table(rows: dict[str, list[dict[str, float]]], policies: dict[str, str], caption: str) -> str:
@@ -116,11 +120,10 @@ def bytes_table(rows: dict[str, list[dict[str, float]]], policies: dict[str, str
     out = []
     for label, seeds in rows.items():
         up, down = np.mean([s["up_mb"] for s in seeds]), np.mean([s["down_mb"] for s in seeds])
-        paired = base[: len(seeds)] if base else []
         out.append([label, str(len(seeds)), policies[label], _pct(float(np.mean([s["mAP"] for s in seeds]))),
-                    _paired([s["mAP"] for s in seeds], [s["mAP"] for s in paired]) if base else "-",
+                    _paired(seeds, base, "mAP") if base else "-",
                     _pct(float(np.mean([s["unseen"] for s in seeds]))),
-                    _paired([s["unseen"] for s in seeds], [s["unseen"] for s in paired]) if base else "-",
+                    _paired(seeds, base, "unseen") if base else "-",
                     f"{up:.1f}", f"{down:.1f}", f"{(up + down) / dense:.2f}x" if dense else "-"])
     return markdown_table(caption, header, out)
 
@@ -179,7 +182,7 @@ def main() -> None:
             if args.cached_only and not cache.exists():
                 continue
             start = time.perf_counter()
-            seeds.append(seed_summary(compare_algorithms.cached_run(variant.preset, seed, run_args)))
+            seeds.append({**seed_summary(compare_algorithms.cached_run(variant.preset, seed, run_args)), "seed": seed})
             print(f"== {label} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
         if seeds:
             rows[label], policies[label] = seeds, bn_policy(variant, profile)
@@ -187,7 +190,7 @@ def main() -> None:
     caption = (f"{args.federation} (data seed 0), profile `{profile}`: {cfg.model.backbone} at {cfg.model.height}x"
                f"{cfg.model.width}, {cfg.federation.rounds} rounds, training seeds {args.seeds}. mAP (%): mean over "
                "the evaluations of the last quarter of the rounds, averaged over seeds; differences are per seed "
-               "against FedPav (mean, and min to max). Bytes: per round, averaged over all rounds, training-site "
+               "against FedPav's same seed (mean ± standard deviation, and min to max). Bytes: per round, averaged over all rounds, training-site "
                "messages only, as serialised by Flower. BN statistics: `local` = each site keeps its own (held-out "
                "sites compute theirs on their unlabelled images, AdaBN); `average` = they travel and are averaged.")
     text = bytes_table(rows, policies, caption)
