@@ -11,8 +11,8 @@ import torch
 from reid.data.dataset import ReIDData
 from reid.data.layout import Sample
 from reid.data.tensor_cache import load_images, place
-from reid.features import cosine_distance, extract_features
-from reid.metrics import RankResult, evaluate_rank
+from reid.features import extract_features
+from reid.metrics import RankResult, evaluate_features
 from reid.models import ReIDNet
 
 def _split_features(model: ReIDNet, samples: list[Sample], device: torch.device, batch_size: int,
@@ -27,7 +27,8 @@ def _split_features(model: ReIDNet, samples: list[Sample], device: torch.device,
 
 def evaluate_model(model: ReIDNet, data: ReIDData, device: torch.device, batch_size: int = 128,
                    cache_dir: Path | None = None, workers: int = 4, cache_mb: float = 8000.0) -> RankResult:
-    """Features of query and gallery (flip-summed, L2), cosine distances, CMC/mAP/mINP; decoded
+    """Features of query and gallery (flip-summed, L2), CMC/mAP/mINP from their cosine distances
+    (computed a chunk of queries at a time, never the whole matrix); decoded
     images up to ``cache_mb`` (the site's ``train.device_cache_mb``) stay on the GPU."""
     return evaluate_at_scales(model, data, device, (), batch_size, cache_dir, workers, cache_mb)[1.0]
 
@@ -43,5 +44,5 @@ def evaluate_at_scales(model: ReIDNet, data: ReIDData, device: torch.device, que
                                               scales)
     (g_feats,), g_pids, g_cams = _split_features(model, data.gallery, device, batch_size, cache_dir, workers,
                                                  cache_mb)
-    return {scale: evaluate_rank(cosine_distance(features, g_feats), q_pids, g_pids, q_cams, g_cams)
+    return {scale: evaluate_features(features, g_feats, q_pids, g_pids, q_cams, g_cams)
             for scale, features in zip(scales, q_feats)}
