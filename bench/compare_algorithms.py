@@ -78,7 +78,7 @@ def run_federated(method: str, seed: int, args: argparse.Namespace, out: Path) -
     run_dir = args.runs / labelled(method, args) / f"seed{seed}"
     argv = ["--federation", args.federation, "--algorithm", method, "--profile", args.profile, "--seed", str(seed), "--sites", str(args.sites),
             "--sites-root", str(args.sites_root), "--public-root", str(args.public_root),
-            "--output-dir", str(run_dir), "--flwr-home", str(out / "flwr-home")]
+            "--output-dir", str(run_dir)]  # a Flower home of its own: bench runs can go side by side
     overrides = args.overrides
     if getattr(args, "held_out_site", None):
         argv += ["--site-names", *args.group]

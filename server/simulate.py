@@ -18,11 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from reid.backbones import check_backbone
@@ -65,7 +68,7 @@ class SimulationRequest:
     cpus_per_site: int = 1
     gpus_per_site: float = 0.0
     app_dir: Path = REPO_ROOT
-    flwr_home: Path = REPO_ROOT / ".flwr"
+    flwr_home: Path | None = None  # None: a fresh one under .flwr/runs/, removed once the run completes
     site_names: tuple[str, ...] = ()  # a benchmark profile's sites (folders of sites_root), in order
     ray_address: str | None = None  # HOST:PORT of a running Ray cluster's head (GCS); None: private Ray
 
@@ -167,7 +170,28 @@ def _run_config(request: SimulationRequest) -> str:
 
 
 def run_simulation(request: SimulationRequest) -> Path:
-    """Run the federation; return the run's output folder or raise SimulationError."""
+    """Run the federation; return the run's output folder or raise SimulationError.
+
+    Without ``request.flwr_home`` the run gets a Flower home of its own (its connection, installed
+    app and SuperLink log; the SuperLink has its own port anyway), removed once the run completes
+    and kept, for its log, when it fails: any number of simulations can run side by side from one
+    checkout, each to its own results."""
+    if request.flwr_home is not None:
+        return _run_simulation(request)
+    private = Path(tempfile.mkdtemp(prefix=f"sim-{os.getpid()}-", dir=_runs_home()))
+    folder = _run_simulation(replace(request, flwr_home=private))
+    shutil.rmtree(private, ignore_errors=True)
+    return folder
+
+
+def _runs_home() -> Path:
+    path = REPO_ROOT / ".flwr" / "runs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _run_simulation(request: SimulationRequest) -> Path:
+    assert request.flwr_home is not None
     federation = (f"num-supernodes={request.sites} client-resources-num-cpus={request.cpus_per_site} "
                   f"client-resources-num-gpus={float(request.gpus_per_site)}")
     if request.ray_address:
@@ -220,8 +244,9 @@ def parse_args(argv: list[str] | None = None) -> SimulationRequest:
     parser.add_argument("--site-names", nargs="+", default=None, metavar="NAME",
                         help="simulate exactly these folders of --sites-root, in this order (partition i is the "
                              "i-th), e.g. a leave-one-site-out group of synthetic-fedreid9")
-    parser.add_argument("--flwr-home", type=Path, default=REPO_ROOT / ".flwr",
-                        help="Flower's home for this simulation (config, installed app, SuperLink log)")
+    parser.add_argument("--flwr-home", type=Path, default=None,
+                        help="Flower's home for this simulation (config, installed app, SuperLink log); default: "
+                             "a fresh one under .flwr/runs/, so that simulations side by side never share one")
     args = parser.parse_args(argv)
     fixed_names: tuple[str, ...] = ()
     if args.federation != "synthetic":  # its own folder, all its sites, its profile, unless told otherwise
@@ -253,7 +278,8 @@ def parse_args(argv: list[str] | None = None) -> SimulationRequest:
         sites=args.sites, sites_root=args.sites_root, output_dir=args.output_dir,
         public_root=args.public_root if args.public_root.is_dir() else None, algorithm=args.algorithm,
         profile=args.profile, overrides=args.overrides, seed=args.seed, cpus_per_site=args.cpus_per_site,
-        gpus_per_site=args.gpus_per_site, flwr_home=args.flwr_home.resolve(), site_names=names or fixed_names,
+        gpus_per_site=args.gpus_per_site, flwr_home=args.flwr_home.resolve() if args.flwr_home else None,
+        site_names=names or fixed_names,
         ray_address=args.ray_address)
     return request
 

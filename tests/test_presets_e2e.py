@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import fedreid
 
 from reid.data.synthetic import DEFAULT_STYLES, generate_site
 from reid.export import export_model
-from tests.test_simulation_e2e import _simulate
+from tests.test_simulation_e2e import REPO, _simulate, _simulation_command
 
 pytestmark = pytest.mark.ray  # Ray's simulation engine: left out by `make gpu-check`
 PRESETS = ["feddg_ccst", "fedpav_cluster", "local"]
@@ -31,7 +32,9 @@ HELD_OUT = "3-airport"
 
 @pytest.fixture(scope="module")
 def runs(tiny_sites: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Run each preset once on the same sites and public images; map preset -> run folder."""
+    """Run each preset once on the same sites and public images, all three at once from this one
+    checkout, each with the Flower home and SuperLink port `fedreid-sim` gives every run: each must
+    complete with its own results. Map preset -> run folder."""
     base = tmp_path_factory.mktemp("presets")
     public = base / "public"
     generate_site(public, 99, seed=4, style=replace(DEFAULT_STYLES[3], num_train_ids=8, num_test_ids=0,
@@ -39,16 +42,24 @@ def runs(tiny_sites: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     held_out = base / "held-out"
     generate_site(held_out, 3, seed=5, style=replace(DEFAULT_STYLES[3], num_train_ids=6, num_test_ids=6,
                                                        num_distractors=2, num_junk=1))
-    folders = {}
+    started = {}
     for preset in PRESETS:
         work = base / preset
         shutil.copytree(tiny_sites, work / "sites")
         shutil.copytree(held_out, work / "sites" / HELD_OUT)
-        result = _simulate(work / "sites", work, "--algorithm", preset, "--public-root", str(public), "--sites", "4",
-                           "--overrides", f"federation.rounds=1 federation.held_out=[{HELD_OUT}] "
-                           f"{OVERRIDES.get(preset, '')}")
-        assert result.returncode == 0, f"{preset}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-        (folder,) = (work / "outputs").iterdir()
+        command = _simulation_command(work / "sites", work, "--algorithm", preset, "--public-root", str(public),
+                                      "--sites", "4", "--overrides", f"federation.rounds=1 "
+                                      f"federation.held_out=[{HELD_OUT}] {OVERRIDES.get(preset, '')}", own_home=False)
+        log = (work / "sim.log").open("w")
+        started[preset] = (subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True), log)
+    folders = {}
+    for preset, (process, log) in started.items():
+        code = process.wait(timeout=900)
+        log.close()
+        output = (base / preset / "sim.log").read_text()
+        assert code == 0, f"{preset}:\n{output[-5000:]}"
+        (folder,) = (base / preset / "outputs").iterdir()
+        assert f"outputs: {folder}" in output  # its own run, not another's
         folders[preset] = folder
     return folders
 

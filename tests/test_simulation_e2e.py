@@ -22,12 +22,17 @@ SIM = [sys.executable, "-m", "server.simulate"]
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _simulation_command(sites_root: Path, tmp: Path, *extra: str, own_home: bool = True) -> list[str]:
+    """fedreid-sim on the test profile; without ``own_home``, with the Flower home it makes per run."""
+    home = ["--flwr-home", str(tmp / "flwr-home")] if own_home else []
+    return [*SIM, "--profile", "test", "--sites", "3", "--sites-root", str(sites_root), "--no-generate",
+            "--output-dir", str(tmp / "outputs"), *home, *extra]
+
+
 def _simulate(sites_root: Path, tmp: Path, *extra: str,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    command = [*SIM, "--profile", "test", "--sites", "3", "--sites-root", str(sites_root), "--no-generate",
-               "--output-dir", str(tmp / "outputs"), "--flwr-home", str(tmp / "flwr-home"), *extra]
-    return subprocess.run(command, cwd=REPO, text=True, capture_output=True, timeout=600,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(_simulation_command(sites_root, tmp, *extra), cwd=REPO, text=True, capture_output=True,
+                          timeout=600, env={**os.environ, **(env or {})})
 
 
 def _port_is_closed(flwr_home: Path) -> bool:
