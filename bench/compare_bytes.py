@@ -29,6 +29,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,8 +134,10 @@ def plot(rows: dict[str, list[dict[str, float]]], path: Path) -> None:
     sites' mAP, one point per variant, bars: min-max over seeds."""
     base = rows.get("fedpav")
     dense = np.mean([s["up_mb"] + s["down_mb"] for s in base]) if base else 1.0
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharex=True)
-    for axis, key, title in ((axes[0], "mAP", "training sites"), (axes[1], "unseen", "held-out sites")):
+    panels = [(key, title) for key, title in (("mAP", "training sites"), ("unseen", "held-out sites"))
+              if any(not np.isnan(s[key]) for seeds in rows.values() for s in seeds)]  # the demo holds none out
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2), sharex=True, squeeze=False)
+    for axis, (key, title) in zip(axes[0], panels):
         for index, (label, seeds) in enumerate(rows.items()):
             values = np.array([100 * s[key] for s in seeds])
             if np.isnan(values).any():
@@ -144,11 +147,14 @@ def plot(rows: dict[str, list[dict[str, float]]], path: Path) -> None:
             axis.errorbar(x, y, yerr=[[y - values.min()], [values.max() - y]], fmt="os^vD<>pP*Xh"[index % 12],
                           capsize=3, markersize=7, label=label)
         axis.set_xscale("log")
+        axis.set_xticks([0.05, 0.1, 0.2, 0.3, 0.5, 1.0])
+        axis.xaxis.set_major_formatter(ticker.FormatStrFormatter("%gx"))
+        axis.xaxis.set_minor_formatter(ticker.NullFormatter())
         axis.set_xlabel("bytes per round, up + down, x dense fp32 FedPav (log)")
         axis.set_ylabel(f"mean mAP, {title} (%), last quarter of rounds")
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3, which="both")
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
