@@ -84,9 +84,10 @@ class Deployment:
         self.clients[site] = self._spawn(self.client_command(site, key, *extra), f"client-{site}.log")
         return self.clients[site]
 
-    def start_all(self) -> None:
-        """SuperLink, the sites' keys registered, one SuperNode per site, all of them online."""
-        self.start_server()
+    def start_all(self, env: dict[str, str] | None = None) -> None:
+        """SuperLink (``env`` added to its environment), the sites' keys registered, one SuperNode per
+        site, all of them online."""
+        self.start_server(env=env)
         results = self.register_sites()
         assert all(r.startswith(("registered", "already registered")) for r in results.values()), results
         for site in self.sites:

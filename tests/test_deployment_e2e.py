@@ -80,10 +80,10 @@ def test_tls_federation_names_sites_by_their_registered_keys_and_runs_only_insta
         stolen_outputs = tmp_path / "attack-outputs"
         attack_run = deployment.connection.submit(attack, f'profile="test" output-dir="{stolen_outputs}" '
                                                           'overrides="federation.rounds=1 federation.min_sites=1"')
-        assert deployment.wait_finished(attack_run, timeout=300).startswith("finished"), _logs(deployment)
-        outputs = tmp_path / "outputs"
+        outputs = tmp_path / "outputs"  # the real run is submitted at once and runs beside the attack
         run_id = deployment.submit(f'profile="test" output-dir="{outputs}" '
                                    'overrides="federation.rounds=1 federation.min_sites=1"')
+        assert deployment.wait_finished(attack_run, timeout=300).startswith("finished"), _logs(deployment)
         status = deployment.wait_finished(run_id, timeout=600)
         assert status == "finished:completed", _logs(deployment)
         run_log = deployment.run_log(run_id)
@@ -346,17 +346,23 @@ def test_a_site_worker_killed_mid_round_fails_that_round_and_a_restarted_box_rej
     assert "did not answer: <class" not in deployment.run_log(run_id)
 
 
-def test_a_superlink_killed_at_any_moment_resumes_with_every_round_exactly_once(tiny_sites: Path,
-                                                                                tmp_path: Path) -> None:
-    """SIGKILL the SuperLink (its ServerApp dies with it) 1. while the sites train round 1, before any
-    checkpoint; 2. after round 2's metrics line, before its checkpoint. (A SuperLink killed mid-round
-    while the sites wait for their next message is `make test-compose`'s restart test; a resumed run
-    naming the sites it waits for is tests/test_rounds.py's.)"""
+@pytest.mark.parametrize("before_first_checkpoint", [
+    False, pytest.param(True, marks=pytest.mark.load, id="and-before-the-first-checkpoint")])
+def test_a_superlink_killed_at_any_moment_resumes_with_every_round_exactly_once(
+        tiny_sites: Path, tmp_path: Path, before_first_checkpoint: bool) -> None:
+    """SIGKILL the SuperLink (its ServerApp dies with it) after round 2's metrics line, before its
+    checkpoint: the resumed run drops that line, trains round 2 again and finishes, every round once.
+    With ``before_first_checkpoint`` (`make test-load`: one more resume, 30 s), it is first also
+    killed while the sites train round 1, before any checkpoint. (A SuperLink killed mid-round while
+    the sites wait for their next message is `make test-compose`'s restart test; a run that died
+    before its first checkpoint starting over, tests/test_resume_and_state.py; a resumed run naming
+    the sites it waits for, tests/test_rounds.py.)"""
     sites = {name: path for name, path in _sites(tiny_sites).items() if name in ("0-mall", "1-station")}
     deployment = Deployment(tmp_path, sites)
     outputs, marker = tmp_path / "outputs", tmp_path / "paused"
     overrides = "federation.min_sites=2 federation.rounds=3 federation.round_timeout_s=240 federation.report_every_s=2"
     run_config = f'profile="test" output-dir="{outputs}" overrides="{overrides}"'
+    pause = {"FEDREID_TEST_PAUSE": "recorded:2", "FEDREID_TEST_PAUSE_MARKER": str(marker)}
 
     def resume(env: dict[str, str] | None = None) -> int:
         deployment.start_server(env=env)
@@ -365,17 +371,22 @@ def test_a_superlink_killed_at_any_moment_resumes_with_every_round_exactly_once(
         return deployment.submit(run_config + ' resume="latest"')
 
     try:
-        deployment.start_all()
-        logs = ClientLogs(deployment)
-        runs = [deployment.submit(run_config)]
-        _wait_for(lambda: "round 1] epoch" in logs.since_mark(), "training of round 1", deployment)
-        deployment.kill_server()
-        (folder,) = [p for p in outputs.iterdir() if p.is_dir()]
-        assert not (folder / "global_model.pt").exists()
-
-        runs.append(resume({"FEDREID_TEST_PAUSE": "recorded:2", "FEDREID_TEST_PAUSE_MARKER": str(marker)}))
+        if before_first_checkpoint:
+            deployment.start_all()
+            logs = ClientLogs(deployment)
+            runs = [deployment.submit(run_config)]
+            _wait_for(lambda: "round 1] epoch" in logs.since_mark(), "training of round 1", deployment)
+            deployment.kill_server()
+            (folder,) = [p for p in outputs.iterdir() if p.is_dir()]
+            assert not (folder / "global_model.pt").exists()
+            runs.append(resume(pause))
+        else:
+            deployment.start_all(env=pause)
+            logs = ClientLogs(deployment)
+            runs = [deployment.submit(run_config)]
         _wait_for(marker.exists, "the pause after round 2's metrics line", deployment)
         deployment.kill_server()
+        (folder,) = [p for p in outputs.iterdir() if p.is_dir()]
         assert [r["round"] for r in _rounds(folder)] == [1, 2]
         assert torch.load(folder / "global_model.pt", weights_only=True)["round"] == 1
 
