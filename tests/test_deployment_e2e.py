@@ -346,14 +346,15 @@ def test_a_site_worker_killed_mid_round_fails_that_round_and_a_restarted_box_rej
     assert "did not answer: <class" not in deployment.run_log(run_id)
 
 
+@pytest.mark.load  # 85-105 s: `make test-load`; make test keeps the resume logic in tests/test_resume_and_state.py
 @pytest.mark.parametrize("before_first_checkpoint", [
-    False, pytest.param(True, marks=pytest.mark.load, id="and-before-the-first-checkpoint")])
+    False, pytest.param(True, id="and-before-the-first-checkpoint")])
 def test_a_superlink_killed_at_any_moment_resumes_with_every_round_exactly_once(
         tiny_sites: Path, tmp_path: Path, before_first_checkpoint: bool) -> None:
     """SIGKILL the SuperLink (its ServerApp dies with it) after round 2's metrics line, before its
     checkpoint: the resumed run drops that line, trains round 2 again and finishes, every round once.
-    With ``before_first_checkpoint`` (`make test-load`: one more resume, 30 s), it is first also
-    killed while the sites train round 1, before any checkpoint. (A SuperLink killed mid-round while
+    With ``before_first_checkpoint`` (one more resume, 30 s), it is first also killed while the
+    sites train round 1, before any checkpoint. Both run in `make test-load`. (A SuperLink killed mid-round while
     the sites wait for their next message is `make test-compose`'s restart test; a run that died
     before its first checkpoint starting over, tests/test_resume_and_state.py; a resumed run naming
     the sites it waits for, tests/test_rounds.py.)"""
