@@ -26,6 +26,7 @@ CMC value (1, once matched) for the missing ranks.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,15 +202,23 @@ def evaluate_rank(
     """Evaluate a given [Q, G] distance matrix (smaller = more similar) with the torchreid protocol,
     ranking only the true matches (``match_ranks``), a chunk of queries at a time."""
     _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids)
-    num_q, num_g = distmat.shape
+    return _rank_in_chunks(lambda start, stop: torch.from_numpy(np.ascontiguousarray(distmat[start:stop])),
+                           distmat.shape, q_pids, g_pids, q_camids, g_camids, max_rank, chunk_elements, None)
+
+
+def _rank_in_chunks(distances: Callable[[int, int], torch.Tensor], shape: tuple[int, int], q_pids: np.ndarray,
+                    g_pids: np.ndarray, q_camids: np.ndarray, g_camids: np.ndarray, max_rank: int,
+                    chunk_elements: int, device: torch.device | None) -> RankResult:
+    """The metrics over chunks of about ``chunk_elements`` distances, ``distances(start, stop)``
+    giving the rows of queries start..stop."""
+    num_q, num_g = shape
     totals = _Totals(_lowered(max_rank, num_g))
-    gallery = GalleryIndex(_as_tensor(g_pids, None), _as_tensor(g_camids, None))
-    q_pid_t, q_cam_t = _as_tensor(q_pids, None), _as_tensor(q_camids, None)
+    gallery = GalleryIndex(_as_tensor(g_pids, device), _as_tensor(g_camids, device))
+    q_pid_t, q_cam_t = _as_tensor(q_pids, device), _as_tensor(q_camids, device)
     chunk = max(1, chunk_elements // num_g)
     for start in range(0, num_q, chunk):
         stop = min(start + chunk, num_q)
-        rows, ranks = match_ranks(torch.from_numpy(np.ascontiguousarray(distmat[start:stop])), q_pid_t[start:stop],
-                                  q_cam_t[start:stop], gallery)
+        rows, ranks = match_ranks(distances(start, stop), q_pid_t[start:stop], q_cam_t[start:stop], gallery)
         totals.add(rows, ranks, stop - start)
     return totals.result()
 
@@ -233,17 +242,9 @@ def evaluate_features(
     _check_labels(num_q, num_g, q_pids, g_pids, q_camids, g_camids)
     device = torch.device(device) if device is not None else None
     queries, gallery = _as_tensor(q_feats, device).float(), _as_tensor(g_feats, device).float()
-    device = gallery.device
-    totals = _Totals(_lowered(max_rank, num_g))
-    index = GalleryIndex(_as_tensor(g_pids, device), _as_tensor(g_camids, device))
-    q_pid_t, q_cam_t = _as_tensor(q_pids, device), _as_tensor(q_camids, device)
-    chunk = max(1, chunk_elements // num_g)
-    for start in range(0, num_q, chunk):
-        stop = min(start + chunk, num_q)
-        distances = torch.mm(queries[start:stop], gallery.T).neg_().add_(1.0)  # 1 - q.g, in place
-        rows, ranks = match_ranks(distances, q_pid_t[start:stop], q_cam_t[start:stop], index)
-        totals.add(rows, ranks, stop - start)
-    return totals.result()
+    return _rank_in_chunks(  # 1 - q.g, computed in place
+        lambda start, stop: torch.mm(queries[start:stop], gallery.T).neg_().add_(1.0), (num_q, num_g),
+        q_pids, g_pids, q_camids, g_camids, max_rank, chunk_elements, gallery.device)
 
 
 def _lowered(max_rank: int, num_g: int) -> int:
