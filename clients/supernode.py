@@ -14,6 +14,7 @@ silently running with other timing.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import sys
 import time
@@ -82,17 +83,10 @@ def pace(poll_s: float) -> PacedTime:
 
 def split_poll_interval(argv: list[str]) -> tuple[float, list[str]]:
     """``--poll-interval S`` (or ``=S``) taken out of ``argv``; the rest is Flower's own arguments."""
-    poll, rest, args = DEFAULT_POLL_S, [], iter(argv)
-    for arg in args:
-        if arg == "--poll-interval":
-            poll = float(next(args, "nan"))
-        elif arg.startswith("--poll-interval="):
-            poll = float(arg.split("=", 1)[1])
-        else:
-            rest.append(arg)
-    if poll != poll:
-        raise ValueError("--poll-interval needs a number of seconds")
-    return poll, rest
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # Flower's own flags pass through
+    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_S)
+    known, rest = parser.parse_known_args(argv)
+    return known.poll_interval, rest
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -178,8 +178,7 @@ def match_ranks(distances: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.T
 
     ordered = _sort(keys(c_rows, c_cols))
     per_row = torch.bincount(c_rows, minlength=num_rows)
-    position = torch.searchsorted(ordered, keys(hit_rows, hit_cols).cpu() if not ordered.is_cuda else
-                                  keys(hit_rows, hit_cols))
+    position = torch.searchsorted(ordered, keys(hit_rows, hit_cols).to(ordered.device))
     rank = position.to(per_row.device) - (torch.cumsum(per_row, 0) - per_row)[hit_rows]
     order = torch.argsort(hit_rows * num_g + rank)  # grouped by row, ascending rank
     return hit_rows[order].cpu().numpy(), rank[order].cpu().numpy()
