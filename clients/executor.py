@@ -30,6 +30,7 @@ installed Flower, so a change under the ``flwr==1.39.*`` pin fails loudly instea
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import traceback
@@ -73,6 +74,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from clients.answer_on_death import AnswerOnDeath
+from clients.public_errors import public_reason
 
 log = logging.getLogger("clients.executor")
 
@@ -116,6 +118,42 @@ class TaskRefused(Exception):
     """The task's app is not one this site runs; the message is the reason the server is told."""
 
 
+EXIT_TASK_LOST = 75  # the worker ended itself: the SuperNode gave its task up (fedreid-client restarts it)
+EXIT_OVER_BUDGET = 76  # the worker ended itself: its task ran past --max-task-seconds
+
+
+class TaskWatchdog:
+    """Ends this worker's process when its task outlives the site's time budget or is given up by the
+    SuperNode: a task cannot be interrupted safely inside torch, and a new worker starts in seconds.
+    ``end`` is ``os._exit`` in the worker (tests give another)."""
+
+    def __init__(self, record: AnswerOnDeath, budget_s: float | None, end: Callable[[int], None]) -> None:
+        self.record, self.budget_s, self.end = record, budget_s, end
+        self._timer: threading.Timer | None = None
+
+    def start(self) -> None:
+        if self.budget_s is not None:
+            self._timer = threading.Timer(self.budget_s, self.over_budget)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def over_budget(self) -> None:
+        log.error("the task has run past this site's %g-s budget (--max-task-seconds); the worker stops it and "
+                  "starts again", self.budget_s)
+        self.record.mark_over_budget()
+        self.end(EXIT_OVER_BUDGET)
+
+    def lost(self) -> None:
+        log.warning("the SuperNode gave this task up while it ran (its run stopped or its heartbeat expired); the "
+                    "worker stops it and starts again")
+        self.record.disarm()  # nobody waits for its answer
+        self.end(EXIT_TASK_LOST)
+
+
 @dataclass(frozen=True)
 class RuntimeAddress:
     """Where the SuperNode's Runtime API listens (always this box: fedreid-client binds it to loopback)."""
@@ -140,9 +178,10 @@ class RuntimeAddress:
                                                      retry_invoker=retry)
 
 
-def _heartbeat(client: RuntimeHttpClient, lost: threading.Event) -> Callable[[], bool]:
-    """Flower's task heartbeat, except that a task the SuperNode no longer knows sets ``lost``
-    (``flwr-clientapp`` raises SIGINT in itself, which would stop this long-lived worker)."""
+def _heartbeat(client: RuntimeHttpClient, on_lost: Callable[[], None]) -> Callable[[], bool]:
+    """Flower's task heartbeat, except that a task the SuperNode no longer knows calls ``on_lost``
+    (``flwr-clientapp`` raises SIGINT in itself; this long-lived worker ends its own process, so
+    that nothing the SuperNode gave up on keeps the site busy, and fedreid-client starts a new one)."""
     import httpx
 
     request = SendTaskHeartbeatRequest()
@@ -157,7 +196,7 @@ def _heartbeat(client: RuntimeHttpClient, lost: threading.Event) -> Callable[[],
                 return False
             raise
         if not response.success:
-            lost.set()
+            on_lost()
         return True
 
     return beat
@@ -219,9 +258,8 @@ def pull_input(client: RuntimeHttpClient,
     return message, context, run, fab
 
 
-def error_reason(error: BaseException) -> str:
-    """Flower's own form for a ClientApp's exception, which the server's report unwraps."""
-    return f"{type(error)}:<'{error}'>"
+def _serialised(error: Error, message: Message) -> bytes:
+    return message_to_proto(Message(error, reply_to=message)).SerializeToString()
 
 
 def answer_left_over(record: AnswerOnDeath, runtime: RuntimeAddress) -> bool:
@@ -258,17 +296,21 @@ class TaskLoop:
     """Acquire tasks one at a time and run each with ``handle`` once ``accept`` lets it."""
 
     def __init__(self, runtime: RuntimeAddress, accept: Acceptor, handle: Handler, state_dir: Path,
-                 poll_s: float = 0.05) -> None:
+                 poll_s: float = 0.05, max_task_seconds: float | None = None,
+                 end: Callable[[int], None] = os._exit) -> None:  # noqa: SLF001 - see TaskWatchdog
         self.runtime, self.accept, self.handle, self.poll_s = runtime, accept, handle, poll_s
         self.answer_on_death = AnswerOnDeath(state_dir)
+        self.max_task_seconds, self.end = max_task_seconds, end
 
     def serve_forever(self) -> None:
+        """Take every task the SuperNode creates, of any type: one this worker does not run (an agent
+        app, say) is answered with an error instead of waiting at the SuperNode for ever."""
         acquirer = self.runtime.client()
-        request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[])
+        request = AcquireTaskRequest(supported_task_types=[str(kind) for kind in TaskType], agentapp_fab_hashes=[])
         while True:
             response = acquirer.AcquireTask(request)
             if response.HasField("task") and response.token:
-                self.run_task(response.token)
+                self.run_task(response.token, response.task.type)
             else:
                 time.sleep(self.poll_s)
 
@@ -280,11 +322,11 @@ class TaskLoop:
         finally:
             client.close()
 
-    def run_task(self, token: str) -> None:
+    def run_task(self, token: str, task_type: str = TaskType.CLIENT_APP) -> None:
         """One task, end to end; never raises (a failure is the task's, not the worker's)."""
         client = self.runtime.client(token)
-        lost = threading.Event()
-        heartbeat = HeartbeatSender(_heartbeat(client, lost))
+        watchdog = TaskWatchdog(self.answer_on_death, self.max_task_seconds, self.end)
+        heartbeat = HeartbeatSender(_heartbeat(client, watchdog.lost))
         heartbeat.start()
         context: Context | None = None
         message: Message | None = None
@@ -293,16 +335,23 @@ class TaskLoop:
             message, context, run, fab = pull_input(client, self.pending_tasks)
             pulled = time.perf_counter()
             kind = message.metadata.message_type
-            died = Message(Error(ErrorCode.CLIENT_APP_CRASHED, (
+            self.answer_on_death.arm(token, _serialised(Error(ErrorCode.CLIENT_APP_CRASHED, (
                 f"the site worker died while handling this {kind} message (run {run.run_id}); fedreid-client "
-                "starts it again for the next one")), reply_to=message)
-            self.answer_on_death.arm(token, message_to_proto(died).SerializeToString(), context.run_id,
-                                     context.node_id)
+                "starts it again for the next one")), message), context.run_id, context.node_id,
+                _serialised(Error(ErrorCode.CLIENT_APP_CRASHED, (
+                    f"the {kind} message (run {run.run_id}) ran past the site's time budget of "
+                    f"{self.max_task_seconds or 0:g} s (fedreid-client --max-task-seconds) and was stopped")), message),
+                None if self.max_task_seconds is None else time.time() + self.max_task_seconds)
+            watchdog.start()
+            if task_type != TaskType.CLIENT_APP:
+                raise TaskRefused(f"this site runs {TaskType.CLIENT_APP} tasks only; run {run.run_id} asked for "
+                                  f"a {task_type} task")
             refusal = self.accept(run, fab)
             if refusal is not None:
                 raise TaskRefused(refusal)
             reply = Message(self.handle(message, context), reply_to=message)
             worked = time.perf_counter()
+            watchdog.cancel()
             self.answer_on_death.mark_replying()
             push_message(client, reply, context)
             push_task_output(client=client, context=context, sub_status=SubStatus.COMPLETED, details="")
@@ -314,14 +363,13 @@ class TaskLoop:
             self._fail(client, message, context, ErrorCode.INVALID_FAB, str(refusal))
         except Exception as error:  # noqa: BLE001 - reported to the server; the worker serves on
             log.error("task failed:\n%s", traceback.format_exc())
-            self._fail(client, message, context, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, error_reason(error))
+            self._fail(client, message, context, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, public_reason(error))
         finally:
+            watchdog.cancel()
             self.answer_on_death.disarm()
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
-            if lost.is_set():
-                log.warning("the SuperNode gave this task up while it ran (its heartbeat had expired)")
 
     @staticmethod
     def _fail(client: RuntimeHttpClient, message: Message | None, context: Context | None, code: int,

@@ -33,6 +33,7 @@ import logging
 import os
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -40,7 +41,8 @@ from pathlib import Path
 
 from clients.answer_on_death import AnswerOnDeath
 from clients.location import IMAGES_PER_IDENTITY
-from clients.supernode import DEFAULT_POLL_S, MIN_POLL_S
+from clients.policy import SitePolicy
+from clients.supernode import DEFAULT_POLL_S, EXIT_LOOP_ENDED, MIN_POLL_S
 from clients.trust import ALLOWED_MODULES_KEY
 from server.flower_cli import with_flower_tuning
 
@@ -85,9 +87,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="FedUReID sites: this site's own estimate of images per person, from which it plans "
                              "its clustering (default: the run's algorithm.unsupervised.images_per_identity)")
     parser.add_argument("--check-only", action="store_true", help="check the data layout and the key files, then exit")
+    SitePolicy.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.poll_interval < MIN_POLL_S:
         parser.error(f"--poll-interval {args.poll_interval} is below {MIN_POLL_S} s")
+    if args.run_submitted_app and args.allow_app_hash:
+        parser.error("--allow-app-hash cannot be enforced with --run-submitted-app: Flower installs and runs whatever "
+                     "app the server sends. Drop --run-submitted-app (the site worker enforces the pin)")
+    try:
+        SitePolicy.from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -134,6 +144,9 @@ SECRET_FILE = "superexec.secret"
 PR_SET_PDEATHSIG = 1
 POLL_S = 0.2
 STOP_WAIT_S = 15.0
+OVERDUE_GRACE_S = 30.0  # a worker that has not stopped its own over-budget task this long after is killed
+SUPERNODE_BACKOFF_S = (1.0, 30.0)  # restarts of a SuperNode whose receiving loop ended: first wait, longest
+SUPERNODE_STABLE_S = 60.0  # a SuperNode up this long has its restart backoff reset
 
 
 def supernode_command(args: argparse.Namespace, state_dir: Path, secret: Path | None) -> list[str]:
@@ -163,12 +176,32 @@ def supernode_command(args: argparse.Namespace, state_dir: Path, secret: Path | 
 
 
 def worker_command(args: argparse.Namespace, state_dir: Path, secret: Path) -> list[str]:
+    """The site worker, told by its command line (not by the SuperNode) where the site's data and
+    state are, what it may import and its limits."""
     command = [sys.executable, "-m", "clients.worker", "--runtime-api", f"127.0.0.1:{args.runtime_port}",
                "--secret-file", str(secret), "--state-dir", str(state_dir), "--site", args.dataset,
-               "--parent-pid", str(os.getpid())]
+               "--data-root", str(args.data_root.expanduser().resolve()), "--parent-pid", str(os.getpid()),
+               *SitePolicy.from_args(args).arguments()]
+    if args.gpu is not None:
+        command += ["--gpu", str(args.gpu)]
+    if args.images_per_identity is not None:
+        command += ["--images-per-identity", str(float(args.images_per_identity))]
+    for module in args.allow_module:
+        command += ["--allow-module", module]
     for digest in args.allow_app_hash:
         command += ["--allow-app-hash", digest]
     return command
+
+
+def private_state_dir(path: Path) -> Path:
+    """The state folder, created 0700 (decoded images, models and keys live there); a folder that
+    other users could enter is tightened, and said so."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        path.chmod(mode & 0o700)
+        log.warning("the state folder %s was open to other users (mode %o); it is now %o", path, mode, mode & 0o700)
+    return path
 
 
 def write_secret(state_dir: Path) -> Path:
@@ -210,9 +243,72 @@ def _stop(*processes: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+def restart_supernode(code: int) -> bool:
+    """Whether a SuperNode that exited with ``code`` is started again: its receiving loop ended
+    (clients/supernode.py's EXIT_LOOP_ENDED) or it was killed by a signal it did not ask for; a
+    SuperNode that ends by itself otherwise (refused key, --max-wait-time) ends fedreid-client."""
+    return code == EXIT_LOOP_ENDED or code < 0
+
+
+class SiteProcesses:
+    """The SuperNode and the site worker of one site, each started again when it should be."""
+
+    def __init__(self, args: argparse.Namespace, state_dir: Path, env: dict[str, str]) -> None:
+        self.args, self.state_dir, self.env = args, state_dir, env
+        self.secret = write_secret(state_dir)
+        self.command = supernode_command(args, state_dir, self.secret)
+        self.in_progress = AnswerOnDeath(state_dir)
+        self.worker_restarts, self.supernode_restarts = 0, 0
+        log.info("starting %s", " ".join(self.command))
+        self.supernode, self.supernode_started = spawn(self.command, env), time.monotonic()
+        self.worker = self._start_worker()
+
+    def _start_worker(self) -> subprocess.Popen[bytes]:
+        return spawn(worker_command(self.args, self.state_dir, self.secret), self.env)
+
+    def restart_supernode(self) -> None:
+        _stop(self.supernode)
+        self.supernode, self.supernode_started = spawn(self.command, self.env), time.monotonic()
+
+    def check(self) -> int | None:
+        """One look at both processes; the SuperNode's exit code when the site should stop."""
+        code = self.supernode.poll()
+        if code is not None:
+            if not restart_supernode(code):
+                log.info("the SuperNode exited with code %d", code)
+                return code
+            if time.monotonic() - self.supernode_started > SUPERNODE_STABLE_S:
+                self.supernode_restarts = 0
+            wait = min(SUPERNODE_BACKOFF_S[0] * 2 ** self.supernode_restarts, SUPERNODE_BACKOFF_S[1])
+            self.supernode_restarts += 1
+            log.warning("the SuperNode stopped receiving (exit code %d); starting it again in %.0f s (restart %d)",
+                        code, wait, self.supernode_restarts)
+            time.sleep(wait)
+            self.restart_supernode()
+        if self.worker.poll() is not None:
+            self.worker_restarts += 1
+            log.warning("the site worker (pid %d) exited with code %d; starting it again (restart %d)",
+                        self.worker.pid, self.worker.returncode, self.worker_restarts)
+            if self.in_progress.phase() == AnswerOnDeath.REPLYING:
+                log.warning("it died while handing its reply to the SuperNode, which would wait for the rest "
+                            "of it for ever; restarting the SuperNode too (the site's state is on its disk)")
+                self.restart_supernode()
+            self.worker = self._start_worker()
+        elif self.in_progress.overdue(time.time(), OVERDUE_GRACE_S):
+            log.error("the site worker (pid %d) did not stop its task at the site's time budget "
+                      "(--max-task-seconds); killing it", self.worker.pid)
+            self.in_progress.mark_over_budget()
+            self.worker.kill()
+        return None
+
+    def stop(self) -> None:
+        _stop(self.worker, self.supernode)
+
+
 def supervise(args: argparse.Namespace, state_dir: Path, env: dict[str, str]) -> int:
-    """Run the SuperNode and the site worker; restart the worker whenever it dies; return the
-    SuperNode's exit code once it ends (or 0 on SIGTERM / Ctrl-C)."""
+    """Run the SuperNode and the site worker; restart the worker whenever it dies, and the SuperNode
+    when its receiving loop ends; return the SuperNode's exit code once it ends for good (or 0 on
+    SIGTERM / Ctrl-C)."""
     stopping: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -220,32 +316,17 @@ def supervise(args: argparse.Namespace, state_dir: Path, env: dict[str, str]) ->
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    secret = write_secret(state_dir)
-    command = supernode_command(args, state_dir, secret)
-    log.info("starting %s", " ".join(command))
-    supernode = spawn(command, env)
-    worker = spawn(worker_command(args, state_dir, secret), env)
-    restarts = 0
+    site = SiteProcesses(args, state_dir, env)
     try:
         while not stopping:
-            if supernode.poll() is not None:
-                log.info("the SuperNode exited with code %d", supernode.returncode)
-                return supernode.returncode
-            if worker.poll() is not None:
-                restarts += 1
-                log.warning("the site worker (pid %d) exited with code %d; starting it again (restart %d)",
-                            worker.pid, worker.returncode, restarts)
-                if AnswerOnDeath(state_dir).phase() == AnswerOnDeath.REPLYING:
-                    log.warning("it died while handing its reply to the SuperNode, which would wait for the rest "
-                                "of it for ever; restarting the SuperNode too (the site's state is on its disk)")
-                    _stop(supernode)
-                    supernode = spawn(command, env)
-                worker = spawn(worker_command(args, state_dir, secret), env)
+            code = site.check()
+            if code is not None:
+                return code
             time.sleep(POLL_S)
         log.info("stopping the site (signal %d)", stopping[0])
         return 0
     finally:
-        _stop(worker, supernode)
+        site.stop()
 
 
 def run_checks(args: argparse.Namespace) -> int:
@@ -266,6 +347,7 @@ def run_checks(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     argv = sys.argv[1:] if argv is None else argv
+    os.umask(0o077)  # everything the site writes (decoded images, models, state) is its user's alone
     args = parse_args(argv)
     if args.check_only or args.run_submitted_app:  # this process ends there, or becomes the SuperNode
         code = run_checks(args)
@@ -277,8 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
     if args.insecure:
         log.warning("--insecure: no TLS and no authentication; use this for local trials only")
-    state_dir = (args.state_dir or Path("fedreid-state") / args.dataset).expanduser().resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = private_state_dir((args.state_dir or Path("fedreid-state") / args.dataset).expanduser().resolve())
     env = dict(os.environ)
     env.setdefault("FLWR_HOME", str(state_dir / "flwr-home"))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

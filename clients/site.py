@@ -36,7 +36,9 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from clients import outgoing
 from clients.kept import (LOCAL_STATE_KEY, HeldModel, load_held, load_residual, persist_site_state,
                           restore_local_state, restore_site_state, save_held, save_residual, state_file)
+from clients.disk import CACHE_FILES_KEPT, fingerprint_cache, prune_newest
 from clients.location import SiteLocation, folder_fingerprint, locate_site
+from clients.policy import SitePolicy
 from clients.trust import check_backbone_factory
 from reid.config import SiteRunSpec
 from reid.data.dataset import ReIDData, load_reid_data
@@ -83,6 +85,10 @@ class Site:
         self.device = pick_device(None if gpu in (None, "") else int(gpu))  # type: ignore[arg-type]
         self._scans: dict[tuple[bool, bool], tuple[str, ReIDData]] = {}  # (verify, labelled) -> (fingerprint, scan)
         self._kept_models: dict[Path, tuple[int, float]] = {}  # model file -> (round, mAP) last written
+        self._fingerprint = ""  # of the data folder, as last scanned
+        self._sizes_seen: set[tuple[str, int, int]] = set()  # (fingerprint, height, width) already decoded
+        # the site worker's limits (clients/policy.py, from its command line); a simulation has none
+        self.policy = SitePolicy.from_node_config(node_config)
 
     @property
     def name(self) -> str:
@@ -90,8 +96,11 @@ class Site:
 
     @property
     def image_cache_dir(self) -> Path | None:
-        """``<state-dir>/image-cache``: decoded images survive a restart of the worker or the box."""
-        return self.state_dir / "image-cache" if self.state_dir is not None else None
+        """``<state-dir>/image-cache/<data fingerprint>``: decoded images survive a restart of the worker
+        or the box; the caches of data the folder no longer holds are removed (clients/disk.py)."""
+        if self.state_dir is None:
+            return None
+        return fingerprint_cache(self.state_dir / "image-cache", self._fingerprint or "unscanned")
 
     # -- one message each ------------------------------------------------------------------------
 
@@ -105,6 +114,7 @@ class Site:
             self.adapt_batchnorm(model, data, spec)
         metrics = self.evaluation(model, data, spec)
         self.keep_model(model, content, state, spec, metrics, received.masks)
+        self.tidy_disk(content)
         return outgoing.evaluation_reply(self.name, metrics)
 
     def adapt_batchnorm(self, model: ReIDNet, data: ReIDData, spec: SiteRunSpec) -> None:
@@ -124,15 +134,45 @@ class Site:
         site's data (training images unlabelled when the run is unsupervised); a state that a fresh
         SuperNode does not have yet is first read back from the state file."""
         spec = SiteRunSpec.from_flat(dict(content["config"]))
+        if self.policy is not None:
+            self.policy.check_spec(spec)
         check_backbone_factory(spec.model.backbone_factory, self.node_config, self.location.deployed)
         restore_site_state(state, self.state_file(content))
-        return spec, self.data(spec.verify_images, labelled=not spec.unsupervised.enabled)
+        data = self.data(spec.verify_images, labelled=not spec.unsupervised.enabled)
+        if self.policy is not None:
+            self.check_resources(spec, data)
+        return spec, data
+
+    def check_resources(self, spec: SiteRunSpec, data: ReIDData) -> None:
+        """Refuse a round whose decoded images would not fit this box's memory, or whose files would
+        take its state disk below the operator's floor (a first decode at a size writes its cache)."""
+        assert self.policy is not None
+        count, height, width = len(data.train) + len(data.query) + len(data.gallery), spec.model.height, spec.model.width
+        self.policy.check_memory(count, height, width)
+        if self.state_dir is not None:
+            size = (self._fingerprint, height, width)
+            self.policy.check_disk(self.state_dir, 0 if size in self._sizes_seen else count * 3 * height * width)
+            self._sizes_seen.add(size)
+
+    def tidy_disk(self, content: RecordDict) -> None:
+        """After a message: only the newest runs' state and model files, and the most recently used
+        image caches, stay on a deployed site's disk (clients/disk.py)."""
+        if self.policy is None or self.state_dir is None:
+            return
+        current = {p for p in (self.state_file(content), self.model_file(content)) if p is not None}
+        removed = prune_newest(list(self.state_dir.glob("*.state")), self.policy.keep_runs, current)
+        removed += prune_newest(list((self.state_dir / "models").glob("*.pt")), self.policy.keep_runs, current)
+        removed += prune_newest(list(self.image_cache_dir.glob("*.pt")), CACHE_FILES_KEPT)  # type: ignore[union-attr]
+        if removed:
+            log.info("%s: removed %d older state, model and image cache files (--keep-runs %d)", self.name,
+                     len(removed), self.policy.keep_runs)
 
     def data(self, verify: bool = True, labelled: bool = True) -> ReIDData:
         """Scan (and check) the site's images once; later messages reuse the scan while the folder's
         fingerprint is unchanged. ``labelled=False``: training crops may be named in any form."""
         fingerprint = folder_fingerprint(self.location.root)
         cached = self._scans.get((verify, labelled))
+        self._fingerprint = fingerprint
         if cached is not None and cached[0] == fingerprint:
             return cached[1]
         if cached is not None:
@@ -247,6 +287,7 @@ class Site:
         if reply.residual is not None:
             save_residual(state, reply.residual)
         persist_site_state(state, self.state_file(content))
+        self.tidy_disk(content)
         return reply.content
 
 

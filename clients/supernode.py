@@ -7,6 +7,12 @@ entry point runs Flower's own ``flower-supernode`` unchanged except for those tw
 become ``--poll-interval`` (idle pull) and a fifth of it (reply check), bounded below by
 ``MIN_POLL_S`` so that a large federation does not flood its SuperLink with empty pulls.
 
+Two faults that would otherwise take the site out of the federation without a word are handled
+here too. A message whose run cannot be taken (its app bundle is not a zip, has invalid TOML or
+does not match its hash: Flower raises out of ``_pull_and_store_message``, and its receiving loop
+ends while the process stays up) is answered with an error reply and the loop goes on. A loop
+that ends anyway ends the process with ``EXIT_LOOP_ENDED``, and fedreid-client starts it again.
+
 Everything from Flower touched here is listed in ``FLOWER_SUPERNODE_API``; ``check_flower_api``
 (run at start and by a test) refuses a Flower whose loop no longer has those waits, instead of
 silently running with other timing.
@@ -15,7 +21,10 @@ silently running with other timing.
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
+import logging
+import os
 import sys
 import time
 from types import ModuleType
@@ -28,11 +37,15 @@ FLOWER_REPLY_CHECK_S = 0.5  # `time.sleep(0.5)` in _push_messages, waiting for t
 FLOWER_SUPERNODE_API = {
     LOOP_MODULE: {"time": "module global the loop sleeps through",
                   "start_client_internal": "holds `time.sleep(3)` after an empty pull",
-                  "_push_messages": "holds `time.sleep(0.5)` while the reply is not ready"},
+                  "_push_messages": "holds `time.sleep(0.5)` while the reply is not ready",
+                  "_pull_and_store_message": "pulls one message and its run; raises on a bad app bundle",
+                  "_insert_message": "stores a reply for the loop to push"},
     CLI_MODULE: {"flower_supernode": "the `flower-supernode` console script's function"},
 }
 DEFAULT_POLL_S = 0.25
 MIN_POLL_S = 0.05  # 20 idle pulls a second per site at most
+EXIT_LOOP_ENDED = 75  # the receiving loop ended: fedreid-client starts the SuperNode again
+log = logging.getLogger("clients.supernode")
 
 
 class PacedTime:
@@ -54,8 +67,6 @@ class PacedTime:
 
 def check_flower_api() -> ModuleType:
     """The installed Flower's SuperNode loop, if it still has every name and wait this module relies on."""
-    import importlib
-
     modules = {name: importlib.import_module(name) for name in FLOWER_SUPERNODE_API}
     for name, members in FLOWER_SUPERNODE_API.items():
         missing = [member for member in members if not hasattr(modules[name], member)]
@@ -81,6 +92,40 @@ def pace(poll_s: float) -> PacedTime:
     return paced
 
 
+def answer_untakeable_messages(loop: ModuleType) -> None:
+    """Make the loop answer a message it cannot take (its run's app bundle is broken) with an error
+    reply, instead of ending; a failure before any message arrived still ends it (see main)."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode
+
+    original = loop._pull_and_store_message  # noqa: SLF001 - listed in FLOWER_SUPERNODE_API
+
+    def pull_and_store_message(**kwargs: Any) -> int | None:
+        received: list[Any] = []
+        receive = kwargs["receive"]
+
+        def remembering_receive() -> Any:
+            pulled = receive()
+            if pulled is not None:
+                received.append(pulled[0])
+            return pulled
+
+        try:
+            return original(**{**kwargs, "receive": remembering_receive})
+        except Exception as error:  # noqa: BLE001 - answered below; nothing else of the run is kept
+            if not received:
+                raise
+            message = received[0]
+            reason = (f"site refused a {message.metadata.message_type} message of run {message.metadata.run_id}: "
+                      f"its app bundle could not be read ({type(error).__name__})")
+            log.error("%s: %s", reason, error)
+            reply = Message(Error(ErrorCode.INVALID_FAB, reason), reply_to=message)
+            loop._insert_message(reply, kwargs["state"], kwargs["object_store"])  # noqa: SLF001
+            return message.metadata.run_id
+
+    loop._pull_and_store_message = pull_and_store_message  # noqa: SLF001
+
+
 def split_poll_interval(argv: list[str]) -> tuple[float, list[str]]:
     """``--poll-interval S`` (or ``=S``) taken out of ``argv``; the rest is Flower's own arguments."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # Flower's own flags pass through
@@ -92,10 +137,16 @@ def split_poll_interval(argv: list[str]) -> tuple[float, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     poll, rest = split_poll_interval(sys.argv[1:] if argv is None else argv)
     pace(poll)
+    answer_untakeable_messages(importlib.import_module(LOOP_MODULE))
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = [sys.argv[0], *rest]
-    flower_supernode()
+    try:
+        flower_supernode()
+    except Exception:  # noqa: BLE001 - the loop is gone; Flower's other threads would keep the process up
+        log.exception("the SuperNode's receiving loop ended")
+        sys.stderr.flush()
+        os._exit(EXIT_LOOP_ENDED)  # noqa: SLF001 - non-daemon threads (the Runtime API) would keep us alive
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from clients.public_errors import PublicError
+
 APP_ID = "fedreid/fedreid"  # [tool.flwr.app] publisher / [project] name, as Flower names a run's app
 DISTRIBUTION = "fedreid"
 SITE_PACKAGES = ("clients", "reid", "strategies")  # the code that runs beside a site's images
@@ -40,7 +42,7 @@ ALLOWED_MODULES_KEY = "allow-modules"  # node_config: the modules --allow-module
 MAX_LISTED = 3
 
 
-class ForbiddenKnob(PermissionError):
+class ForbiddenKnob(PublicError, PermissionError):
     """A run-config value would run code on this site that its operator did not allow."""
 
 
@@ -104,11 +106,14 @@ class AppPolicy:
             return f"it is version {fab_version}, the site has {self.version} installed"
         try:
             archive = zipfile.ZipFile(io.BytesIO(content))
-            submitted = {name: hashlib.sha256(archive.read(name)).hexdigest() for name in archive.namelist()
+            budget = FabBudget(len(archive.infolist()))
+            submitted = {name: _streamed_sha256(archive, name, budget) for name in archive.namelist()
                          if name.endswith(".py") and name.split("/", 1)[0] in SITE_PACKAGES}
-            project = tomllib.loads(archive.read("pyproject.toml").decode())
-        except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-            return f"its FAB cannot be read ({error})"
+            project = tomllib.loads(_read_small(archive, "pyproject.toml", budget).decode())
+        except OversizedFab as error:
+            return f"its FAB is refused unread: {error}"
+        except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError, EOFError, OSError) as error:
+            return f"its FAB cannot be read ({type(error).__name__})"
         clientapp = project.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}).get("clientapp")
         if clientapp != CLIENTAPP:
             return f"it names {clientapp!r} as its ClientApp, not {CLIENTAPP}"
@@ -119,6 +124,60 @@ class AppPolicy:
         if missing:
             return f"it lacks site code the installed fedreid has: {_listing(missing)}"
         return None
+
+
+MAX_FAB_ENTRIES = 10_000
+MAX_FAB_UNCOMPRESSED = 64 * 1024 * 1024  # all entries the check reads, decompressed
+MAX_FAB_RATIO = 200  # decompressed : compressed, per entry (source text compresses about 4:1)
+CHUNK = 1 << 16
+
+
+class OversizedFab(ValueError):
+    """A FAB whose entries would take more memory or time to read than any real app's."""
+
+
+class FabBudget:
+    """Bytes the check may still decompress; a zip bomb runs out of it after a bounded read."""
+
+    def __init__(self, entries: int) -> None:
+        if entries > MAX_FAB_ENTRIES:
+            raise OversizedFab(f"{entries} entries, more than {MAX_FAB_ENTRIES}")
+        self.left = MAX_FAB_UNCOMPRESSED
+
+    def take(self, count: int, name: str, compressed: int, read: int) -> None:
+        self.left -= count
+        if self.left < 0:
+            raise OversizedFab(f"its entries decompress to more than {MAX_FAB_UNCOMPRESSED >> 20} MB")
+        if read > 1 << 20 and read > MAX_FAB_RATIO * max(compressed, 1):
+            raise OversizedFab(f"entry {name!r} decompresses more than {MAX_FAB_RATIO}:1")
+
+
+def _chunks(archive: zipfile.ZipFile, name: str, budget: FabBudget):
+    """An entry's bytes, a chunk at a time, counted against ``budget`` as they are decompressed
+    (the sizes a zip declares are not trusted)."""
+    info = archive.getinfo(name)
+    read = 0
+    with archive.open(info) as entry:
+        while chunk := entry.read(CHUNK):
+            read += len(chunk)
+            budget.take(len(chunk), name, info.compress_size, read)
+            yield chunk
+
+
+def _streamed_sha256(archive: zipfile.ZipFile, name: str, budget: FabBudget) -> str:
+    digest = hashlib.sha256()
+    for chunk in _chunks(archive, name, budget):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_small(archive: zipfile.ZipFile, name: str, budget: FabBudget, limit: int = 1 << 20) -> bytes:
+    data = bytearray()
+    for chunk in _chunks(archive, name, budget):
+        data += chunk
+        if len(data) > limit:
+            raise OversizedFab(f"{name} is larger than {limit >> 10} KB")
+    return bytes(data)
 
 
 def allowed_modules(node_config: Mapping[str, object]) -> frozenset[str]:

@@ -146,8 +146,10 @@ def _is_embedding(value: object) -> bool:
     return isinstance(value, np.ndarray) and value.ndim == 2 and value.dtype.kind == "f"
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None) -> ReIDModel:
-    """A model file (``model.pt`` of a run, or a site's model) ready to embed and rank."""
-    net, info = build_saved_model(path)
+def load_model(path: str | Path, device: str | torch.device | None = None,
+               backbone_modules: Sequence[str] = ()) -> ReIDModel:
+    """A model file (``model.pt`` of a run, or a site's model) ready to embed and rank. The file runs
+    no code: a ``backbone_factory`` it names is used only when its module is in ``backbone_modules``."""
+    net, info = build_saved_model(path, frozenset(backbone_modules))
     chosen = torch.device(device) if isinstance(device, str) else device
     return ReIDModel(net, info, chosen)

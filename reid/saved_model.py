@@ -13,6 +13,12 @@ only, no pickled code), and complete without the run's Hydra config: the weights
 
 A backbone registered in the training process (``register_backbone``) is stored by name only: the
 file never carries code, so the loading process must register the same network first.
+
+Loading never runs code that a file names: the network is a torchvision model, ``resnet10`` or a
+backbone registered in the loading process. A file that names a ``backbone_factory`` (a crafted
+one may name any ``module:function``, or a pickle on the box) is refused, naming the file and the
+way out, unless the factory's module is one the user allowed (``--backbone-module`` on the model
+tools, ``backbone_modules`` in ``fedreid.load_model``) or the backbone is registered already.
 """
 
 from __future__ import annotations
@@ -112,11 +118,29 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelInf
     return payload["state_dict"], ModelInfo(spec=spec, masks=dict(payload.get("masks", {})), **meta)
 
 
-def check_buildable(info: ModelInfo, path: Path | str) -> None:
-    """Refuse, naming the fix, a model whose backbone this process cannot build."""
+def _allowed(module: str, allowed: frozenset[str]) -> bool:
+    return any(module == name or module.startswith(f"{name}.") for name in allowed)
+
+
+def trusted_spec(info: ModelInfo, path: Path | str, allowed_modules: frozenset[str] = frozenset()) -> ModelSpec:
+    """The file's ModelSpec with what it may not decide taken out: a factory it names stays only when
+    its module is allowed; otherwise a backbone registered here is used, or the file is refused."""
     spec = info.spec
-    if info.backbone_source == "registered" and not spec.backbone_factory \
-            and registered_factory(spec.backbone) is None:
+    factory = spec.backbone_factory or ""
+    registered = registered_factory(spec.backbone) is not None
+    if factory:
+        module = factory.partition(":")[0]
+        if not factory.endswith(".pkl") and ":" in factory and _allowed(module, allowed_modules):
+            return spec
+        if not registered:
+            way_out = (f"--backbone-module {module} (fedreid.load_model(path, backbone_modules=[{module!r}]))"
+                       if not factory.endswith(".pkl") else
+                       f"fedreid.register_backbone({spec.backbone!r}, factory) in the loading process")
+            raise ModelFileError(
+                f"{path} names code to build its backbone ({factory!r}); a model file never runs code on this "
+                f"box. If you trust that code, allow it with {way_out}")
+        spec = replace(spec, backbone_factory="")
+    if info.backbone_source == "registered" and not registered:
         raise ModelFileError(
             f"{path} was trained with backbone {spec.backbone!r}, a network registered in the training process "
             f"(model files carry no code). Register the same network under that name before loading: "
@@ -125,12 +149,18 @@ def check_buildable(info: ModelInfo, path: Path | str) -> None:
         check_backbone(spec.backbone, spec.backbone_factory)
     except ValueError as error:
         raise ModelFileError(f"{path}: {error}") from None
+    if not 16 <= spec.height <= 4096 or not 16 <= spec.width <= 4096 or not 1 <= spec.bottleneck_dim <= 65536:
+        raise ModelFileError(f"{path}: input {spec.height}x{spec.width} or bottleneck {spec.bottleneck_dim} is "
+                             f"outside what a re-ID model uses")
+    return spec
 
 
-def build_saved_model(path: str | Path) -> tuple[ReIDNet, ModelInfo]:
-    """The network of a model file, with its weights, in eval mode."""
+def build_saved_model(path: str | Path, allowed_modules: frozenset[str] | set[str] = frozenset()
+                      ) -> tuple[ReIDNet, ModelInfo]:
+    """The network of a model file, with its weights, in eval mode; ``allowed_modules``: the modules
+    whose factories a file may name (see the module's docstring)."""
     state, info = read_model_file(path)
-    check_buildable(info, path)
+    info = replace(info, spec=trusted_spec(info, path, frozenset(allowed_modules)))
     try:
         net = ReIDNet(info.spec)
     except (ImportError, ValueError) as error:

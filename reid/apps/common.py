@@ -19,7 +19,8 @@ def model_arguments(parser: argparse.ArgumentParser) -> None:
                              "simulation's <run folder>/site-models/<site>.pt")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the first GPU, else the CPU)")
     parser.add_argument("--backbone-module", action="append", default=[], metavar="MODULE",
-                        help="import this module first (it registers the backbone a model was trained with)")
+                        help="import this module first (it registers the backbone a model was trained with) and let "
+                             "the model file name a backbone factory from it; a model file runs no other code")
 
 
 def open_model(args: argparse.Namespace) -> ReIDModel:
@@ -29,7 +30,7 @@ def open_model(args: argparse.Namespace) -> ReIDModel:
     for module in args.backbone_module:
         importlib.import_module(module)
     try:
-        return load_model(args.model, args.device)
+        return load_model(args.model, args.device, backbone_modules=args.backbone_module)
     except (ModelFileError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
 

@@ -81,6 +81,7 @@ def _read(file: Path, count: int, height: int, width: int) -> torch.Tensor | Non
             or images.dtype != torch.uint8:
         log.warning("image cache %s does not match its key; decoding again", file)
         return None
+    os.utime(file)  # in use: a site that bounds its cache keeps the most recently used files
     return images
 
 
