@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from server.certs import create
 from server.flower_cli import free_port
 from tests.attack import image_fingerprints, leaked, stealing_app
 from tests.deployment import Deployment
+from tests.hostile_link import LIES, hostile_pythonpath
 
 
 def _sites(tiny_sites: Path) -> dict[str, Path]:
@@ -267,6 +269,47 @@ def _fleet_bytes(deployment: Deployment, site: str) -> tuple[int, int]:
     return received, sent
 
 
+def _hostile_runs(deployment: Deployment, root: Path) -> dict[str, int]:
+    """What a hostile server sends before the real run: an app bundle that is not a zip, one whose
+    pyproject.toml does not parse, a run described as an agent app, and 100,000 local epochs. Each
+    run ends (the sites answer every message with an error), none takes a site out."""
+    runs = {lie: deployment.submit(f'profile="test" output-dir="{root / lie}" '
+                                   'overrides="federation.rounds=1 federation.min_sites=1"') for lie in LIES}
+    runs["oversized"] = deployment.submit(f'profile="test" output-dir="{root / "oversized"}" overrides="'
+                                          'federation.rounds=1 federation.min_sites=1 train.local_epochs=100000"')
+    for name, run in runs.items():
+        assert deployment.wait_finished(run, timeout=240).startswith("finished"), name + _logs(deployment)
+    return runs
+
+
+def _check_hostile_runs(deployment: Deployment, runs: dict[str, int], root: Path, sites: dict[str, Path]) -> None:
+    for site in sites:
+        log = deployment.log(f"client-{site}.log")
+        assert log.count("its app bundle could not be read") >= 2, log[-4000:]  # not a zip, bad TOML
+        assert "runs flwr-clientapp tasks only" in log and "a flwr-agentapp task" in log
+        assert "train.local_epochs=100000 exceeds this site's limit of 20 epochs (--max-epochs)" in log
+        assert "SuperNode stopped receiving" not in log  # answered, not restarted: the loop never ended
+    (line,) = _rounds(_run_folder(root / "oversized"))
+    for reason in line["train"]["rejected"].values():  # the server is told why, and nothing of the site
+        assert "exceeds this site's limit of 20 epochs (--max-epochs)" in reason, line
+    recorded = [deployment.log("server.log"), *(deployment.run_log(run) for run in runs.values()),
+                *(p.read_text() for lie in runs for p in (root / lie).rglob("*.jsonl"))]
+    for text in recorded:
+        assert str(root / "site-state") not in text and not any(str(path) in text for path in sites.values())
+
+
+def _check_private_files(deployment: Deployment, state_root: Path) -> None:
+    """Nothing a site keeps is readable by other users of its box: its folder 0700, every file 0600."""
+    assert "was open to other users (mode 755); it is now 700" in deployment.log("client-0-mall.log")
+    for folder in state_root.iterdir():
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        assert any(p.parent.parent.name == "image-cache" for p in files) and list(folder.glob("models/*.pt"))
+        wide = [(p.relative_to(folder), oct(stat.S_IMODE(p.stat().st_mode))) for p in files
+                if stat.S_IMODE(p.stat().st_mode) & 0o077]
+        assert wide == [], wide
+
+
 def test_a_site_worker_killed_mid_round_fails_that_round_and_a_restarted_box_rejoins_with_its_head(
         tiny_sites: Path, tmp_path: Path) -> None:
     """Campus's site worker is killed (SIGKILL) while it trains round 2: fedreid-client starts it again,
@@ -284,12 +327,18 @@ def test_a_site_worker_killed_mid_round_fails_that_round_and_a_restarted_box_rej
     overrides = (f"federation.rounds=3 federation.min_sites=1 federation.round_timeout_s=120 "
                  f"telemetry.prometheus_port={port}")
     clientapps = []
+    mall_state = tmp_path / "site-state" / "0-mall"
+    mall_state.mkdir(parents=True)
+    mall_state.chmod(0o755)  # left open to other users by hand: the site tightens it
+    pythonpath = os.pathsep.join(filter(None, [hostile_pythonpath(tmp_path / "hostile"), os.environ.get("PYTHONPATH")]))
     try:
-        deployment.start_server(env={"FEDREID_TEST_PAUSE": "recorded:2", "FEDREID_TEST_PAUSE_MARKER": str(marker)})
+        deployment.start_server(env={"FEDREID_TEST_PAUSE": "recorded:2", "FEDREID_TEST_PAUSE_MARKER": str(marker),
+                                     "PYTHONPATH": pythonpath})
         assert all(r.startswith("registered") for r in deployment.register_sites().values())
         for site in sites:
             deployment.start_client(site)
         deployment.wait_for_nodes(2)
+        hostile = _hostile_runs(deployment, tmp_path)
         counted_before = _fleet_bytes(deployment, "0-mall")
         run_id = deployment.submit(f'algorithm="fedpav_compressed" profile="test" output-dir="{outputs}" '
                                    f'overrides="{overrides}"')
@@ -344,6 +393,8 @@ def test_a_site_worker_killed_mid_round_fails_that_round_and_a_restarted_box_rej
         assert ours <= kernel <= 1.02 * ours + 1_500_000, (counted, reported)
     assert clientapps == []  # no process per message, at any point of the run
     assert "did not answer: <class" not in deployment.run_log(run_id)
+    _check_hostile_runs(deployment, hostile, tmp_path, sites)
+    _check_private_files(deployment, tmp_path / "site-state")
 
 
 @pytest.mark.load  # 85-105 s: `make test-load`; make test keeps the resume logic in tests/test_resume_and_state.py
