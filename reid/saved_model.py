@@ -163,7 +163,7 @@ def build_saved_model(path: str | Path, allowed_modules: frozenset[str] | set[st
     info = replace(info, spec=trusted_spec(info, path, frozenset(allowed_modules)))
     try:
         net = ReIDNet(info.spec)
-    except (ImportError, ValueError) as error:
+    except (ImportError, ValueError, TypeError) as error:
         raise ModelFileError(f"{path}: cannot build backbone {info.spec.backbone!r}: {error}") from error
     try:
         result = net.load_state_dict(state, strict=False)
