@@ -130,6 +130,7 @@ class TaskWatchdog:
     def __init__(self, record: AnswerOnDeath, budget_s: float | None, end: Callable[[int], None]) -> None:
         self.record, self.budget_s, self.end = record, budget_s, end
         self._timer: threading.Timer | None = None
+        self._answering = False  # the reply is being sent: the task's end is no longer the SuperNode's loss
 
     def start(self) -> None:
         if self.budget_s is not None:
@@ -138,6 +139,9 @@ class TaskWatchdog:
             self._timer.start()
 
     def cancel(self) -> None:
+        """The task's work is over (its answer is next): neither the budget nor a heartbeat that finds
+        the finished task gone ends the worker any more."""
+        self._answering = True
         if self._timer is not None:
             self._timer.cancel()
 
@@ -148,6 +152,8 @@ class TaskWatchdog:
         self.end(EXIT_OVER_BUDGET)
 
     def lost(self) -> None:
+        if self._answering:
+            return
         log.warning("the SuperNode gave this task up while it ran (its run stopped or its heartbeat expired); the "
                     "worker stops it and starts again")
         self.record.disarm()  # nobody waits for its answer
@@ -360,9 +366,11 @@ class TaskLoop:
                      done - started, pulled - started, worked - pulled, done - worked, run.run_id)
         except TaskRefused as refusal:
             log.warning("refused a task: %s", refusal)
+            watchdog.cancel()
             self._fail(client, message, context, ErrorCode.INVALID_FAB, str(refusal))
         except Exception as error:  # noqa: BLE001 - reported to the server; the worker serves on
             log.error("task failed:\n%s", traceback.format_exc())
+            watchdog.cancel()
             self._fail(client, message, context, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, public_reason(error))
         finally:
             watchdog.cancel()

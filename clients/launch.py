@@ -16,8 +16,11 @@ wrong, before any connection is made), then runs and watches two processes:
   (`<state-dir>/superexec.secret`, new at every start) that taking a task needs.
 
 A worker that dies is started again at once (the task it died in is answered as failed, so the
-server names the site in that round); when the SuperNode ends, the worker is stopped and
-`fedreid-client` exits with the SuperNode's exit code. `--run-submitted-app` gives Flower's own
+server names the site in that round), as is one stopped for its task's time budget; a SuperNode
+whose receiving loop ended is started again with a backoff; when the SuperNode ends otherwise,
+the worker is stopped and `fedreid-client` exits with the SuperNode's exit code. The site's
+limits (clients/policy.py) are flags here and reach the worker on its command line. Everything
+runs with umask 077 and the state folder is 0700. `--run-submitted-app` gives Flower's own
 behaviour instead: a process per message that runs the submitted app's code (a warning says so).
 
 The state folder (default `./fedreid-state/<dataset>`) keeps what must survive a restart of the

@@ -11,6 +11,10 @@ whether the run is meant for the code the site runs. A task is accepted when
   learns that this site would not run it, instead of believing it did;
 * when the operator pinned FAB hashes (``fedreid-client --allow-app-hash``), it is one of them.
 
+The FAB is read with bounded memory: entries are decompressed and hashed a chunk at a time,
+within a total (64 MB) and a ratio (200:1) that no real app reaches, whatever sizes the zip
+declares.
+
 Files only the server runs (``server/``, ``conf/``, ``bench/``, ``tests/``, the README) may differ:
 they never run here. A refusal names the app the site runs and why, in the error reply the server
 records, and in the site's log.
