@@ -233,8 +233,11 @@ class SuperLinkConnection:
         done = self.flwr("log", str(run_id), self.name, "--show", timeout=120)
         return done.stdout + done.stderr
 
-    def wait_finished(self, run_id: int, timeout: float, poll: float = 2.0) -> str:
+    def wait_finished(self, run_id: int, timeout: float, poll: float = 2.0, longest_poll: float = 6.0) -> str:
+        """The run's final status (or its last one at ``timeout``). Polls start every ``poll`` seconds and
+        stretch to ``longest_poll``: each `flwr ls` costs a second of CPU that the run itself could use."""
         deadline = time.monotonic() + timeout
         while not (status := self.status(run_id)).startswith("finished") and time.monotonic() < deadline:
-            time.sleep(poll)
+            time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
+            poll = min(poll * 1.5, longest_poll)
         return status

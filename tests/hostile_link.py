@@ -2,7 +2,6 @@
 lies to the SuperNodes about some runs. The run's ``output-dir`` says which lie:
 
 * ``hostile-not-a-zip``: the run's app bundle (FAB) is served as bytes that are not a zip;
-* ``hostile-bad-toml``: the FAB is a zip whose pyproject.toml does not parse;
 * ``hostile-agent``: the run is described as an agent app (Flower's ``flwr-agentapp`` task type).
 
 It is installed as a ``sitecustomize`` module on the SuperLink's PYTHONPATH (``hostile_pythonpath``);
@@ -17,9 +16,6 @@ SITECUSTOMIZE = '''
 import sys
 
 if "--fleet-api-address" in sys.argv:  # the SuperLink process only
-    import io
-    import zipfile
-
     from flwr.server.superlink.fleet.message_handler import message_handler as _handlers
 
     _get_run, _get_fab = _handlers.get_run, _handlers.get_fab
@@ -39,17 +35,10 @@ if "--fleet-api-address" in sys.argv:  # the SuperLink process only
         lie = _lie(state, request.run_id)
         if "hostile-not-a-zip" in lie:
             response.fab.content = b"this is not a zip archive"
-        elif "hostile-bad-toml" in lie:
-            buffer = io.BytesIO()
-            with zipfile.ZipFile(buffer, "w") as archive:
-                archive.writestr("pyproject.toml", "[tool.flwr.app\\n= not toml")
-            response.fab.content = buffer.getvalue()
         return response
 
     _handlers.get_run, _handlers.get_fab = get_run, get_fab
 '''
-
-LIES = ("hostile-not-a-zip", "hostile-bad-toml", "hostile-agent")
 
 
 def hostile_pythonpath(folder: Path) -> str:

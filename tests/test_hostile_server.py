@@ -9,6 +9,7 @@ file modes).
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import pickle
@@ -24,6 +25,12 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.fab import Fab
+from flwr.supercore.inflatable.inflatable_object import get_object_tree
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.nodestate import NodeStateFactory
 
 import fedreid
 from reid import backbones
@@ -33,7 +40,7 @@ from clients.executor import EXIT_OVER_BUDGET, EXIT_TASK_LOST, TaskWatchdog
 from clients.launch import parse_args as client_args, private_state_dir, restart_supernode
 from clients.policy import POLICY_KEY, SitePolicy, SiteRefusal
 from clients.public_errors import PublicError, public_reason
-from clients.supernode import EXIT_LOOP_ENDED
+from clients.supernode import EXIT_LOOP_ENDED, LOOP_MODULE, answer_untakeable_messages
 from clients.trust import APP_ID, AppPolicy, installed_version
 from clients.worker import message_handler, parse_args as worker_args, site_node_config
 from reid.config import SiteRunSpec
@@ -298,3 +305,49 @@ def test_the_state_folder_is_private(tmp_path: Path) -> None:
     folder.chmod(0o755)
     assert private_state_dir(folder).stat().st_mode & 0o777 == 0o700
     assert private_state_dir(tmp_path / "new").stat().st_mode & 0o777 == 0o700
+
+
+def _bad_toml() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("pyproject.toml", "[tool.flwr.app\n= not toml")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fab, error", [(b"this is not a zip archive", "BadZipFile"), (_bad_toml(), "ValueError")])
+def test_the_supernode_answers_a_message_whose_app_bundle_it_cannot_read_and_goes_on(
+        fab: bytes, error: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's own receive step (``_pull_and_store_message``) on a real node state: it raises on the
+    bundle, which would end the SuperNode's loop; with clients/supernode.py's guard the message gets
+    an error reply that the loop pushes, and the step returns as after any message."""
+    loop = importlib.import_module(LOOP_MODULE)
+    monkeypatch.setattr(loop, "_pull_and_store_message", loop._pull_and_store_message)  # undone after the test
+    before = TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 42, 7  # as a task's process has them
+    try:
+        _answer_untakeable(loop, fab, error)
+    finally:
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = before
+
+
+def _answer_untakeable(loop, fab: bytes, error: str) -> None:  # noqa: ANN001 - Flower's loop module
+    stores = ObjectStoreFactory()
+    state, store = NodeStateFactory(stores).state(), stores.store()
+    state.set_node_id(7)
+    message = Message(RecordDict(), dst_node_id=7, message_type="train")
+    message.metadata.__dict__["_message_id"] = message.object_id
+
+    def step() -> int | None:
+        return loop._pull_and_store_message(
+            state=state, object_store=store, node_config={}, receive=lambda: (message, get_object_tree(message)),
+            get_run=lambda run_id: Run.create_empty(run_id), get_fab=lambda digest, run_id: Fab(digest, fab, {}),
+            pull_object=lambda run_id, object_id: b"", confirm_message_received=lambda run_id, message_id: None,
+            trusted_entities=None)
+
+    with pytest.raises(Exception):  # Flower as it is: the loop would end here
+        step()
+    answer_untakeable_messages(loop)
+    assert step() == 42
+    (reply,) = state.get_messages(is_reply=True)
+    assert reply.metadata.reply_to_message_id == message.object_id and reply.has_error()
+    assert reply.error.reason == f"site refused a train message of run 42: its app bundle could not be read ({error})"
