@@ -143,6 +143,16 @@ class PrivateSuperLink:
         except RuntimeError as error:
             raise SimulationError(f"{error}; see {self.log_file}") from None
 
+    def stopped_from_outside(self) -> str | None:
+        """Why the run cannot be reported, when this SuperLink ended although this process never
+        stopped it (another program or a person did); None while it runs."""
+        code = None if self.process is None else self.process.poll()
+        if code is None:
+            return None
+        return (f"the run's SuperLink (pid {self.process.pid}, port {self.port}) was stopped from outside while the "  # type: ignore[union-attr]
+                f"run was going (exit code {code}); its results so far are in the run folder, its log in "
+                f"{self.log_file}")
+
     def __exit__(self, *_exc: object) -> None:
         """Stop the SuperLink and everything it started (SuperExec, the simulation, Ray)."""
         stop_process_group(self.process)
@@ -202,10 +212,12 @@ def _run_simulation(request: SimulationRequest) -> Path:
         options = [CONNECTION, "--stream", "--federation-config", federation, "--run-config", _run_config(request)]
         log.info("flwr %s", shlex.join(["run", str(request.app_dir), *options]))
         superlink.connection.flwr("run", str(app), *options, stream=True, timeout=None)
+        if (gone := superlink.stopped_from_outside()) is not None:
+            raise SimulationError(gone)
         try:
             runs = superlink.connection.runs()
         except RuntimeError as error:
-            raise SimulationError(str(error)) from None
+            raise SimulationError(superlink.stopped_from_outside() or str(error)) from None
     if not runs:
         raise SimulationError("no run was recorded by the SuperLink")
     run = runs[-1]

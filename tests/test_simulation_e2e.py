@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,22 @@ def test_flwr_calls_read_json_whatever_colour_settings_the_caller_has(tmp_path: 
     assert "\x1b[" not in raw.stdout and flwr_json(raw.stdout)["success"] is True
     assert flwr_json('\x1b[1m{\x1b[0m\n  \x1b[1;34m"success"\x1b[0m: \x1b[3;92mtrue\x1b[0m\n\x1b[1m}\x1b[0m') == \
         {"success": True}
+
+
+def test_a_simulation_whose_superlink_is_stopped_from_outside_says_so(tmp_path: Path) -> None:
+    """Someone else stops the run's SuperLink (`kill` from another process): the run's report names
+    its own SuperLink and says it was stopped from outside, instead of reading another SuperLink."""
+    from server.simulate import PrivateSuperLink
+
+    with PrivateSuperLink(tmp_path / "flwr-home") as superlink:
+        assert superlink.stopped_from_outside() is None
+        subprocess.run(["kill", "-TERM", str(superlink.process.pid)], check=True)  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
+        while superlink.stopped_from_outside() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        said = superlink.stopped_from_outside()
+    assert said is not None and f"port {superlink.port}) was stopped from outside" in said, said
+    assert str(tmp_path / "flwr-home" / "superlink.log") in said
 
 
 def test_the_staged_app_packs_into_exactly_the_fab_flower_builds_from_the_folder(tmp_path: Path) -> None:
