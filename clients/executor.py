@@ -84,6 +84,7 @@ SIGNED_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runt
                             "/flwr.proto.Runtime/ClaimTask"})
 PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.5  # asking again for a part the SuperNode does not have yet
 IDLE_POLL_CAP_S = 0.25  # the longest wait between AcquireTask calls (the SuperNode's own default pull)
+IDLE_AFTER_S = 5.0  # without a task this long, the worker starts waiting longer between calls
 ABANDONED_CHECK_S = 2.0  # while a part is missing, how often to look whether the SuperNode moved on
 
 # What this module takes from Flower 1.39 (checked by tests/test_site_runtime.py against the installed Flower).
@@ -314,16 +315,16 @@ class TaskLoop:
         app, say) is answered with an error instead of waiting at the SuperNode for ever."""
         acquirer = self.runtime.client()
         request = AcquireTaskRequest(supported_task_types=[str(kind) for kind in TaskType], agentapp_fab_hashes=[])
-        wait = self.poll_s
+        wait, idle_since = self.poll_s, time.monotonic()
         while True:
             response = acquirer.AcquireTask(request)
             if response.HasField("task") and response.token:
                 self.run_task(response.token, response.task.type)
-                wait = self.poll_s  # within a round the next task follows soon: ask often
+                wait, idle_since = self.poll_s, time.monotonic()  # a run's next task follows soon: ask often
             else:
                 time.sleep(wait)
-                wait = min(wait * 2, IDLE_POLL_CAP_S)  # an idle site asks less often (20 sites on one box:
-                # at 0.05 s their workers' calls alone kept both cores busy)
+                if time.monotonic() - idle_since > IDLE_AFTER_S:  # no run going: ask less often (20 sites on
+                    wait = min(wait * 2, IDLE_POLL_CAP_S)  # one box at 0.05 s kept both cores busy)
 
     def pending_tasks(self) -> list[int]:
         """Ids of the tasks waiting at the SuperNode (a signed call, like AcquireTask)."""
