@@ -133,7 +133,7 @@ class RunOutputs:
     def latest_evaluation(self) -> tuple[int, dict[str, dict[str, float]]] | None:
         """(round, per-site metrics) of the last evaluated round."""
         for record in reversed(self.rounds):
-            if record.get("evaluate"):
+            if record.get("evaluate") and record["evaluate"].get("sites"):  # one where every site refused is none
                 return record["round"], record["evaluate"]["sites"]
         return None
 
@@ -172,8 +172,9 @@ def table_rows(sites: dict[str, dict[str, float]], site_info: dict[str, dict[str
                       else f"{int(info['clusters'])} clusters" if "clusters" in info else "")
         rows.append([name, str(int(info.get("num-examples", 0))), identities,
                      *(f"{100 * sites[name].get(k, float('nan')):.1f}" for k in TABLE_KEYS)])
-    rows.append(["mean", "", "", *(f"{100 * sum(m.get(k, float('nan')) for m in sites.values()) / len(sites):.1f}"
-                                   for k in TABLE_KEYS)])
+    if sites:  # a round in which every site refused has no mean (the table then says so by its emptiness)
+        rows.append(["mean", "", "", *(f"{100 * sum(m.get(k, float('nan')) for m in sites.values()) / len(sites):.1f}"
+                                       for k in TABLE_KEYS)])
     return rows
 
 
@@ -201,7 +202,8 @@ def format_table(server_round: int, sites: dict[str, dict[str, float]], site_inf
     ``mAP`` is torchreid's (valid queries only); ``mAP (Market)`` is the original Market-1501
     trapezoid AP over all queries, which the FedReID code reports (see reid/metrics.py)."""
     rows = table_rows(sites, site_info)
-    rows[-1][0] = "**mean**"
+    if sites:
+        rows[-1][0] = "**mean**"
     held_out = unseen_rows(unseen)
     if len(held_out) > 2:
         held_out[-1][0] = "**mean, held out**"

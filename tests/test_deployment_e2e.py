@@ -276,10 +276,25 @@ HOSTILE = ("hostile-not-a-zip", "hostile-agent")  # tests/hostile_link.py's lies
 def _start_hostile_runs(deployment: Deployment, root: Path, pool: ThreadPoolExecutor) -> dict[str, Future]:
     """What a hostile server sends before the real run: an app bundle that is not a zip, a run
     described as an agent app, and 100,000 local epochs, each to both sites (min_sites=2: submitted
-    while the sites start, they wait for both). Futures of the run ids."""
+    while the sites start, they wait for both). A future of the run ids by name, under "all"."""
     overrides = {lie: "" for lie in HOSTILE} | {"oversized": " train.local_epochs=100000"}
-    return {name: pool.submit(deployment.submit, f'profile="test" output-dir="{root / name}" overrides="'
-                              f'federation.rounds=1 federation.min_sites=2{overrides[name]}"') for name in overrides}
+
+    def submit(name: str) -> int:
+        return deployment.submit(f'profile="test" output-dir="{root / name}" overrides="'
+                                 f'federation.rounds=1 federation.min_sites=2{overrides[name]}"')
+
+    def submit_all() -> dict[str, int]:
+        # Flower 1.39's SuperExec installs a run's FAB into one folder per hash; two ServerApps of the same
+        # FAB starting together can find it half-written ("Cannot find pyproject.toml"). The first run's
+        # ServerApp installs it alone; the others start once its run folder exists.
+        first, *rest = overrides
+        runs = {first: submit(first)}
+        deadline = time.monotonic() + 120
+        while not (root / first).exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return runs | {name: submit(name) for name in rest}
+
+    return {"all": pool.submit(submit_all)}
 
 
 def _wait_all_finished(deployment: Deployment, runs: dict[str, int], timeout: float = 300) -> None:
@@ -288,6 +303,8 @@ def _wait_all_finished(deployment: Deployment, runs: dict[str, int], timeout: fl
     while time.monotonic() < deadline:
         statuses = {int(r["run-id"]): str(r["status"]) for r in deployment.connection.runs() if "run-id" in r}
         if all(statuses.get(run, "").startswith("finished") for run in runs.values()):
+            ended = {name: statuses[run] for name, run in runs.items()}
+            assert set(ended.values()) == {"finished:completed"}, f"{ended}{_logs(deployment)}"  # no ServerApp crashed
             return
         time.sleep(3)
     raise AssertionError(f"hostile runs {runs} did not all end: {statuses}{_logs(deployment)}")
@@ -352,7 +369,7 @@ def test_a_site_worker_killed_mid_round_fails_that_round_and_a_restarted_box_rej
             for site in sites:
                 deployment.start_client(site)
             deployment.wait_for_nodes(2)
-            hostile = {name: future.result() for name, future in submitted.items()}
+            hostile = submitted["all"].result()
         _wait_all_finished(deployment, hostile)
         counted_before = _fleet_bytes(deployment, "0-mall")
         run_id = deployment.submit(f'algorithm="fedpav_compressed" profile="test" output-dir="{outputs}" '

@@ -351,3 +351,16 @@ def _answer_untakeable(loop, fab: bytes, error: str) -> None:  # noqa: ANN001 - 
     (reply,) = state.get_messages(is_reply=True)
     assert reply.metadata.reply_to_message_id == message.object_id and reply.has_error()
     assert reply.error.reason == f"site refused a train message of run 42: its app bundle could not be read ({error})"
+
+
+def test_a_run_every_site_refused_ends_with_its_files_written(tmp_path: Path) -> None:
+    """A hostile (or misconfigured) run whose every site refuses: the ServerApp once crashed at its
+    end (a mean over no sites); it writes its table and ends normally."""
+    from server.outputs import RunOutputs, format_table
+
+    outputs = RunOutputs(tmp_path)
+    refused = {"sites": {}, "rejected": {"mall": "SiteRefusal"}, "failed": []}
+    outputs.append_round({"round": 1, "train": refused, "evaluate": refused})
+    assert outputs.write_table({}) == "No evaluation was completed.\n"
+    assert (tmp_path / "results.md").read_text() == "No evaluation was completed.\n"
+    assert "| mean" not in format_table(1, {}, {}) and "**mean**" in format_table(1, {"mall": {"mAP": 0.5}}, {})
