@@ -246,7 +246,7 @@ def _stop(*processes: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def restart_supernode(code: int) -> bool:
+def should_restart_supernode(code: int) -> bool:
     """Whether a SuperNode that exited with ``code`` is started again: its receiving loop ended
     (clients/supernode.py's EXIT_LOOP_ENDED) or it was killed by a signal it did not ask for; a
     SuperNode that ends by itself otherwise (refused key, --max-wait-time) ends fedreid-client."""
@@ -277,7 +277,7 @@ class SiteProcesses:
         """One look at both processes; the SuperNode's exit code when the site should stop."""
         code = self.supernode.poll()
         if code is not None:
-            if not restart_supernode(code):
+            if not should_restart_supernode(code):
                 log.info("the SuperNode exited with code %d", code)
                 return code
             if time.monotonic() - self.supernode_started > SUPERNODE_STABLE_S:

@@ -86,6 +86,7 @@ class Site:
         self._scans: dict[tuple[bool, bool], tuple[str, ReIDData]] = {}  # (verify, labelled) -> (fingerprint, scan)
         self._kept_models: dict[Path, tuple[int, float]] = {}  # model file -> (round, mAP) last written
         self._fingerprint = ""  # of the data folder, as last scanned
+        self._image_cache: Path | None = None  # its image cache folder (chosen once per fingerprint)
         self._sizes_seen: set[tuple[str, int, int]] = set()  # (fingerprint, height, width) already decoded
         # the site worker's limits (clients/policy.py, from its command line); a simulation has none
         self.policy = SitePolicy.from_node_config(node_config)
@@ -98,9 +99,9 @@ class Site:
     def image_cache_dir(self) -> Path | None:
         """``<state-dir>/image-cache/<data fingerprint>``: decoded images survive a restart of the worker
         or the box; the caches of data the folder no longer holds are removed (clients/disk.py)."""
-        if self.state_dir is None:
-            return None
-        return fingerprint_cache(self.state_dir / "image-cache", self._fingerprint or "unscanned")
+        if self.state_dir is not None and self._image_cache is None:
+            self._image_cache = fingerprint_cache(self.state_dir / "image-cache", self._fingerprint or "unscanned")
+        return self._image_cache
 
     # -- one message each ------------------------------------------------------------------------
 
@@ -172,7 +173,8 @@ class Site:
         fingerprint is unchanged. ``labelled=False``: training crops may be named in any form."""
         fingerprint = folder_fingerprint(self.location.root)
         cached = self._scans.get((verify, labelled))
-        self._fingerprint = fingerprint
+        if fingerprint != self._fingerprint:  # other data: its own image cache folder (chosen on next use)
+            self._fingerprint, self._image_cache = fingerprint, None
         if cached is not None and cached[0] == fingerprint:
             return cached[1]
         if cached is not None:

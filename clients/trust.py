@@ -196,9 +196,11 @@ def check_backbone_factory(factory: str, node_config: Mapping[str, object], depl
         raise ForbiddenKnob(f"model.backbone_factory={factory!r}: a pickled factory would run code from a file; a "
                             "deployed site imports only module:function factories its operator allowed "
                             "(fedreid-client --allow-module)")
+    from reid.backbones import module_allowed  # torch: only where a run names a factory, never in fedreid-client
+
     module = factory.partition(":")[0]
     allowed = allowed_modules(node_config)
-    if not any(module == name or module.startswith(f"{name}.") for name in allowed):
+    if not module_allowed(module, allowed):
         raise ForbiddenKnob(f"model.backbone_factory={factory!r}: this site's operator has not allowed module "
                             f"{module!r} (fedreid-client --allow-module {module.split('.')[0]}); allowed: "
                             f"{', '.join(sorted(allowed)) or 'none'}")

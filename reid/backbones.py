@@ -216,6 +216,11 @@ def save_factory(name: str, path: Path) -> Path:
     return path
 
 
+def module_allowed(module: str, allowed: frozenset[str] | set[str]) -> bool:
+    """Whether ``module`` is one of ``allowed`` or inside one of those packages (``a`` allows ``a.b``)."""
+    return any(module == name or module.startswith(f"{name}.") for name in allowed)
+
+
 def _load_factory(name: str, source: str) -> None:
     """Register ``name`` from ``model.backbone_factory``: ``package.module:function`` or a saved file."""
     if source.endswith(".pkl"):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from reid.atomic import torch_save_atomically
-from reid.backbones import check_backbone, registered_factory
+from reid.backbones import check_backbone, module_allowed, registered_factory
 from reid.models import BN_COUNTER_SUFFIX, BN_STATS_SUFFIXES, CLASSIFIER_PREFIX, ModelSpec, ReIDNet
 
 MODEL_FORMAT = "fedreid-model"
@@ -118,10 +118,6 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelInf
     return payload["state_dict"], ModelInfo(spec=spec, masks=dict(payload.get("masks", {})), **meta)
 
 
-def _allowed(module: str, allowed: frozenset[str]) -> bool:
-    return any(module == name or module.startswith(f"{name}.") for name in allowed)
-
-
 def trusted_spec(info: ModelInfo, path: Path | str, allowed_modules: frozenset[str] = frozenset()) -> ModelSpec:
     """The file's ModelSpec with what it may not decide taken out: a factory it names stays only when
     its module is allowed; otherwise a backbone registered here is used, or the file is refused."""
@@ -130,7 +126,7 @@ def trusted_spec(info: ModelInfo, path: Path | str, allowed_modules: frozenset[s
     registered = registered_factory(spec.backbone) is not None
     if factory:
         module = factory.partition(":")[0]
-        if not factory.endswith(".pkl") and ":" in factory and _allowed(module, allowed_modules):
+        if not factory.endswith(".pkl") and ":" in factory and module_allowed(module, allowed_modules):
             return spec
         if not registered:
             way_out = (f"--backbone-module {module} (fedreid.load_model(path, backbone_modules=[{module!r}]))"

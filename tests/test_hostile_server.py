@@ -37,7 +37,7 @@ from reid import backbones
 from clients.answer_on_death import AnswerOnDeath
 from clients.disk import fingerprint_cache, prune_newest
 from clients.executor import EXIT_OVER_BUDGET, EXIT_TASK_LOST, TaskWatchdog
-from clients.launch import parse_args as client_args, private_state_dir, restart_supernode
+from clients.launch import parse_args as client_args, private_state_dir, should_restart_supernode
 from clients.policy import POLICY_KEY, SitePolicy, SiteRefusal
 from clients.public_errors import PublicError, public_reason
 from clients.supernode import EXIT_LOOP_ENDED, LOOP_MODULE, answer_untakeable_messages
@@ -296,7 +296,7 @@ def test_a_task_past_its_budget_or_given_up_by_the_supernode_ends_the_worker(tmp
     answering.cancel()  # the work is done and the reply on its way: a heartbeat that finds the task gone is no loss
     answering.lost()
     assert len(ended) == 2
-    assert restart_supernode(EXIT_LOOP_ENDED) and restart_supernode(-9) and not restart_supernode(1)
+    assert should_restart_supernode(EXIT_LOOP_ENDED) and should_restart_supernode(-9) and not should_restart_supernode(1)
 
 
 def test_the_state_folder_is_private(tmp_path: Path) -> None:
