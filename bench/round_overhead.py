@@ -128,8 +128,8 @@ class LoopbackFederation:
     """An insecure SuperLink and ``clients`` SuperNodes on 127.0.0.1, all separate processes; with
     ``executor``, each SuperNode in process isolation with the echo's site worker beside it."""
 
-    def __init__(self, root: Path, clients: int, in_memory: bool, executor: bool) -> None:
-        self.root, self.clients, self.in_memory, self.executor = root, clients, in_memory, executor
+    def __init__(self, root: Path, clients: int, server_args: list[str], executor: bool) -> None:
+        self.root, self.clients, self.server_args, self.executor = root, clients, server_args, executor
         self.fleet, self.control = free_port(), free_port()
         self.processes: list[subprocess.Popen[bytes]] = []
 
@@ -144,12 +144,14 @@ class LoopbackFederation:
         server = self._spawn([sys.executable, "-m", "server.launch", "--insecure", "--host", "127.0.0.1",
                               "--fleet-port", str(self.fleet), "--control-port", str(self.control),
                               "--state-dir", str(self.root / "superlink")]
-                             + (["--in-memory-state"] if self.in_memory else []), "superlink", self.root / "superlink")
+                             + self.server_args, "superlink", self.root / "superlink")
         wait_healthy(f"http://127.0.0.1:{self.control}/health", server, 90, "the SuperLink")
         for index in range(self.clients):
             port, home = free_port(), self.root / f"node{index}"
-            command = [console_script("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.fleet}",
-                       "--port", str(port)]
+            # the executor runs beside the SuperNode fedreid-client starts (clients/supernode.py: its idle wait
+            # and array pulls paced); Flower's own runtime beside Flower's own flower-supernode
+            supernode = [sys.executable, "-m", "clients.supernode"] if self.executor else [console_script("flower-supernode")]
+            command = [*supernode, "--insecure", "--superlink", f"127.0.0.1:{self.fleet}", "--port", str(port)]
             if self.executor:
                 home.mkdir(parents=True, exist_ok=True)
                 secret = home / "secret"
@@ -262,14 +264,15 @@ def print_training_table(args: argparse.Namespace, model: str, gpu: int | None, 
 
 
 def print_echo_table(args: argparse.Namespace) -> None:
-    settings = {"before: SQLite, a flwr-clientapp per message": (False, False),
-                "now: SQLite, fedreid's executor (no process per message)": (False, True),
-                "now, --in-memory-state": (True, True)}
+    settings = {"before: payloads in SQLite, a flwr-clientapp per message": (["--payloads", "database"], False),
+                "payloads in SQLite (Flower's), fedreid's executor": (["--payloads", "database"], True),
+                "now: payloads in memory, runs and keys in SQLite (default)": ([], True),
+                "--in-memory-state (runs and keys in memory too)": (["--in-memory-state"], True)}
     measured: dict[str, tuple[list[dict], list[dict], int]] = {}
-    for label, (in_memory, executor) in settings.items():
+    for label, (server_args, executor) in settings.items():
         with tempfile.TemporaryDirectory(prefix="fedreid-overhead-") as scratch:
             root = Path(scratch)
-            with LoopbackFederation(root, args.clients, in_memory, executor) as connection, \
+            with LoopbackFederation(root, args.clients, server_args, executor) as connection, \
                     ProcessCounter("flwr-clientapp") as counter:
                 tiny = echo_rounds(connection, 1, args.rounds, root / "tiny.json")
                 full = echo_rounds(connection, args.values, args.rounds, root / "full.json")

@@ -9,6 +9,8 @@ A reply holds exactly
 * ``metrics`` (and ``evaluation``): numbers whose names are in ``REPLY_METRICS`` (or of the form
   ``mAP@s`` / ``rank1@s`` for a query resolution s), each a finite int or float;
 * ``site``: the site's name, as its operator configured it;
+* ``timing``: when the site's work on the message started and ended, and its evaluation's part of
+  it (``TIMING_METRICS``, seconds since the epoch), so the server can say where a round's time went;
 * ``style`` (feddg_ccst with sharing): one [4, C] array of the site's feature statistics, averaged
   over its whole training pass (reid/style.py).
 
@@ -30,7 +32,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from strategies.packing import TRANSPORT_DTYPE_KEY, pack_record
 from strategies.sparse_records import encode_record
 from strategies.update_codec import CompressionSpec, encode_record_change
-from strategies.validation import EVALUATION_KEY, STYLE_KEY, check_style
+from strategies.validation import EVALUATION_KEY, STYLE_KEY, TIMING_KEY, check_style
 
 SITE_KEY = "site"
 TRAINING_METRICS = frozenset({
@@ -45,6 +47,7 @@ TRAINING_METRICS = frozenset({
 EVALUATION_METRICS = frozenset({"rank1", "rank5", "rank10", "mAP", "mAP-market", "mINP", "num-queries",
                                 "num-gallery", "drift-gap"})
 REPLY_METRICS = TRAINING_METRICS | EVALUATION_METRICS
+TIMING_METRICS = frozenset({"work-start", "work-end", "eval-start", "eval-end"})  # time.time() of each
 _AT_SCALE = re.compile(r"(mAP|rank1)@[0-9.]+")
 
 
@@ -60,6 +63,16 @@ def metric_record(metrics: Mapping[str, object]) -> MetricRecord:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise OutgoingRefused(f"metric {name!r} must be a finite number, not {value!r}")
     return MetricRecord(dict(metrics))  # type: ignore[arg-type]
+
+
+def timing_record(times: Mapping[str, float]) -> MetricRecord:
+    """The site's work spans as a MetricRecord: only ``TIMING_METRICS``, each a finite time of day."""
+    unknown = sorted(set(times) - TIMING_METRICS)
+    if unknown:
+        raise OutgoingRefused(f"timing {unknown[0]!r} is not one a site reports (clients/outgoing.py TIMING_METRICS)")
+    if not all(isinstance(v, float) and math.isfinite(v) for v in times.values()):
+        raise OutgoingRefused(f"timings must be finite floats, not {dict(times)}")
+    return MetricRecord(dict(times))  # type: ignore[arg-type]
 
 
 def check_shared(shared: Mapping[str, torch.Tensor], declared: Mapping[str, tuple[int, ...]]) -> None:
@@ -83,8 +96,11 @@ def name_reply(name: str) -> RecordDict:
     return RecordDict({SITE_KEY: site_record(name)})
 
 
-def evaluation_reply(name: str, metrics: MetricRecord) -> RecordDict:
-    return RecordDict({"metrics": metric_record(dict(metrics)), SITE_KEY: site_record(name)})
+def evaluation_reply(name: str, metrics: MetricRecord, timing: Mapping[str, float] | None = None) -> RecordDict:
+    reply = RecordDict({"metrics": metric_record(dict(metrics)), SITE_KEY: site_record(name)})
+    if timing is not None:
+        reply[TIMING_KEY] = timing_record(timing)
+    return reply
 
 
 @dataclass(frozen=True)
@@ -109,10 +125,11 @@ class TrainingReply:
 def training_reply(name: str, shared: Mapping[str, torch.Tensor], declared: Mapping[str, tuple[int, ...]],
                    received_config: ConfigRecord, received_packed: bool, metrics: Mapping[str, float],
                    evaluated: MetricRecord | None, masks: Mapping[str, np.ndarray], value_dtype: str,
-                   style: np.ndarray | None = None, change: ChangeFrom | None = None) -> TrainingReply:
+                   style: np.ndarray | None = None, change: ChangeFrom | None = None,
+                   timing: Mapping[str, float] | None = None) -> TrainingReply:
     """The SHARED arrays (sparse-encoded where pruned, or as a compressed change; packed when the
     server sent its model packed), the metrics, when the round asked for it the evaluation of the
-    received model, and the site's style statistics when it shares them."""
+    received model, the site's style statistics when it shares them, and its work's timing."""
     check_shared(shared, declared)
     if style is not None and (reason := check_style(style)):
         raise OutgoingRefused(f"the style statistics are not sent: {reason}")
@@ -132,4 +149,6 @@ def training_reply(name: str, shared: Mapping[str, torch.Tensor], declared: Mapp
         reply[EVALUATION_KEY] = metric_record(dict(evaluated))
     if style is not None:
         reply[STYLE_KEY] = ArrayRecord({STYLE_KEY: Array(np.ascontiguousarray(style, dtype=np.float32))})
+    if timing is not None:
+        reply[TIMING_KEY] = timing_record(timing)
     return TrainingReply(reply, residual)

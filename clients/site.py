@@ -22,6 +22,7 @@ a deployed site are checked by clients/trust.py first.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -56,6 +57,7 @@ from strategies.update_codec import CompressionSpec, decode_record_change
 from strategies.validation import ALGORITHM_KEY, EVALUATE_ROUND_KEY, RUN_FOLDER_KEY, RUN_TAG_KEY
 
 log = logging.getLogger("clients")
+ADAPTED_MODELS_KEPT = 16  # received models whose AdaBN statistics a site keeps (a few KB each)
 
 
 @dataclass
@@ -73,6 +75,35 @@ class Received:
         return {k: m.numpy() for k, m in self.masks.items()}
 
 
+def model_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A digest of a received model's tensors (names, shapes, dtypes and values)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+@dataclass
+class TaskTimes:
+    """When this site's work on the current message started, and when its evaluation ran (``time.time()``):
+    sent with the reply so that the server can split a round's time (server/timing.py). Times of
+    day only; nothing of the data."""
+
+    work_start: float = field(default_factory=time.time)
+    evaluation: tuple[float, float] | None = None
+
+    def record(self, all_evaluation: bool = False) -> dict[str, float]:
+        """The spans as a reply carries them; ``all_evaluation``: the whole work was evaluation."""
+        times = {"work-start": self.work_start, "work-end": time.time()}
+        if all_evaluation:
+            times["eval-start"], times["eval-end"] = times["work-start"], times["work-end"]
+        elif self.evaluation is not None:
+            times["eval-start"], times["eval-end"] = self.evaluation
+        return times
+
+
 class Site:
     """One site in one run (see the module's docstring)."""
 
@@ -88,6 +119,8 @@ class Site:
         self._fingerprint = ""  # of the data folder, as last scanned
         self._image_cache: Path | None = None  # its image cache folder (chosen once per fingerprint)
         self._sizes_seen: set[tuple[str, int, int]] = set()  # (fingerprint, height, width) already decoded
+        self.times = TaskTimes()  # of the message being handled (restarted by round_inputs)
+        self._adapted: dict[tuple[str, int, int, str], dict[str, torch.Tensor]] = {}  # AdaBN statistics per model
         # the site worker's limits (clients/policy.py, from its command line); a simulation has none
         self.policy = SitePolicy.from_node_config(node_config)
 
@@ -112,19 +145,29 @@ class Site:
         received = self.load_received(model, content, state, spec.bn_stats)
         restore_local_state(model, state, self.name)
         if spec.bn_stats == "local" and LOCAL_STATE_KEY not in state.array_records:
-            self.adapt_batchnorm(model, data, spec)
+            self.adapt_batchnorm(model, data, spec, received)
         metrics = self.evaluation(model, data, spec)
         self.keep_model(model, content, state, spec, metrics, received.masks)
         self.tidy_disk(content)
-        return outgoing.evaluation_reply(self.name, metrics)
+        return outgoing.evaluation_reply(self.name, metrics, self.times.record(all_evaluation=True))
 
-    def adapt_batchnorm(self, model: ReIDNet, data: ReIDData, spec: SiteRunSpec) -> None:
+    def adapt_batchnorm(self, model: ReIDNet, data: ReIDData, spec: SiteRunSpec, received: Received) -> None:
         """A site that never trained (held out, or not yet) has no BatchNorm statistics of its own
         under ``bn_stats=local``: it computes them on its own training images, labels unused
-        (AdaBN), as a site joining a federation would before searching its cameras."""
+        (AdaBN), as a site joining a federation would before searching its cameras. The statistics
+        are kept per received model (and image size), so a model sent again costs no second pass."""
+        key = (model_digest(received.tensors), spec.model.height, spec.model.width, self._fingerprint)
+        if key in self._adapted:
+            model.load_state_dict(self._adapted[key], strict=False)
+            self._adapted[key] = self._adapted.pop(key)  # most recently used last
+            log.info("%s: BatchNorm statistics of this model reused (computed when it was last received)", self.name)
+            return
         images = load_images([s.path for s in data.train], spec.model.height, spec.model.width,
                              self.image_cache_dir, spec.train.num_workers, label=self.name)
         adapt_batchnorm(model, images, self.device)
+        self._adapted[key] = {k: v.detach().cpu().clone() for k, v in split_state(model.state_dict(), "local")[1].items()}
+        while len(self._adapted) > ADAPTED_MODELS_KEPT:
+            del self._adapted[next(iter(self._adapted))]
         log.info("%s: BatchNorm statistics computed on its %d training images (labels unused)", self.name,
                  len(images))
 
@@ -134,6 +177,7 @@ class Site:
         """The round's settings (refused when they would run code this site did not allow) and the
         site's data (training images unlabelled when the run is unsupervised); a state that a fresh
         SuperNode does not have yet is first read back from the state file."""
+        self.times = TaskTimes()
         spec = SiteRunSpec.from_flat(dict(content["config"]))
         if self.policy is not None:
             self.policy.check_spec(spec)
@@ -249,6 +293,7 @@ class Site:
         with ``eval_query_scales`` also mAP@s and rank1@s with the queries at s × the resolution, and
         the drift gap (native mAP minus mAP at the lowest of them)."""
         scales = parse_scales(spec.eval_query_scales)
+        started = time.time()
         results = evaluate_at_scales(model, data, self.device, scales, spec.eval_batch_size, self.image_cache_dir,
                                      spec.train.num_workers, spec.train.device_cache_mb)
         result = results[1.0]
@@ -265,6 +310,7 @@ class Site:
             metrics["drift-gap"] = result.mAP - results[min(scales)].mAP
             log.info("[%s] mAP at query resolution %s: %s", self.name, " / ".join(f"{s:g}" for s in scales),
                      " / ".join(f"{results[s].mAP:.3f}" for s in scales))
+        self.times.evaluation = (started, time.time())
         return MetricRecord(metrics)  # checked where the reply is built (clients/outgoing.py)
 
     def training_reply(self, model: ReIDNet, content: RecordDict, state: RecordDict, spec: SiteRunSpec,
@@ -285,7 +331,7 @@ class Site:
             change = outgoing.ChangeFrom(received.values(), received.numpy_masks(), compression, load_residual(state))
         reply = outgoing.training_reply(self.name, shared, received.declared, content["config"],
                                         is_packed(content["arrays"]), metrics, evaluated, received.numpy_masks(),
-                                        spec.pruning.value_dtype, style, change)
+                                        spec.pruning.value_dtype, style, change, self.times.record())
         if reply.residual is not None:
             save_residual(state, reply.residual)
         persist_site_state(state, self.state_file(content))

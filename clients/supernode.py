@@ -39,9 +39,12 @@ FLOWER_SUPERNODE_API = {
                   "start_client_internal": "holds `time.sleep(3)` after an empty pull",
                   "_push_messages": "holds `time.sleep(0.5)` while the reply is not ready",
                   "_pull_and_store_message": "pulls one message and its run; raises on a bad app bundle",
-                  "_insert_message": "stores a reply for the loop to push"},
+                  "_insert_message": "stores a reply for the loop to push",
+                  "pull_objects": "pulls a received message's arrays, backing off 1 s (doubling to 10 s) while "
+                                  "the SuperLink does not have them yet"},
     CLI_MODULE: {"flower_supernode": "the `flower-supernode` console script's function"},
 }
+PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.5  # asking the SuperLink again for arrays still on their way
 DEFAULT_POLL_S = 0.25
 MIN_POLL_S = 0.05  # 20 idle pulls a second per site at most
 EXIT_LOOP_ENDED = 75  # the receiving loop ended: fedreid-client starts the SuperNode again
@@ -92,6 +95,23 @@ def pace(poll_s: float) -> PacedTime:
     return paced
 
 
+def pull_arrays_promptly(loop: ModuleType) -> None:
+    """Make the loop ask again for a message's arrays after 0.05 s (doubling to 0.5 s), not 1 s.
+
+    The server stores a message before its arrays: a SuperNode that wakes in between gets the
+    message, finds its arrays missing and, with Flower's backoff, waits a second or more although
+    they arrive a fraction of a second later (1.4-1.7 s to receive a 20 MB model on 3 sites
+    here, of which 0.5 s was the transfer)."""
+    original = loop.pull_objects
+
+    def pull_objects(*args: Any, **kwargs: Any) -> dict[str, bytes]:
+        kwargs.setdefault("initial_backoff", PULL_BACKOFF_S)
+        kwargs.setdefault("backoff_cap", PULL_BACKOFF_CAP_S)
+        return original(*args, **kwargs)
+
+    loop.pull_objects = pull_objects
+
+
 def answer_untakeable_messages(loop: ModuleType) -> None:
     """Make the loop answer a message it cannot take (its run's app bundle is broken) with an error
     reply, instead of ending; a failure before any message arrived still ends it (see main)."""
@@ -136,8 +156,13 @@ def split_poll_interval(argv: list[str]) -> tuple[float, list[str]]:
 
 def main(argv: list[str] | None = None) -> None:
     poll, rest = split_poll_interval(sys.argv[1:] if argv is None else argv)
+    from flwr.supercore.logger import update_console_handler
+
+    update_console_handler(timestamps=True, colored=False)  # a site's log file: when, without colour codes
     pace(poll)
-    answer_untakeable_messages(importlib.import_module(LOOP_MODULE))
+    loop = importlib.import_module(LOOP_MODULE)
+    pull_arrays_promptly(loop)
+    answer_untakeable_messages(loop)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = [sys.argv[0], *rest]

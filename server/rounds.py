@@ -13,7 +13,8 @@ sites are still coming back loses no round. While it waits, the loop says in its
 which sites it is still waiting for (every
 ``federation.report_every_s``). Replies are pulled every ``federation.poll_interval_s`` (Flower's
 own ``send_and_receive`` sleeps 3 s between pulls and treats a message the SuperLink refused as one
-still to come, which waits out the whole timeout).
+still to come, which waits out the whole timeout). Each round's line says where its time went
+(``time_split``: training, evaluation, aggregation, framework; server/timing.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from flwr.supercore import log
 
 from server.bounded import call_within
 from server.config import FederationSettings
+from server.timing import RunClock
 from strategies.fedpav import FedPav
 from strategies.naming import SiteNames
 from strategies.validation import EVALUATE_ROUND_KEY
@@ -50,6 +52,8 @@ class Exchange:
     bytes_per_site: dict[str, dict[str, int]]
     seconds: float
     failed: list[str]  # sites that were asked but did not answer in time
+    started: float = 0.0  # time.time() when the messages were pushed
+    ended: float = 0.0  # and when the last reply (or the timeout) came
 
     def totals(self) -> dict[str, int]:
         return {"sent": sum(b["sent"] for b in self.bytes_per_site.values()),
@@ -107,6 +111,7 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
     """Send, pull replies until every site answered or ``round_timeout_s`` passed, and measure every
     message's serialised size."""
     clock = Clock(settings.round_timeout_s, settings.report_every_s)
+    started = time.time()
     sent = {m.metadata.dst_node_id: message_wire_bytes(m) for m in messages}
     pushed = call_within(lambda: list(grid.push_messages(messages)), clock.deadline)
     stored = set(pushed.value or []) - {""}
@@ -149,7 +154,7 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
     if pending:
         log(WARNING, "%s: %s did not answer within %.0f s; going on without them", label,
             _listing(names.of_node(n) for n in pending.values()), settings.round_timeout_s)
-    return Exchange(replies, per_site, clock.elapsed(), failed)
+    return Exchange(replies, per_site, clock.elapsed(), failed, started, time.time())
 
 
 def _megabytes(count: int) -> str:
@@ -167,6 +172,7 @@ class FederationRunner:
         self.site_config = site_config
         self.on_round = on_round
         self.last_exchange = Exchange([], {}, 0.0, [])  # of the latest training round
+        self.clock = RunClock(None)  # where each round's time goes (server/timing.py); reset by run()
 
     @property
     def names(self) -> SiteNames:
@@ -183,15 +189,25 @@ class FederationRunner:
         self.names.learn_registrations(self.grid.get_nodes())
         unnamed = self.strategy.unnamed(self.grid.get_node_ids())
         if unnamed:
-            asked = exchange(self.grid, self.strategy.configure_query(unnamed), self.settings, self.names,
-                             f"{label}: site names")
+            asked = self._exchange(self.strategy.configure_query(unnamed), f"{label}: site names")
             self.strategy.learn_names(asked.replies)
             log(INFO, "%s: %d node(s) named themselves: %s; held out (never trained): %s", label,
                 len(asked.replies), _listing(self.names.of(r) for r in asked.replies), _listing(self.strategy.held_out))
         messages = list(configure())
         if not messages:
             return None
-        return exchange(self.grid, messages, self.settings, self.names, label)
+        return self._exchange(messages, label)
+
+    def _exchange(self, messages: list[Message], label: str) -> Exchange:
+        result = exchange(self.grid, messages, self.settings, self.names, label)
+        self.clock.exchanged(result.replies, result.started, result.ended)
+        return result
+
+    def _report(self, server_round: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:
+        """Hand a round's record, with where its time went, to ``on_round`` (the line, the checkpoint)."""
+        record = {**record, "time_split": self.clock.line_written(server_round)}
+        with self.clock.phase("recording"):
+            self.on_round(server_round, arrays, record)
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any] | None:
         """Federated evaluation: every site ranks its own gallery with the global model."""
@@ -199,7 +215,8 @@ class FederationRunner:
             server_round, arrays, self._config(), self.grid))
         if result is None:
             return None
-        mean = self.strategy.aggregate_evaluate(server_round, result.replies)
+        with self.clock.phase("aggregation"):
+            mean = self.strategy.aggregate_evaluate(server_round, result.replies)
         if mean is not None:
             log(INFO, "round %d evaluation: mean Rank-1 %.1f%%, mAP %.1f%% over %d sites", server_round,
                 100 * mean["rank1"], 100 * mean["mAP"], len(self.strategy.last_evaluate.site_metrics))
@@ -223,7 +240,8 @@ class FederationRunner:
                 _listing(self.strategy.held_out))
             return None
         labels = {m.metadata.message_id: label for m, label in requests}
-        unseen = self.strategy.aggregate_unseen(result.replies, labels)
+        with self.clock.phase("aggregation"):
+            unseen = self.strategy.aggregate_unseen(result.replies, labels)
         if unseen and unseen["mean"]:
             log(INFO, "round %d held-out sites: mean Rank-1 %.1f%%, mAP %.1f%% over %d sites (%s)", server_round,
                 100 * unseen["mean"]["rank1"], 100 * unseen["mean"]["mAP"], len(unseen["sites"]),
@@ -247,7 +265,8 @@ class FederationRunner:
 
     def _carried_evaluation(self, evaluated_round: int, result: Exchange) -> dict[str, Any]:
         """The evaluation of round ``evaluated_round``'s model from the training replies that carried it."""
-        mean = self.strategy.aggregate_carried_evaluations(evaluated_round, result.replies)
+        with self.clock.phase("aggregation"):
+            mean = self.strategy.aggregate_carried_evaluations(evaluated_round, result.replies)
         if mean is not None:
             log(INFO, "round %d evaluation (carried by round %d's training): mean Rank-1 %.1f%%, mAP %.1f%% over "
                 "%d sites", evaluated_round, evaluated_round + 1, 100 * mean["rank1"], 100 * mean["mAP"],
@@ -266,7 +285,8 @@ class FederationRunner:
             server_round, arrays, config, self.grid))
         result = self.last_exchange = result or Exchange([], {}, 0.0, [])
         aggregation_start = time.perf_counter()
-        new_arrays, metrics = self.strategy.aggregate_train(server_round, result.replies)
+        with self.clock.phase("aggregation"):
+            new_arrays, metrics = self.strategy.aggregate_train(server_round, result.replies)
         aggregation_seconds = time.perf_counter() - aggregation_start
         usable = len(self.strategy.last_train.accepted)
         if new_arrays is None:
@@ -307,13 +327,16 @@ class FederationRunner:
         Round 0 (the untrained model) is evaluated first unless disabled or already done
         (``start_evaluated``)."""
         waiting: tuple[int, ArrayRecord, dict[str, Any]] | None = None  # a round whose evaluation rides along
-        if first_round == 1 and self.settings.eval_at_start and not start_evaluated:
+        evaluate_start = first_round == 1 and self.settings.eval_at_start and not start_evaluated
+        self.clock = RunClock(0 if evaluate_start else None)
+        if evaluate_start:
             start = self._with_unseen({"round": 0, "train": None}, 0, arrays)
             if self.carries_evaluation(0):
                 waiting = (0, arrays, start)
             else:
-                self.on_round(0, arrays, {**start, "evaluate": self.evaluate(0, arrays)})
+                self._report(0, arrays, {**start, "evaluate": self.evaluate(0, arrays)})
         for server_round in range(first_round, self.settings.rounds + 1):
+            self.clock.round_started(server_round)
             start_time = time.perf_counter()
             evaluate_round = waiting[0] if waiting else None
             new_arrays, train_record = self.train_round(server_round, arrays, evaluate_round)
@@ -324,19 +347,19 @@ class FederationRunner:
                 new_arrays, train_record = self.train_round(server_round, arrays, evaluate_round)
             if waiting is not None:
                 evaluated_round, evaluated_arrays, record = waiting
-                self.on_round(evaluated_round, evaluated_arrays,
-                              {**record, "evaluate": self._carried_evaluation(evaluated_round, self.last_exchange)})
+                self._report(evaluated_round, evaluated_arrays,
+                             {**record, "evaluate": self._carried_evaluation(evaluated_round, self.last_exchange)})
                 waiting = None
             arrays = new_arrays
             record = {"round": server_round, "train": train_record, "seconds": time.perf_counter() - start_time}
             if not self.settings.evaluates_after(server_round):
-                self.on_round(server_round, arrays, {**record, "evaluate": None})
+                self._report(server_round, arrays, {**record, "evaluate": None})
                 continue
             record = self._with_unseen(record, server_round, arrays)
             if self.carries_evaluation(server_round):
                 waiting = (server_round, arrays, record)
             else:
                 evaluation = self.evaluate(server_round, arrays)
-                self.on_round(server_round, arrays, {**record, "evaluate": evaluation,
-                                                     "seconds": time.perf_counter() - start_time})
+                self._report(server_round, arrays, {**record, "evaluate": evaluation,
+                                                    "seconds": time.perf_counter() - start_time})
         return arrays

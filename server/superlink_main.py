@@ -8,6 +8,16 @@ missed the round. Waiting longer for the lock costs nothing when the database is
 entry point raises the timeout (``FEDREID_SQLITE_BUSY_TIMEOUT_MS``, default 120000) before handing
 over to Flower's own `flower-superlink` main function, unchanged otherwise.
 
+Message payloads (Flower's ObjectStore: a model's chunks, in flight between the ServerApp and the
+sites) are kept in memory by default (``FEDREID_PAYLOADS=memory``), while runs, nodes and the sites'
+registered keys stay in the SQLite ``--database``: Flower 1.39 puts both in the database, and
+writing and reading every 5 MiB chunk through SQLite took 4.6 s of an 11 s round that moves six
+98 MB messages (bench/round_overhead.py). Nothing of a payload is worth keeping across a restart:
+a restarted SuperLink ends the runs that were going on, and a run resumes from its own checkpoint
+(server/resume.py). ``FEDREID_PAYLOADS=database`` (``fedreid-server --payloads database``) keeps
+Flower's behaviour, for a server with little memory to spare: in memory, the SuperLink holds one
+copy of the global model plus the replies not yet pulled by the ServerApp.
+
 It also quiets the HTTP access log: Flower logs every request to its Control/Runtime API, and the
 ServerApp polls `pull-messages` ten times a second, so in a `docker compose up` log 699 of 1,710
 lines were access lines. Successful requests are dropped from that log unless
@@ -25,6 +35,18 @@ from typing import Any
 BUSY_TIMEOUT_VARIABLE = "FEDREID_SQLITE_BUSY_TIMEOUT_MS"
 DEFAULT_BUSY_TIMEOUT_MS = 120_000
 ACCESS_LOG_VARIABLE = "FEDREID_ACCESS_LOG"
+PAYLOADS_VARIABLE = "FEDREID_PAYLOADS"
+PAYLOAD_STORES = ("memory", "database")
+FLOWER_SUPERLINK_API = {  # every Flower name used here, checked by check_flower_api
+    "flwr.superlink.main": ["get_objectstore_linkstate_factories"],
+    "flwr.supercore.object_store": ["ObjectStoreFactory"],
+    "flwr.server.superlink.linkstate": ["LinkStateFactory"],
+    "flwr.supercore.constant": ["FLWR_IN_MEMORY_DB_NAME"],
+    "flwr.supercore.sql_mixin": ["SQLITE_PRAGMAS"],
+    "flwr.supercore.logger": ["update_console_handler"],
+    "flwr.superlink.cli.flower_superlink": ["get_uvicorn_log_config"],
+    "flwr.superlink.cli": ["flower_superlink"],
+}
 
 
 class FailedRequestsOnly(logging.Filter):
@@ -60,8 +82,41 @@ def set_sqlite_busy_timeout(busy_timeout_ms: int) -> None:
                                      for name, value in sql_mixin.SQLITE_PRAGMAS)
 
 
+def check_flower_api() -> None:
+    """Refuse a Flower that lacks a name this module patches or calls (pin flwr==1.39.*)."""
+    for module_name, names in FLOWER_SUPERLINK_API.items():
+        module = importlib.import_module(module_name)
+        missing = [name for name in names if not hasattr(module, name)]
+        if missing:
+            raise RuntimeError(f"the installed Flower's {module_name} lacks {missing}; pin flwr==1.39.* or "
+                               "update server/superlink_main.py")
+
+
+def keep_payloads_in_memory() -> None:
+    """Keep message payloads (Flower's ObjectStore) in memory; runs, nodes and keys stay in ``--database``."""
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.superlink import main as superlink_main
+
+    def factories(database: str, federation_manager: Any) -> tuple[ObjectStoreFactory, LinkStateFactory]:
+        objects = ObjectStoreFactory(FLWR_IN_MEMORY_DB_NAME)
+        return objects, LinkStateFactory(database, federation_manager, objects)
+
+    superlink_main.get_objectstore_linkstate_factories = factories
+
+
 def main() -> int:
     from flwr.superlink.cli import flower_superlink
+    from flwr.supercore.logger import update_console_handler
+
+    update_console_handler(timestamps=True, colored=False)
+    payloads = os.environ.get(PAYLOADS_VARIABLE, "memory")
+    if payloads not in PAYLOAD_STORES:
+        raise SystemExit(f"{PAYLOADS_VARIABLE}={payloads!r}: use one of {', '.join(PAYLOAD_STORES)}")
+    check_flower_api()
+    if payloads == "memory":
+        keep_payloads_in_memory()
 
     set_sqlite_busy_timeout(int(os.environ.get(BUSY_TIMEOUT_VARIABLE, DEFAULT_BUSY_TIMEOUT_MS)))
     if os.environ.get(ACCESS_LOG_VARIABLE) != "1":

@@ -22,6 +22,7 @@ ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
 EVALUATION_KEY = "evaluation"  # a training reply's evaluation of the model it received, when asked for
+TIMING_KEY = "timing"  # a reply's wall-clock spans of the site's work (server/timing.py); optional
 EVALUATE_ROUND_KEY = "evaluate-round"  # round config: evaluate the received model (of that round) first
 RUN_TAG_KEY = "run-tag"  # round config: names the run (the server's output folder); sites key their saved state by it
 RUN_FOLDER_KEY = "run-folder"  # round config: the run folder, where a simulated site writes its model (deployed: ignored)
@@ -124,7 +125,7 @@ def check_train_reply(
     if message.has_error():
         return None, f"the site reported an error: {message.error.reason}"
     content = message.content
-    reason = check_record_names(content, {ARRAYS_KEY, METRICS_KEY, SITE_KEY, EVALUATION_KEY, STYLE_KEY},
+    reason = check_record_names(content, {ARRAYS_KEY, METRICS_KEY, SITE_KEY, EVALUATION_KEY, STYLE_KEY, TIMING_KEY},
                                 {ARRAYS_KEY, METRICS_KEY})
     if reason:
         return None, reason
@@ -141,7 +142,7 @@ def check_evaluate_reply(message: Message, required_metrics: Iterable[str]) -> s
     if message.has_error():
         return f"the site reported an error: {message.error.reason}"
     content = message.content
-    reason = check_record_names(content, {METRICS_KEY, SITE_KEY}, {METRICS_KEY})
+    reason = check_record_names(content, {METRICS_KEY, SITE_KEY, TIMING_KEY}, {METRICS_KEY})
     if reason:
         return reason
     if not isinstance(content[METRICS_KEY], MetricRecord):

@@ -6,6 +6,7 @@ The ClientApp is called exactly as Flower calls it (a Message and a Context), on
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,10 +54,15 @@ def _serialised(message: Message) -> bytes:
 def test_train_reply_holds_no_local_key_and_no_image_bytes(tiny_site: Path, bn_stats: str) -> None:
     spec = SiteRunSpec(model=SPEC.model, train=SPEC.train, bn_stats=bn_stats)
     global_arrays = _global(spec)
+    sent = time.time()
     reply = app(_message("train", global_arrays, spec, 1), _context(tiny_site))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     content = reply.content
-    assert set(content.keys()) == {"arrays", "metrics", "site"}
+    assert set(content.keys()) == {"arrays", "metrics", "site", "timing"}
+    timing = content["timing"]  # when the site worked on it, for the server's time split; nothing else
+    assert set(timing.keys()) == {"work-start", "work-end"}
+    assert sent <= timing["work-start"] < timing["work-end"] <= time.time()
+    assert timing["work-end"] - timing["work-start"] >= content["metrics"]["train-seconds"]
     assert set(content["arrays"].keys()) == set(global_arrays.keys())
     assert not any(is_local_key(k, bn_stats) for k in content["arrays"].keys())
     assert all(np.dtype(a.dtype) == np.float32 for a in content["arrays"].values())
@@ -91,11 +97,33 @@ def test_head_and_local_bn_statistics_stay_in_context_state_across_rounds(tiny_s
 def test_evaluate_reply_holds_only_metrics(tiny_site: Path) -> None:
     reply = app(_message("evaluate", _global(SPEC), SPEC, 1), _context(tiny_site))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    assert set(reply.content.keys()) == {"metrics", "site"}
+    assert set(reply.content.keys()) == {"metrics", "site", "timing"}
+    timing = reply.content["timing"]  # all of an evaluation message's work is evaluation
+    assert (timing["eval-start"], timing["eval-end"]) == (timing["work-start"], timing["work-end"])
     metrics = reply.content["metrics"]
     assert {"rank1", "rank5", "rank10", "mAP", "mINP", "num-queries"} <= set(metrics.keys())
     assert 0.0 <= metrics["rank1"] <= metrics["rank5"] <= metrics["rank10"] <= 1.0
     assert message_wire_bytes(reply) < 4_000
+
+
+def test_a_site_without_statistics_of_its_own_adapts_batchnorm_once_per_received_model(
+        tiny_site: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A held-out site (no LOCAL state) computes AdaBN statistics for a model it is sent; the same
+    model sent again reuses them (same ranks), another model gets its own pass."""
+    from clients import site as site_module
+
+    passes: list[int] = []
+    real = site_module.adapt_batchnorm
+    monkeypatch.setattr(site_module, "adapt_batchnorm", lambda *a, **k: (passes.append(1), real(*a, **k))[1])
+    context = _context(tiny_site)
+    context.run_id = 99  # a run of its own: this process's Site for run 1 has seen the global model already
+    first = app(_message("evaluate", _global(SPEC), SPEC, 1), context)
+    again = app(_message("evaluate", _global(SPEC), SPEC, 2), context)
+    assert len(passes) == 1 and "reused" in caplog.text
+    assert dict(again.content["metrics"]) == dict(first.content["metrics"])
+    other = {k: Array(a.numpy() * (1.01 if "conv" in k else 1.0)) for k, a in _global(SPEC).items()}
+    app(_message("evaluate", ArrayRecord(other), SPEC, 3), context)
+    assert len(passes) == 2
 
 
 def test_a_missing_data_root_fails_the_handler_naming_the_path(tmp_path: Path) -> None:

@@ -136,3 +136,26 @@ def test_the_superlink_state_waits_for_a_locked_database_as_long_as_configured(
     with store.session() as session:
         assert session.execute(text("PRAGMA busy_timeout")).scalar() == 120_000
         assert session.execute(text("PRAGMA journal_mode")).scalar() == "wal"  # the rest as Flower sets it
+
+
+def test_the_superlink_keeps_payloads_in_memory_and_runs_and_keys_in_its_database(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fedreid-server's default: Flower's ObjectStore in memory, its LinkState in the SQLite file, as
+    the SuperLink builds them; every Flower name the entry point touches exists under the pin."""
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from flwr.superlink import main as flower_main
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+    from flwr.superlink.federation import NoOpFederationManager
+
+    from server import superlink_main
+
+    superlink_main.check_flower_api()
+    monkeypatch.setattr(flower_main, "get_objectstore_linkstate_factories",
+                        flower_main.get_objectstore_linkstate_factories)  # Flower's own back after the test
+    superlink_main.keep_payloads_in_memory()
+    objects, links = flower_main.get_objectstore_linkstate_factories(str(tmp_path / "superlink.db"),
+                                                                     NoOpFederationManager())
+    state = links.state()
+    assert isinstance(objects.store(), InMemoryObjectStore) and isinstance(state, SqlLinkState)
+    assert state.object_store is objects.store()
+    assert (tmp_path / "superlink.db").is_file()

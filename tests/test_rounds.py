@@ -251,3 +251,62 @@ def test_an_evaluation_rides_on_the_next_training_round_and_the_last_one_has_its
         assert set(records[carrier]["train"]["sites"]) == {"mall", "station", "campus"}  # training counts it
     final = records[3]["evaluate"]
     assert "carried_by_round" not in final and final["sites"]["campus"]["rank1"] == 0.3
+
+
+def _timed_reply(request: Message, times: dict[str, float]) -> Message:
+    return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 10}), "timing": MetricRecord(times)}),
+                   reply_to=request)
+
+
+def test_the_time_split_counts_sites_working_side_by_side_once_and_clips_wrong_clocks() -> None:
+    """Two sites train over [10, 14] and [12, 16] of an exchange from 9 to 17, one of them evaluating
+    over [10, 11] first: training is the union minus evaluation (5 s), evaluation 1 s; a site whose
+    clock claims work outside the exchange counts only inside it; a reply without timing counts nothing."""
+    from server.timing import RunClock, reply_spans, run_split, union_seconds
+
+    assert union_seconds([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4
+    assert union_seconds([]) == 0
+    request = Message(content=RecordDict({}), dst_node_id=11, message_type="train")
+    replies = [_timed_reply(request, {"work-start": 10.0, "work-end": 14.0, "eval-start": 10.0, "eval-end": 11.0}),
+               _timed_reply(request, {"work-start": 12.0, "work-end": 16.0}),
+               _timed_reply(request, {"work-start": 3.0, "work-end": 9.5}),  # a clock 7 s behind: 0.5 s counted
+               _timed_reply(request, {"work-start": 16.5, "work-end": 16.0}),  # ends before it starts: nothing
+               Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=request)]
+    work, evaluation = reply_spans(replies, (9.0, 17.0))
+    assert sorted(work) == [(9.0, 9.5), (10.0, 14.0), (12.0, 16.0)] and evaluation == [(10.0, 11.0)]
+    clock = RunClock(None)
+    clock.round_started(1)
+    clock.open.start = 8.0
+    clock.exchanged(replies, 9.0, 17.0)
+    clock.open.phases["aggregation"] = 0.5
+    split = clock.line_written(1)
+    assert split["training_s"] == pytest.approx(5.5) and split["evaluation_s"] == pytest.approx(1.0)
+    assert split["aggregation_s"] == 0.5
+    assert split["training_s"] + split["evaluation_s"] + split["aggregation_s"] + split["framework_s"] == \
+        pytest.approx(split["round_s"])
+    total = run_split([{"time_split": split}, {"time_split": split}, {"train": None}])
+    assert total["round_s"] == pytest.approx(2 * split["round_s"])
+    assert sum(total["share"][k] for k in ("training", "evaluation", "aggregation", "framework")) == pytest.approx(1)
+
+
+def test_every_line_says_where_its_round_went_and_the_windows_tile_the_run() -> None:
+    """With evaluations riding on the next round's training, each round's line still covers its own
+    training exchange, and the lines' seconds add up to the loop's time."""
+    records: list[dict] = []
+    settings = replace(SETTINGS, rounds=3, eval_every=2, eval_at_start=True)
+
+    def on_round(_r: int, _a: ArrayRecord, record: dict) -> None:
+        time.sleep(0.05)  # a checkpoint: counted as recording in the next round's window
+        records.append(record)
+
+    runner = FederationRunner(FakeGrid(), FedPav(min_sites=1), settings, ConfigRecord({}), on_round=on_round)
+    started = time.time()
+    runner.run(_start())
+    loop = time.time() - started
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    splits = [r["time_split"] for r in records]
+    assert sum(s["round_s"] for s in splits) == pytest.approx(loop - 0.05, abs=0.03)  # the last checkpoint: after
+    assert all(s["recording_s"] == pytest.approx(0.05, abs=0.03) for s in splits[1:3])
+    for split in splits:
+        assert split["framework_s"] >= split["recording_s"] - 1e-6
+        assert split["training_s"] == 0 and split["evaluation_s"] == 0  # the fake sites report no timing

@@ -211,6 +211,30 @@ def test_the_supernode_loop_wakes_at_the_poll_interval_and_keeps_every_other_wai
     assert supernode.split_poll_interval([])[0] == supernode.DEFAULT_POLL_S
 
 
+def test_the_supernode_asks_again_for_arrays_still_on_their_way_within_a_fraction_of_a_second(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message whose arrays the SuperLink does not have yet (the server stores the message first):
+    Flower backs off 1 s, doubling; the SuperNode started by fedreid-client asks again after 0.05 s."""
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    from clients import supernode
+
+    loop = supernode.check_flower_api()
+    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)  # Flower's own back after the test
+    asked: list[float] = []
+
+    def pull_object(object_id: str) -> bytes:
+        asked.append(time.monotonic())
+        if len(asked) < 3:  # not there yet, twice
+            raise ObjectUnavailableError(object_id)
+        return b"chunk"
+
+    supernode.pull_arrays_promptly(loop)
+    start = time.monotonic()
+    assert loop.pull_objects(["a"], pull_object_fn=pull_object) == {"a": b"chunk"}
+    assert len(asked) == 3 and time.monotonic() - start < 0.5  # Flower's own: 1 s + 2 s
+
+
 # -- the Flower runtime API the worker relies on -------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(FLOWER_RUNTIME_API))
