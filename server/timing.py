@@ -14,7 +14,7 @@ clocks (NTP) for the split to be exact, a deployment on one box or a simulation 
 Windows tile the run: a round's window runs from the end of the previous round's window to the
 moment its ``metrics.jsonl`` line is written or the next round starts, whichever comes first (a
 round whose evaluation rides on the next round's training is written after that training, which
-belongs to the next round). So the windows' seconds add up to the run's time.
+belongs to the next round, and so does the evaluation it carried). So the windows' seconds add up to the run's time.
 """
 
 from __future__ import annotations

@@ -86,8 +86,10 @@ def test_three_sites_write_every_output(tiny_sites: Path, tmp_path: Path) -> Non
     for line in lines:  # where each round's time went, from the sites' own timings
         split = line["time_split"]
         parts = split["training_s"] + split["evaluation_s"] + split["aggregation_s"] + split["framework_s"]
-        assert parts == pytest.approx(split["round_s"]) and split["evaluation_s"] > 0
-    assert lines[1]["time_split"]["training_s"] > 0 and lines[0]["time_split"]["training_s"] == 0
+        assert parts == pytest.approx(split["round_s"])
+    # round 0's evaluation rides on round 1's training messages: both evaluations count in round 1
+    assert lines[1]["time_split"]["training_s"] > 0 and lines[1]["time_split"]["evaluation_s"] > 0
+    assert lines[0]["time_split"]["round_s"] < 1.0
     assert sum(line["time_split"]["round_s"] for line in lines) <= lines[-1]["elapsed_s"]
     assert lines[1]["train"]["sites"]["2-campus"]["corrupt-images"] == 1
     assert lines[1]["train"]["sites"]["0-mall"]["corrupt-images"] == 0
