@@ -70,13 +70,9 @@ class PacedTime:
 
 def check_flower_api() -> ModuleType:
     """The installed Flower's SuperNode loop, if it still has every name and wait this module relies on."""
-    modules = {name: importlib.import_module(name) for name in FLOWER_SUPERNODE_API}
-    for name, members in FLOWER_SUPERNODE_API.items():
-        missing = [member for member in members if not hasattr(modules[name], member)]
-        if missing:
-            raise RuntimeError(f"the installed Flower's {name} lacks {missing}: the SuperNode's waits "
-                               "cannot be set; pin flwr==1.39.* or update clients/supernode.py")
-    loop = modules[LOOP_MODULE]
+    from server.flower_cli import import_flower_names
+
+    loop = import_flower_names(FLOWER_SUPERNODE_API, "clients/supernode.py")[LOOP_MODULE]
     for function, wait in (("start_client_internal", "time.sleep(3)"), ("_push_messages", "time.sleep(0.5)")):
         if wait not in inspect.getsource(getattr(loop, function)):
             raise RuntimeError(f"the installed Flower's {LOOP_MODULE}.{function} no longer calls {wait}; "

@@ -16,15 +16,29 @@ import socket
 import subprocess
 import sys
 import threading
+import importlib
 import time
 import urllib.request
 from pathlib import Path
+from types import ModuleType
+from typing import Iterable, Mapping
 
 from server.app_source import staged_app
 from server.progress import RoundProgress
 
 
 UNREACHABLE = "Connection to the SuperLink is unavailable"  # what the flwr CLI says when it cannot connect
+
+
+def import_flower_names(api: Mapping[str, Iterable[str]], owner: str) -> dict[str, ModuleType]:
+    """The Flower modules named in ``api``, once each has every name listed for it; otherwise a
+    RuntimeError naming what is missing and ``owner``, the fedreid module written against them."""
+    modules = {name: importlib.import_module(name) for name in api}
+    for name, members in api.items():
+        missing = [member for member in members if not hasattr(modules[name], member)]
+        if missing:
+            raise RuntimeError(f"the installed Flower's {name} lacks {missing}; pin flwr==1.39.* or update {owner}")
+    return modules
 
 
 def console_script(name: str) -> str:

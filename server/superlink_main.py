@@ -84,12 +84,9 @@ def set_sqlite_busy_timeout(busy_timeout_ms: int) -> None:
 
 def check_flower_api() -> None:
     """Refuse a Flower that lacks a name this module patches or calls (pin flwr==1.39.*)."""
-    for module_name, names in FLOWER_SUPERLINK_API.items():
-        module = importlib.import_module(module_name)
-        missing = [name for name in names if not hasattr(module, name)]
-        if missing:
-            raise RuntimeError(f"the installed Flower's {module_name} lacks {missing}; pin flwr==1.39.* or "
-                               "update server/superlink_main.py")
+    from server.flower_cli import import_flower_names
+
+    import_flower_names(FLOWER_SUPERLINK_API, "server/superlink_main.py")
 
 
 def keep_payloads_in_memory() -> None:
