@@ -75,6 +75,7 @@ from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from clients.answer_on_death import AnswerOnDeath
 from clients.public_errors import public_reason
+from strategies.wire import PULL_BACKOFF_CAP_S, PULL_BACKOFF_S
 
 log = logging.getLogger("clients.executor")
 
@@ -82,7 +83,6 @@ COMPONENT = "fedreid-site-worker"  # how this executor introduces itself to the 
 # The methods Flower's SuperExec signs with the shared secret (flwr/supercore/superexec/run_superexec.py).
 SIGNED_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingTasks",
                             "/flwr.proto.Runtime/ClaimTask"})
-PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.5  # asking again for a part the SuperNode does not have yet
 IDLE_POLL_CAP_S = 0.25  # the longest wait between AcquireTask calls (the SuperNode's own default pull)
 IDLE_AFTER_S = 5.0  # without a task this long, the worker starts waiting longer between calls
 ABANDONED_CHECK_S = 2.0  # while a part is missing, how often to look whether the SuperNode moved on

@@ -30,6 +30,8 @@ import time
 from types import ModuleType
 from typing import Any
 
+from strategies.wire import pull_promptly
+
 LOOP_MODULE = "flwr.supernode.start_client_internal"
 CLI_MODULE = "flwr.supernode.cli.flower_supernode"
 FLOWER_IDLE_WAIT_S = 3.0  # `time.sleep(3)` in start_client_internal's receive loop
@@ -44,7 +46,6 @@ FLOWER_SUPERNODE_API = {
                                   "the SuperLink does not have them yet"},
     CLI_MODULE: {"flower_supernode": "the `flower-supernode` console script's function"},
 }
-PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.5  # asking the SuperLink again for arrays still on their way
 DEFAULT_POLL_S = 0.25
 MIN_POLL_S = 0.05  # 20 idle pulls a second per site at most
 EXIT_LOOP_ENDED = 75  # the receiving loop ended: fedreid-client starts the SuperNode again
@@ -98,14 +99,7 @@ def pull_arrays_promptly(loop: ModuleType) -> None:
     message, finds its arrays missing and, with Flower's backoff, waits a second or more although
     they arrive a fraction of a second later (1.4-1.7 s to receive a 20 MB model on 3 sites
     here, of which 0.5 s was the transfer)."""
-    original = loop.pull_objects
-
-    def pull_objects(*args: Any, **kwargs: Any) -> dict[str, bytes]:
-        kwargs.setdefault("initial_backoff", PULL_BACKOFF_S)
-        kwargs.setdefault("backoff_cap", PULL_BACKOFF_CAP_S)
-        return original(*args, **kwargs)
-
-    loop.pull_objects = pull_objects
+    pull_promptly(loop)
 
 
 def answer_untakeable_messages(loop: ModuleType) -> None:

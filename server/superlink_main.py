@@ -22,6 +22,9 @@ It also quiets the HTTP access log: Flower logs every request to its Control/Run
 ServerApp polls `pull-messages` ten times a second, so in a `docker compose up` log 699 of 1,710
 lines were access lines. Successful requests are dropped from that log unless
 ``FEDREID_ACCESS_LOG=1`` (`fedreid-server --access-log`); failed ones (status 400 and up) stay.
+
+The Fleet API's bookkeeping per transferred object (a run-status read and a traffic write in SQLite
+for every 5 MiB chunk) is taken off the database's lock: server/fleet_transfers.py.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import logging
 import os
 import sys
 from typing import Any
+
+from server import fleet_transfers
 
 BUSY_TIMEOUT_VARIABLE = "FEDREID_SQLITE_BUSY_TIMEOUT_MS"
 DEFAULT_BUSY_TIMEOUT_MS = 120_000
@@ -83,10 +88,13 @@ def set_sqlite_busy_timeout(busy_timeout_ms: int) -> None:
 
 
 def check_flower_api() -> None:
-    """Refuse a Flower that lacks a name this module patches or calls (pin flwr==1.39.*)."""
+    """Refuse a Flower that lacks a name this module (or server/fleet_transfers.py) patches or calls
+    (pin flwr==1.39.*)."""
+    from server.fleet_transfers import FLOWER_FLEET_API
     from server.flower_cli import import_flower_names
 
     import_flower_names(FLOWER_SUPERLINK_API, "server/superlink_main.py")
+    import_flower_names(FLOWER_FLEET_API, "server/fleet_transfers.py")
 
 
 def keep_payloads_in_memory() -> None:
@@ -114,6 +122,7 @@ def main() -> int:
     check_flower_api()
     if payloads == "memory":
         keep_payloads_in_memory()
+    fleet_transfers.install()  # the Fleet API's per-object status reads and traffic writes, off SQLite's lock
 
     set_sqlite_busy_timeout(int(os.environ.get(BUSY_TIMEOUT_VARIABLE, DEFAULT_BUSY_TIMEOUT_MS)))
     if os.environ.get(ACCESS_LOG_VARIABLE) != "1":
