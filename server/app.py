@@ -35,7 +35,7 @@ from strategies.fedpav import NUM_EXAMPLES, FedPav
 from strategies.packing import TRANSPORT_DTYPE_KEY, TransportSpec
 from strategies.screening import ScreenSpec
 from strategies.transfer import build_transfer
-from strategies.wire import pull_promptly
+from strategies.wire import LOCAL_PULL_BACKOFF_CAP_S, pull_promptly
 from strategies.validation import ALGORITHM_KEY, RUN_FOLDER_KEY, RUN_TAG_KEY
 from strategies.weighting import KLPWASpec
 
@@ -149,7 +149,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run a whole federation as configured by conf/ plus this run's run config (or resume one)."""
     logging.getLogger("reid").setLevel(logging.INFO)
     update_console_handler(timestamps=True, colored=False)  # the run log says when each round's steps happened
-    pull_promptly(http_grid)  # a site's reply is listed before its arrays arrive: ask again soon, not after 1 s
+    pull_promptly(http_grid, LOCAL_PULL_BACKOFF_CAP_S)  # a site's reply is listed before its arrays arrive: ask again soon, not after 1 s
     cfg, point = _start(context)
     outputs = RunOutputs(point.folder)
     outputs.rounds = point.rounds
