@@ -282,7 +282,7 @@ class Site:
         if UPDATE_VERSION_KEY in config:  # a training message: this is now the model the site holds
             save_held(state, HeldModel(str(config[UPDATE_VERSION_KEY]), {k: t.values for k, t in tensors.items()},
                                        {k: t.mask for k, t in tensors.items() if t.mask is not None}))
-        received = {k: torch.from_numpy(np.ascontiguousarray(t.values)) for k, t in tensors.items()}
+        received = {k: torch.from_numpy(np.array(t.values, order="C")) for k, t in tensors.items()}  # writable copies
         received.update({k: torch.from_numpy(record[k].numpy()) for k in record.keys() if k not in expected})
         load_shared_state(model, received, bn_stats)  # refuses unexpected or missing keys
         masks = {k: torch.from_numpy(t.mask) for k, t in tensors.items() if t.mask is not None}

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from reid.distill import DistillConfig
 from reid.models import build_model, shared_state
+from server.background import BackgroundWrites
 from server.config import compose_config, compression_spec, federation_settings, pruning_specs, site_run_spec
 from server.faults import pause_point
 from server.outputs import (CONFIG_FILE, MODEL_FILE, PLOT_FILE, RunOutputs, hold_run_folder, make_run_dir,
@@ -162,16 +163,24 @@ def main(grid: Grid, context: Context) -> None:
     gauges = _gauges(cfg, outputs)
     scalars = TensorBoardScalars(outputs.folder) if cfg.telemetry.get("tensorboard", False) else None
 
+    writes = BackgroundWrites()
+
     def on_round(server_round: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:
+        writes.wait()  # the previous round's model files are complete before this round's line
         record = {**record, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "elapsed_s": time.time() - started}
         outputs.append_round(record)  # first the line, then the checkpoint: see server/resume.py
         pause_point("recorded", server_round)
         extra = {"bn_stats": spec.bn_stats, "algorithm": str(cfg.algorithm.name)}
-        state = arrays.to_torch_state_dict()  # one conversion for both files
-        outputs.save_checkpoint(state, server_round, spec.model, extra)
-        outputs.save_model(state, server_round, spec, str(cfg.algorithm.name), record.get("evaluate"))
-        if strategy.site_models:
-            outputs.save_site_models(strategy.site_models, strategy.site_nodes, server_round, spec.model, extra)
+        site_models = (dict(strategy.site_models), dict(strategy.site_nodes)) if strategy.site_models else None
+
+        def write_model_files() -> None:
+            state = arrays.to_torch_state_dict()  # one conversion for both files
+            outputs.save_checkpoint(state, server_round, spec.model, extra)
+            outputs.save_model(state, server_round, spec, str(cfg.algorithm.name), record.get("evaluate"))
+            if site_models is not None:
+                outputs.save_site_models(*site_models, server_round, spec.model, extra)
+
+        writes.submit(write_model_files)  # beside the next round's messages (server/background.py)
         if record.get("evaluate"):
             plot_site_metrics(outputs.rounds, outputs.folder / PLOT_FILE, title=f"{cfg.algorithm.name}")
             write_report(outputs.folder)
@@ -188,6 +197,7 @@ def main(grid: Grid, context: Context) -> None:
     arrays = point.arrays if point.arrays is not None else initial_arrays(cfg)
     strategy.restore_global(arrays, outputs.rounds)
     runner.run(arrays, first_round=point.next_round, start_evaluated=any(r["round"] == 0 for r in point.rounds))
+    writes.wait()
     if scalars is not None:
         scalars.close()
     table = outputs.write_table(site_facts(outputs.rounds))

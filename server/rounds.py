@@ -121,6 +121,7 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
         log(WARNING, "%s: the SuperLink did not accept the messages for %s; going on without them", label,
             _listing(refused))
     replies: list[Message] = []
+    received: dict[int, int] = {}  # id(reply) -> its bytes, counted as it arrives (not after the last)
     unreachable: dict[int, str] = {}  # node -> why the SuperLink answered in its place
     while pending:
         pulled = call_within(lambda: list(grid.pull_messages(list(pending))), clock.deadline)
@@ -136,6 +137,7 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
                 unreachable[node] = reply.error.reason
             else:
                 replies.append(reply)
+                received[id(reply)] = message_wire_bytes(reply)
         if not pending or clock.left() <= 0:
             break
         if clock.due():
@@ -150,7 +152,7 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
     per_site = {by_node.get(node, names.of_node(node)): {"sent": size, "received": 0} for node, size in sent.items()}
     for reply in replies:
         per_site.setdefault(by_node[reply.metadata.src_node_id], {"sent": 0, "received": 0})
-        per_site[by_node[reply.metadata.src_node_id]]["received"] += message_wire_bytes(reply)
+        per_site[by_node[reply.metadata.src_node_id]]["received"] += received[id(reply)]
     if pending:
         log(WARNING, "%s: %s did not answer within %.0f s; going on without them", label,
             _listing(names.of_node(n) for n in pending.values()), settings.round_timeout_s)

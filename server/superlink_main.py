@@ -23,8 +23,8 @@ ServerApp polls `pull-messages` ten times a second, so in a `docker compose up` 
 lines were access lines. Successful requests are dropped from that log unless
 ``FEDREID_ACCESS_LOG=1`` (`fedreid-server --access-log`); failed ones (status 400 and up) stay.
 
-The Fleet API's bookkeeping per transferred object (a run-status read and a traffic write in SQLite
-for every 5 MiB chunk) is taken off the database's lock: server/fleet_transfers.py.
+Flower's SQLite bookkeeping (expiring task tokens ten times a second, a run-status read and a
+traffic write for every 5 MiB chunk) is written less often: server/link_bookkeeping.py.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import os
 import sys
 from typing import Any
 
-from server import fleet_transfers
+from server import link_bookkeeping
 
 BUSY_TIMEOUT_VARIABLE = "FEDREID_SQLITE_BUSY_TIMEOUT_MS"
 DEFAULT_BUSY_TIMEOUT_MS = 120_000
@@ -88,13 +88,13 @@ def set_sqlite_busy_timeout(busy_timeout_ms: int) -> None:
 
 
 def check_flower_api() -> None:
-    """Refuse a Flower that lacks a name this module (or server/fleet_transfers.py) patches or calls
+    """Refuse a Flower that lacks a name this module (or server/link_bookkeeping.py) patches or calls
     (pin flwr==1.39.*)."""
-    from server.fleet_transfers import FLOWER_FLEET_API
+    from server.link_bookkeeping import FLOWER_BOOKKEEPING_API
     from server.flower_cli import import_flower_names
 
     import_flower_names(FLOWER_SUPERLINK_API, "server/superlink_main.py")
-    import_flower_names(FLOWER_FLEET_API, "server/fleet_transfers.py")
+    import_flower_names(FLOWER_BOOKKEEPING_API, "server/link_bookkeeping.py")
 
 
 def keep_payloads_in_memory() -> None:
@@ -122,7 +122,7 @@ def main() -> int:
     check_flower_api()
     if payloads == "memory":
         keep_payloads_in_memory()
-    fleet_transfers.install()  # the Fleet API's per-object status reads and traffic writes, off SQLite's lock
+    link_bookkeeping.install()  # fewer SQLite writes: token expiry, run status and traffic per object
 
     set_sqlite_busy_timeout(int(os.environ.get(BUSY_TIMEOUT_VARIABLE, DEFAULT_BUSY_TIMEOUT_MS)))
     if os.environ.get(ACCESS_LOG_VARIABLE) != "1":

@@ -43,6 +43,7 @@ from strategies.averaging import masked_weighted_average, normalise_weights
 from strategies.clustering import ClusteringSpec, cluster_sites, named_partition, update_embeddings
 from strategies.held_out import HeldOutSites
 from strategies.naming import SiteNames
+from strategies.ndarrays import to_array, values_of
 from strategies.packing import TransportSpec
 from strategies.replies import (COUNT_METRICS, EVAL_METRICS, RoundLog, Upload, checked_metrics, metric_dict, reject,
                                 screen)
@@ -68,7 +69,7 @@ __all__ = ["ClusteringSpec", "FedPav", "NUM_EXAMPLES", "RoundLog", "Upload"]
 def average(uploads: list[Upload], weights: np.ndarray) -> ArrayRecord:
     """The mask-aware weighted average of the uploads' tensors."""
     averaged = masked_weighted_average([u.tensors for u in uploads], weights)
-    return ArrayRecord({k: Array(v) for k, v in averaged.items()})
+    return ArrayRecord({k: to_array(v) for k, v in averaged.items()})
 
 
 class FedPav(HeldOutSites, StyleBank, FedAvg):
@@ -184,7 +185,7 @@ class FedPav(HeldOutSites, StyleBank, FedAvg):
             arrays = self.node_models.get(node, message.content[self.arrayrecord_key])
             sent = self.transfer.outgoing(node, arrays, self.masks, training)
             if training:
-                self._sent[node] = sent.held if sent.held is not None else {k: a.numpy() for k, a in arrays.items()}
+                self._sent[node] = sent.held if sent.held is not None else {k: values_of(a) for k, a in arrays.items()}
             config = message.content[self.configrecord_key]
             if sent.config:
                 config = ConfigRecord({**dict(config), **sent.config})

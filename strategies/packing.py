@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
+
+from strategies.ndarrays import to_array, values_of
 
 PACKED_KEY = "packed"
 MANIFEST_KEY = "manifest"
@@ -88,7 +90,7 @@ def pack_record(record: ArrayRecord, transport_dtype: str = "float32") -> ArrayR
     pieces: list[np.ndarray] = []
     offset = 0
     for name, array in record.items():
-        values = array.numpy()
+        values = values_of(array)
         wire_values, wire = _to_wire(values, transport_dtype)
         raw = wire_values.reshape(-1).view(np.uint8)
         entries.append({"name": name, "wire": wire, "dtype": values.dtype.str, "shape": list(values.shape),
@@ -97,7 +99,7 @@ def pack_record(record: ArrayRecord, transport_dtype: str = "float32") -> ArrayR
         offset += raw.nbytes
     packed = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
     manifest = np.frombuffer(json.dumps(entries).encode(), dtype=np.uint8)
-    return ArrayRecord({PACKED_KEY: Array(packed), MANIFEST_KEY: Array(manifest.copy())})
+    return ArrayRecord({PACKED_KEY: to_array(packed), MANIFEST_KEY: to_array(manifest)})
 
 
 def is_packed(record: ArrayRecord) -> bool:
@@ -127,10 +129,10 @@ def unpack_record(record: ArrayRecord) -> ArrayRecord:
     returned as it is. Raises PackingError when the manifest does not describe the bytes."""
     if not is_packed(record):
         return record
-    packed = record[PACKED_KEY].numpy()
     try:
-        entries = json.loads(record[MANIFEST_KEY].numpy().tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        packed = values_of(record[PACKED_KEY])
+        entries = json.loads(values_of(record[MANIFEST_KEY]).tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as error:
         raise PackingError(f"unreadable manifest ({error})") from None
     if packed.dtype != np.uint8 or packed.ndim != 1 or not isinstance(entries, list):
         raise PackingError("a packed record holds a 1-D uint8 array and a list of entries")
@@ -139,5 +141,5 @@ def unpack_record(record: ArrayRecord) -> ArrayRecord:
         name, wire, dtype, shape, offset, nbytes = _entry(raw, packed.size)
         if name in restored:
             raise PackingError(f"array {name} appears twice in the manifest")
-        restored[name] = Array(_from_wire(packed[offset:offset + nbytes], wire, dtype, shape))
+        restored[name] = to_array(_from_wire(packed[offset:offset + nbytes], wire, dtype, shape))
     return restored

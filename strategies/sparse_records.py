@@ -13,6 +13,7 @@ from typing import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from strategies.ndarrays import values_of
 from strategies.sparse_codec import SparseFormatError, decode, encode, is_encoded
 
 
@@ -48,7 +49,7 @@ def decode_record(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) ->
     ``shapes``; raises SparseFormatError / ValueError with the reason when something is off."""
     tensors = {}
     for key, shape in shapes.items():
-        array = record[key].numpy()
+        array = values_of(record[key])
         if is_encoded(array):
             decoded = decode(array, shape)
             tensors[key] = Tensor(decoded.values, decoded.mask)

@@ -32,6 +32,7 @@ from typing import Mapping
 import numpy as np
 from flwr.app import ArrayRecord
 
+from strategies.ndarrays import values_of
 from strategies.packing import TransportSpec, pack_record, unpack_record
 from strategies.sparse_records import Tensor, decode_record, encode_record
 from strategies.update_codec import CompressionSpec, UpdateFormatError, decode_record_change, encode_record_change
@@ -53,7 +54,7 @@ class Outgoing:
 
 
 def plain_arrays(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return {key: array.numpy() for key, array in arrays.items()}
+    return {key: values_of(array) for key, array in arrays.items()}
 
 
 def decode_plain(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor]:

@@ -121,3 +121,40 @@ def test_the_screening_of_a_packed_reply_names_the_bad_tensor() -> None:
 class _OneNode:
     def get_node_ids(self) -> list[int]:
         return [5]
+
+
+# -- Flower Arrays without np.save / np.load per tensor (strategies/ndarrays.py) ---------------------
+
+NDARRAY_CASES = [np.random.default_rng(0).standard_normal((64, 3, 7, 7)).astype(np.float32), np.array(3.5),
+                 np.zeros((0, 4), np.float32), np.arange(10, dtype=np.int64), np.array([True, False]),
+                 np.random.default_rng(1).standard_normal(5).astype(np.float16), np.zeros(3, np.uint8)]
+
+
+@pytest.mark.parametrize("values", NDARRAY_CASES, ids=lambda v: f"{v.dtype}{list(v.shape)}")
+def test_to_array_writes_flowers_bytes_and_values_of_reads_them_back(values: np.ndarray) -> None:
+    from strategies.ndarrays import to_array, values_of
+
+    ours, flowers = to_array(values), Array(values)
+    assert (ours.dtype, ours.shape, ours.stype, ours.data) == (flowers.dtype, flowers.shape, flowers.stype, flowers.data)
+    for array in (ours, flowers):
+        read = values_of(array)
+        assert read.dtype == values.dtype and read.shape == values.shape and np.array_equal(read, values)
+        assert not read.flags.writeable  # a view of the Array's bytes
+
+
+def test_values_of_reads_fortran_order_and_refuses_what_np_load_would() -> None:
+    from strategies.ndarrays import to_array, values_of
+
+    fortran = np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4))
+    assert np.array_equal(values_of(Array(fortran)), fortran)  # np.save kept Fortran order
+    assert np.array_equal(values_of(to_array(fortran)), fortran)  # written in C order
+    short = Array(np.arange(8, dtype=np.float32))
+    truncated = Array(dtype=short.dtype, shape=short.shape, stype=short.stype, data=short.data[:-4])
+    with pytest.raises(ValueError, match="do not hold"):
+        values_of(truncated)
+    import io
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "|O", "fortran_order": False, "shape": (1,)})
+    pickled = Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=buffer.getvalue() + b"\x00" * 8)
+    with pytest.raises(ValueError, match="object arrays"):
+        values_of(pickled)

@@ -159,3 +159,25 @@ def test_the_superlink_keeps_payloads_in_memory_and_runs_and_keys_in_its_databas
     assert isinstance(objects.store(), InMemoryObjectStore) and isinstance(state, SqlLinkState)
     assert state.object_store is objects.store()
     assert (tmp_path / "superlink.db").is_file()
+
+
+def test_model_files_are_written_in_order_beside_the_loop_and_a_failed_write_is_raised_at_the_wait() -> None:
+    import threading
+    import time
+
+    from server.background import BackgroundWrites
+
+    writes, done, loop = BackgroundWrites(), [], threading.get_ident()
+    writes.submit(lambda: (time.sleep(0.2), done.append(("checkpoint 1", threading.get_ident() != loop))))
+    writes.submit(lambda: done.append(("checkpoint 2", threading.get_ident() != loop)))
+    assert done == []  # submitting does not wait for the 0.2-s write
+    writes.wait()
+    assert done == [("checkpoint 1", True), ("checkpoint 2", True)]
+
+    def full_disk() -> None:
+        raise OSError(28, "No space left on device")
+
+    writes.submit(full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        writes.wait()
+    writes.wait()  # raised once

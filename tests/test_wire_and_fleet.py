@@ -1,5 +1,7 @@
 """How messages are counted and moved: wire sizes without a second serialisation, prompt pulls on
-the ServerApp's side, and the SuperLink's per-object bookkeeping kept off SQLite's lock."""
+the ServerApp's side, and the SuperLink's SQLite bookkeeping written less often (the patched
+SuperLink itself runs in every deployment test; its Flower names are checked in
+tests/test_resume_and_state.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
 
-from server.fleet_transfers import RunningStatusCache, TrafficBuffer
+from server.link_bookkeeping import AtMostEvery, RunningStatusCache, TrafficBuffer
 from strategies.wire import message_wire_bytes, pull_promptly
 
 
@@ -94,3 +96,26 @@ def test_traffic_is_added_up_and_written_once_per_run_per_interval() -> None:
     assert sorted(written) == [(4, 1, 0), (9, 20_000, 7)]
     with pytest.raises(ValueError, match="Negative"):
         buffer.add(9, -1, 0)
+
+
+def test_token_expiry_upkeep_runs_at_most_every_half_second_per_state_and_still_runs() -> None:
+    now = [0.0]
+    ran: list[str] = []
+
+    class State:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def upkeep(self) -> None:
+            ran.append(self.name)
+
+    State.upkeep = AtMostEvery(State.upkeep, every_s=0.5, clock=lambda: now[0])  # type: ignore[method-assign]
+    first, second = State("a"), State("b")
+    for _ in range(10):  # ten task polls within 0.1 s
+        first.upkeep()
+        now[0] += 0.01
+    second.upkeep()
+    assert ran == ["a", "b"]  # once per state object
+    now[0] += 0.45
+    first.upkeep()
+    assert ran == ["a", "b", "a"]  # and again once the half second has passed

@@ -1,21 +1,24 @@
-"""The SuperLink's bookkeeping per transferred object, taken out of SQLite's way.
+"""The SuperLink's SQLite bookkeeping, written less often: it competed with the model's transfers.
 
-Flower 1.39's Fleet API does two database writes and one read for every object a SuperNode
-pulls or pushes (a model's 5 MiB chunks, its arrays, records and message): ``check_abort`` reads
-the run's status through ``get_run_status``, which first runs two UPDATEs that expire old task
-tokens, and ``store_traffic`` adds the object's bytes to the run's counters. With three sites
-moving a 20 MB model each way, that is about a hundred write transactions a round, from as many
-threads, on one SQLite file: they queue for its lock, and in a profile of the SuperLink they took
-more time than the transfers (bench/round_overhead.py: 0.5-0.7 s of a round's overhead).
+Flower 1.39 keeps runs, tasks and push sessions in one SQLite file and writes it far more often
+than they change. Counted over a 50-s run of three sites (bench/round_overhead.py's deployment):
+about 1,100 UPDATEs that expire old task tokens (``_cleanup_expired_task_tokens`` runs before every
+task poll of the SuperExec, ten a second, and before every run-status read), and for every object
+a SuperNode pulls or pushes (a model's 5 MiB chunks, its arrays, records and message) a run-status
+read, itself preceded by that cleanup, plus an UPDATE of the run's traffic counters. Writers
+queue for the file's lock, from many threads, while the round waits for its arrays.
 
-Two changes, both on the Fleet path only (the ServerApp's and the Control API's calls are untouched):
+Three changes, each keeping what Flower computes, only later or less often:
 
-- ``cache_running_status``: a run found RUNNING is believed running for ``ttl_s`` (0.5 s) before
+- ``RunningStatusCache``: a run found RUNNING is believed running for ``ttl_s`` (0.5 s) before
   the database is asked again. A run that stops is noticed that much later by a transfer already
-  under way; one that is not running yet, or has finished, is checked every time.
-- ``buffer_traffic``: byte counts are added up in memory and written once per ``every_s``
+  under way; one that is not running yet, or has finished, is checked every time. (Fleet path only.)
+- ``TrafficBuffer``: byte counts are added up in memory and written once per ``every_s``
   (0.5 s) per run, so ``flwr ls`` shows a run's traffic at most that late. Counts not yet written
   when the SuperLink stops are lost (at most half a second's worth).
+- ``AtMostEvery``: expired task tokens are looked for at most every 0.5 s instead of at every
+  call, so a task whose heartbeat stopped is failed (and a claim that never started is freed) up
+  to half a second later; Flower's heartbeats are tens of seconds apart.
 """
 
 from __future__ import annotations
@@ -26,14 +29,17 @@ import time
 from collections import defaultdict
 from typing import Any, Callable
 
-log = logging.getLogger("server.fleet_transfers")
+log = logging.getLogger("server.link_bookkeeping")
 RUN_STATUS_TTL_S = 0.5
 TRAFFIC_FLUSH_S = 0.5
+TOKEN_CLEANUP_S = 0.5
 FLEET_HANDLERS = "flwr.server.superlink.fleet.message_handler.message_handler"
 SQL_LINKSTATE = "flwr.server.superlink.linkstate.sql_linkstate"
+SQL_CORESTATE = "flwr.supercore.corestate.sql_corestate"
 # What this module takes from Flower (checked at start with the rest of FLOWER_SUPERLINK_API).
-FLOWER_FLEET_API = {FLEET_HANDLERS: ["check_abort", "pull_object", "push_object"],
-                    SQL_LINKSTATE: ["SqlLinkState"]}
+FLOWER_BOOKKEEPING_API = {FLEET_HANDLERS: ["check_abort", "pull_object", "push_object"],
+                          SQL_LINKSTATE: ["SqlLinkState"],
+                          SQL_CORESTATE: ["SqlCoreState"]}
 
 AbortCheck = Callable[[int, list[str], Any], "str | None"]
 
@@ -100,10 +106,34 @@ class TrafficBuffer:
             self.flush()
 
 
+class AtMostEvery:
+    """A method that runs at most once per ``every_s`` seconds per object; calls in between return
+    at once (the method's work is periodic upkeep, so a skipped call loses nothing)."""
+
+    def __init__(self, method: Callable[[Any], None], every_s: float = TOKEN_CLEANUP_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.method, self.every_s, self.clock = method, every_s, clock
+        self._last: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Callable[[], None]:
+        return lambda: self(instance)
+
+    def __call__(self, instance: Any) -> None:
+        now = self.clock()
+        with self._lock:
+            if now - self._last.get(id(instance), float("-inf")) < self.every_s:
+                return
+            self._last[id(instance)] = now
+        self.method(instance)
+
+
 def install() -> None:
-    """Put both changes into the SuperLink's Fleet handlers (before the SuperLink starts)."""
+    """Put the three changes into the SuperLink's state and Fleet handlers (before it starts)."""
     import importlib
 
+    core_state = importlib.import_module(SQL_CORESTATE).SqlCoreState
+    core_state._cleanup_expired_task_tokens = AtMostEvery(core_state._cleanup_expired_task_tokens)  # noqa: SLF001
     handlers = importlib.import_module(FLEET_HANDLERS)
     handlers.check_abort = RunningStatusCache(handlers.check_abort)
     linkstate_class = importlib.import_module(SQL_LINKSTATE).SqlLinkState
