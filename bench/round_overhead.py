@@ -240,7 +240,7 @@ def print_training_table(args: argparse.Namespace, model: str, gpu: int | None, 
     measured = {}
     with checkout(args.before) as before:
         for label, code, client_args in (
-                (f"before ({args.before}): a flwr-clientapp per message, forwarding to the worker", before, ()),
+                (f"before ({args.before}){': a flwr-clientapp per message' if args.before == BEFORE else ''}", before, ()),
                 ("the worker is the SuperNode's executor; Flower's 3 s idle wait", REPO, ("--poll-interval", "3")),
                 (f"now: the SuperNode waits --poll-interval {DEFAULT_POLL_S} s when idle", REPO, ())):
             # one round more than reported: the last one also evaluates (an exchange of its own)
