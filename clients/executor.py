@@ -233,11 +233,11 @@ def pull_input(client: RuntimeHttpClient,
                pending: Callable[[], list[int]] | None = None) -> tuple[Message, Context, Run, Fab]:
     """Flower's ``pull_task_input`` (flwr/supernode/runtime/run_clientapp.py), step for step, except
     that a part of the message the SuperNode has not received yet is asked for again after 0.05 s
-    (doubling up to 0.1 s: the SuperNode is on this box), not after 1 s (up to 10 s), and that the wait ends when the SuperNode
-    has abandoned the message (``pending`` lists the ids of tasks waiting; see AbandonedTask). A
-    long-lived executor takes a task the moment the SuperNode creates it, which is before the
-    SuperNode has the message's arrays; with Flower's backoff that cost 1.3 s per round
-    (bench/round_overhead.py)."""
+    (doubling up to 0.1 s: the SuperNode is on this box), not after 1 s (up to 10 s), and that the
+    wait ends when the SuperNode has abandoned the message (``pending`` lists the ids of tasks
+    waiting; see AbandonedTask). A long-lived executor takes a task the moment the SuperNode
+    creates it, which is before the SuperNode has the message's arrays; with Flower's backoff that
+    cost 1.3 s per round (bench/round_overhead.py)."""
     response = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id, TaskIdentity.run_id = response.task_id, response.run.run_id
     TaskIdentity.node_id = response.context.node_id
@@ -261,7 +261,8 @@ def pull_input(client: RuntimeHttpClient,
     message = pull_and_inflate_object_from_tree(
         tree, pull_unless_abandoned,
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, max_tries_per_object=None, initial_backoff=PULL_BACKOFF_S, backoff_cap=LOCAL_PULL_BACKOFF_CAP_S)
+        return_type=Message, max_tries_per_object=None, initial_backoff=PULL_BACKOFF_S,
+        backoff_cap=LOCAL_PULL_BACKOFF_CAP_S)
     message.metadata.__dict__["_message_id"] = tree.object_id  # a pulled message does not carry its own id
     return message, context, run, fab
 

@@ -150,7 +150,8 @@ def main(grid: Grid, context: Context) -> None:
     """Run a whole federation as configured by conf/ plus this run's run config (or resume one)."""
     logging.getLogger("reid").setLevel(logging.INFO)
     update_console_handler(timestamps=True, colored=False)  # the run log says when each round's steps happened
-    pull_promptly(http_grid, LOCAL_PULL_BACKOFF_CAP_S)  # a site's reply is listed before its arrays arrive: ask again soon, not after 1 s
+    # a site's reply is listed before its arrays arrive: ask again for them soon, not after 1 s (strategies/wire.py)
+    pull_promptly(http_grid, LOCAL_PULL_BACKOFF_CAP_S)
     cfg, point = _start(context)
     outputs = RunOutputs(point.folder)
     outputs.rounds = point.rounds
