@@ -107,9 +107,9 @@ def wait_for_sites(grid: Grid, count: int, settings: FederationSettings, names: 
 
 
 def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, names: SiteNames,
-             label: str) -> Exchange:
+             label: str, on_reply: Callable[[Message], None] | None = None) -> Exchange:
     """Send, pull replies until every site answered or ``round_timeout_s`` passed, and measure every
-    message's serialised size."""
+    message's serialised size; ``on_reply`` sees each site's reply as it arrives."""
     clock = Clock(settings.round_timeout_s, settings.report_every_s)
     started = time.time()
     sent = {m.metadata.dst_node_id: message_wire_bytes(m) for m in messages}
@@ -138,6 +138,8 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
             else:
                 replies.append(reply)
                 received[id(reply)] = message_wire_bytes(reply)
+                if on_reply is not None:
+                    on_reply(reply)
         if not pending or clock.left() <= 0:
             break
         if clock.due():
@@ -183,7 +185,8 @@ class FederationRunner:
     def _config(self) -> ConfigRecord:
         return ConfigRecord(dict(self.site_config))  # strategies write the round into it: fresh copy
 
-    def _send(self, label: str, configure: Callable[[], Iterable[Message]]) -> Exchange | None:
+    def _send(self, label: str, configure: Callable[[], Iterable[Message]],
+              on_reply: Callable[[Message], None] | None = None) -> Exchange | None:
         """Wait (bounded) for enough sites, refresh their registered names (and ask unnamed nodes for
         theirs when some sites are held out), build the messages, exchange."""
         wait_for_sites(self.grid, self.settings.min_sites + len(self.strategy.held_out), self.settings, self.names,
@@ -198,10 +201,11 @@ class FederationRunner:
         messages = list(configure())
         if not messages:
             return None
-        return self._exchange(messages, label)
+        return self._exchange(messages, label, on_reply)
 
-    def _exchange(self, messages: list[Message], label: str) -> Exchange:
-        result = exchange(self.grid, messages, self.settings, self.names, label)
+    def _exchange(self, messages: list[Message], label: str,
+                  on_reply: Callable[[Message], None] | None = None) -> Exchange:
+        result = exchange(self.grid, messages, self.settings, self.names, label, on_reply)
         self.clock.exchanged(result.replies, result.started, result.ended)
         return result
 
@@ -284,7 +288,7 @@ class FederationRunner:
         if evaluate_round is not None:
             config[EVALUATE_ROUND_KEY] = evaluate_round
         result = self._send(f"round {server_round} training", lambda: self.strategy.configure_train(
-            server_round, arrays, config, self.grid))
+            server_round, arrays, config, self.grid), on_reply=self.strategy.check_train_reply_early)
         result = self.last_exchange = result or Exchange([], {}, 0.0, [])
         aggregation_start = time.perf_counter()
         with self.clock.phase("aggregation"):

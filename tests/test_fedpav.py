@@ -67,6 +67,33 @@ def test_weights_are_training_set_sizes_and_the_average_is_exact() -> None:
     assert metrics["sites-accepted"] == 3 and metrics["sites-rejected"] == 0
 
 
+
+def test_replies_checked_as_they_arrive_are_not_checked_again_and_aggregate_the_same() -> None:
+    """The round loop hands each training reply to ``check_train_reply_early`` while other sites
+    still train; the aggregate must be the one a late check gives, malformed replies included."""
+    results = []
+    for early in (False, True):
+        strategy = FedPav(min_sites=2)
+        sent = _started(strategy, [1, 2, 3])
+        replies = [
+            _reply(sent[0], _arrays([1, 2], 10), {"num-examples": 100, "train-loss": 1.0}, "mall"),
+            _reply(sent[1], _arrays([np.nan, 4], 20), {"num-examples": 100, "train-loss": 2.0}, "station"),
+            _reply(sent[2], _arrays([5, 6], 40), {"num-examples": 200, "train-loss": 4.0}, "campus"),
+        ]
+        checks = []
+        original = strategy._check_train_reply
+        strategy._check_train_reply = lambda reply: checks.append(reply) or original(reply)  # type: ignore[method-assign]
+        if early:
+            for reply in replies[:2]:  # the third arrives last and is checked at aggregation
+                strategy.check_train_reply_early(reply)
+            assert len(checks) == 2
+        arrays, _ = strategy.aggregate_train(3, replies)
+        assert len(checks) == 3  # every reply checked exactly once
+        results.append((arrays["layer.weight"].numpy().tolist(), dict(strategy.last_train.accepted),
+                        sorted(strategy.last_train.rejected)))
+    assert results[0] == results[1]
+    assert results[1][2] == ["station"]  # the non-finite upload is rejected either way
+
 BAD_REPLIES = {
     "missing": (lambda: ArrayRecord({"layer.weight": Array(np.ones(2, np.float32))}), {}, "missing arrays: layer.bias"),
     "extra": (lambda: ArrayRecord({**{k: v for k, v in _arrays([1, 1], 1).items()},
