@@ -68,7 +68,7 @@ def values_of(array: Array) -> np.ndarray:
     length_bytes = 2 if data[6] == 1 else 4
     end = 8 + length_bytes + int.from_bytes(data[8:8 + length_bytes], "little")
     try:
-        dtype, shape, fortran_order = _parse_header(bytes(data[:end]))
+        dtype, shape, fortran_order = _parse_header(data[:end])
     except (ValueError, SyntaxError) as error:
         raise ValueError(f"an array's .npy header is malformed ({error})") from None
     if dtype.hasobject:

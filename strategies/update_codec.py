@@ -34,6 +34,7 @@ from typing import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from strategies.ndarrays import values_of
 from strategies.sparse_codec import SparseFormatError, decode_positions, encode_positions, rice_position_bytes
 from strategies.sparse_records import Tensor
 
@@ -300,7 +301,7 @@ def decode_record_change(record: ArrayRecord, base: Mapping[str, np.ndarray], sh
     base_masks = base_masks or {}
     tensors = {}
     for key, shape in shapes.items():
-        array = record[key].numpy()
+        array = values_of(record[key])
         if not is_update(array):
             if array.dtype == np.uint8:
                 raise UpdateFormatError(f"array {key} is uint8 but not a compressed change")
