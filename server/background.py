@@ -2,7 +2,8 @@
 
 A round's checkpoint, ``model.pt`` and (with clusters) the sites' models are 2 x 20 MB for the
 small model and 2 x 100 MB for ResNet-50; written in the loop they held up the next round's
-messages by 0.1-0.2 s on the test box (bench/round_overhead.py). They are written in one worker
+messages by 0.1-0.2 s on the test box (bench/round_overhead.py); the plot and the report of an
+evaluated round took another 0.3 s (matplotlib), so they follow the files. They are written in one worker
 thread, in submission order; ``wait`` returns once everything submitted is on disk and raises what
 a write raised. The ServerApp waits before each round's metrics line, so the files of round r are
 complete before the line of round r + 1 exists (the order server/resume.py relies on), and before

@@ -20,7 +20,7 @@ still to come, which waits out the whole timeout). Each round's line says where 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any, Callable, Iterable
 
@@ -54,6 +54,7 @@ class Exchange:
     failed: list[str]  # sites that were asked but did not answer in time
     started: float = 0.0  # time.time() when the messages were pushed
     ended: float = 0.0  # and when the last reply (or the timeout) came
+    checks: list[tuple[float, float]] = field(default_factory=list)  # time.time() spans of on_reply (the server's work)
 
     def totals(self) -> dict[str, int]:
         return {"sent": sum(b["sent"] for b in self.bytes_per_site.values()),
@@ -122,6 +123,7 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
             _listing(refused))
     replies: list[Message] = []
     received: dict[int, int] = {}  # id(reply) -> its bytes, counted as it arrives (not after the last)
+    checks: list[tuple[float, float]] = []
     unreachable: dict[int, str] = {}  # node -> why the SuperLink answered in its place
     while pending:
         pulled = call_within(lambda: list(grid.pull_messages(list(pending))), clock.deadline)
@@ -139,7 +141,9 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
                 replies.append(reply)
                 received[id(reply)] = message_wire_bytes(reply)
                 if on_reply is not None:
+                    check_start = time.time()
                     on_reply(reply)
+                    checks.append((check_start, time.time()))
         if not pending or clock.left() <= 0:
             break
         if clock.due():
@@ -158,7 +162,7 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
     if pending:
         log(WARNING, "%s: %s did not answer within %.0f s; going on without them", label,
             _listing(names.of_node(n) for n in pending.values()), settings.round_timeout_s)
-    return Exchange(replies, per_site, clock.elapsed(), failed, started, time.time())
+    return Exchange(replies, per_site, clock.elapsed(), failed, started, time.time(), checks)
 
 
 def _megabytes(count: int) -> str:
@@ -206,7 +210,7 @@ class FederationRunner:
     def _exchange(self, messages: list[Message], label: str,
                   on_reply: Callable[[Message], None] | None = None) -> Exchange:
         result = exchange(self.grid, messages, self.settings, self.names, label, on_reply)
-        self.clock.exchanged(result.replies, result.started, result.ended)
+        self.clock.exchanged(result.replies, result.started, result.ended, result.checks)
         return result
 
     def _report(self, server_round: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:

@@ -4,10 +4,11 @@ It generates the synthetic camera sites when they are missing, starts a private 
 SuperLink (own port, own FLWR_HOME, no runtime dependency installation), submits the app with
 ``flwr run`` on the Ray engine with one virtual SuperNode per site, streams the logs, checks that
 the run really completed (``flwr run`` exits 0 even when a run fails), prints the per-site table,
-and stops the SuperLink again, also on failure or Ctrl-C.
+and stops the SuperLink again, also on failure or Ctrl-C. The run's Ray is a head of its own, started
+at the same moment as the SuperLink and stopped with the run (server/private_ray.py).
 
 ``--ray-address HOST:PORT`` runs the simulation's actors on an existing Ray cluster (started with
-``ray start --head`` and ``ray start --address``) instead of a private local Ray. Flower 1.39 no
+``ray start --head`` and ``ray start --address``) instead of the private one. Flower 1.39 no
 longer passes an address to ``ray.init``; it calls ``ray.init()`` only when Ray is not initialised,
 so the address travels as ``RAY_ADDRESS`` in the environment of the SuperLink, whose simulation
 process inherits it. The address is checked before anything starts.
@@ -34,6 +35,7 @@ from reid.data.public import generate_public_set
 from reid.data.federations import FEDERATIONS, federation_size, generate_sites, site_names
 from server.app_source import staged_app
 from server.config import compose_config
+from server.private_ray import PrivateRay, PrivateRayError
 from server.flower_cli import (
     SuperLinkConnection,
     console_script,
@@ -204,11 +206,30 @@ def _run_simulation(request: SimulationRequest) -> Path:
     assert request.flwr_home is not None
     federation = (f"num-supernodes={request.sites} client-resources-num-cpus={request.cpus_per_site} "
                   f"client-resources-num-gpus={float(request.gpus_per_site)}")
+    private_ray = None
     if request.ray_address:
         check_ray_address(request.ray_address)
         log.info("simulating on the Ray cluster at %s", request.ray_address)
-    with PrivateSuperLink(request.flwr_home, request.ray_address) as superlink, \
+    else:  # a Ray head of the run's own, starting while the SuperLink does (server/private_ray.py)
+        private_ray = PrivateRay().start()
+    try:
+        return _submit(request, federation, request.ray_address or (private_ray and private_ray.address_text),
+                       private_ray)
+    finally:
+        if private_ray is not None:
+            private_ray.stop()
+
+
+def _submit(request: SimulationRequest, federation: str, ray_address: str | None,
+            private_ray: PrivateRay | None) -> Path:
+    assert request.flwr_home is not None
+    with PrivateSuperLink(request.flwr_home, ray_address) as superlink, \
             staged_app(request.app_dir) as app:  # the same FAB, without walking .venv (server/app_source.py)
+        if private_ray is not None:
+            try:
+                private_ray.address()
+            except PrivateRayError as error:
+                raise SimulationError(str(error)) from None
         options = [CONNECTION, "--stream", "--federation-config", federation, "--run-config", _run_config(request)]
         log.info("flwr %s", shlex.join(["run", str(request.app_dir), *options]))
         superlink.connection.flwr("run", str(app), *options, stream=True, timeout=None)

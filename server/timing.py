@@ -11,6 +11,10 @@ is clipped to the exchange it answered (from the server pushing the messages to 
 which bounds what a site with a wrong clock can claim; sites on other machines need synchronised
 clocks (NTP) for the split to be exact, a deployment on one box or a simulation always has them.
 
+The server's own work on a reply as it arrives (checking and decoding a training upload while other
+sites still train) counts as aggregation only where no site was working meanwhile: the checks of
+all but the last reply overlap training, which already counts that time; the last one's does not.
+
 Windows tile the run: a round's window runs from the end of the previous round's window to the
 moment its ``metrics.jsonl`` line is written or the next round starts, whichever comes first (a
 round whose evaluation rides on the next round's training is written after that training, which
@@ -79,6 +83,7 @@ class Window:
     start: float = field(default_factory=time.time)
     work: list[Span] = field(default_factory=list)
     evaluation: list[Span] = field(default_factory=list)
+    checks: list[Span] = field(default_factory=list)  # the server's work on replies as they arrived
     phases: dict[str, float] = field(default_factory=dict)
     end: float | None = None
 
@@ -87,8 +92,10 @@ class Window:
         + ``framework_s``; ``recording_s`` (checkpoint, model file, plots) is part of the framework."""
         end = self.end if self.end is not None else time.time()
         evaluation = union_seconds(self.evaluation)
-        training = max(union_seconds(self.work + self.evaluation) - evaluation, 0.0)
-        aggregation = self.phases.get("aggregation", 0.0)
+        sites = union_seconds(self.work + self.evaluation)
+        training = max(sites - evaluation, 0.0)
+        checking_alone = union_seconds(self.work + self.evaluation + self.checks) - sites
+        aggregation = self.phases.get("aggregation", 0.0) + checking_alone
         wall = end - self.start
         return {"round_s": wall, "training_s": training, "evaluation_s": evaluation, "aggregation_s": aggregation,
                 "framework_s": max(wall - training - evaluation - aggregation, 0.0),
@@ -110,10 +117,13 @@ class RunClock:
             self.closed[self.pending] = self._close()
         self.pending = server_round
 
-    def exchanged(self, replies: Iterable[Message], started: float, ended: float) -> None:
+    def exchanged(self, replies: Iterable[Message], started: float, ended: float,
+                  checks: Iterable[Span] = ()) -> None:
+        """An exchange's replies, and the spans of the server's checks of them as they arrived."""
         work, evaluation = reply_spans(replies, (started, ended))
         self.open.work.extend(work)
         self.open.evaluation.extend(evaluation)
+        self.open.checks.extend(span for check in checks if (span := _clipped(*check, (started, ended))))
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:

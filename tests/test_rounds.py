@@ -261,7 +261,8 @@ def _timed_reply(request: Message, times: dict[str, float]) -> Message:
 def test_the_time_split_counts_sites_working_side_by_side_once_and_clips_wrong_clocks() -> None:
     """Two sites train over [10, 14] and [12, 16] of an exchange from 9 to 17, one of them evaluating
     over [10, 11] first: training is the union minus evaluation (5 s), evaluation 1 s; a site whose
-    clock claims work outside the exchange counts only inside it; a reply without timing counts nothing."""
+    clock claims work outside the exchange counts only inside it; a reply without timing counts nothing;
+    the server's checks of replies count as aggregation only where no site was working."""
     from server.timing import RunClock, reply_spans, run_split, union_seconds
 
     assert union_seconds([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4
@@ -284,6 +285,15 @@ def test_the_time_split_counts_sites_working_side_by_side_once_and_clips_wrong_c
     assert split["aggregation_s"] == 0.5
     assert split["training_s"] + split["evaluation_s"] + split["aggregation_s"] + split["framework_s"] == \
         pytest.approx(split["round_s"])
+    # the server checking replies as they arrive: over [13, 13.2] while sites train (already counted as
+    # training), over [16.2, 16.5] after the last site finished (aggregation), a span outside the exchange clipped
+    clock.round_started(2)
+    clock.open.start = 8.0
+    clock.exchanged(replies, 9.0, 17.0, [(13.0, 13.2), (16.2, 16.5), (16.9, 18.0)])
+    checked = clock.line_written(2)
+    assert checked["training_s"] == pytest.approx(5.5)
+    assert checked["aggregation_s"] == pytest.approx(0.3 + 0.1)
+    assert checked["framework_s"] == pytest.approx(checked["round_s"] - 5.5 - 1.0 - 0.4)
     total = run_split([{"time_split": split}, {"time_split": split}, {"train": None}])
     assert total["round_s"] == pytest.approx(2 * split["round_s"])
     assert sum(total["share"][k] for k in ("training", "evaluation", "aggregation", "framework")) == pytest.approx(1)
