@@ -57,6 +57,8 @@ from reid.models import ModelSpec, build_model, load_shared_state, shared_state 
 from reid.seeding import stable_seed  # noqa: E402
 from reid.train import train_local  # noqa: E402
 from server import simulate  # noqa: E402
+from strategies.held_out import unseen_results  # noqa: E402
+from strategies.validation import TARGET_ADAPTED  # noqa: E402
 from server.config import compose_config, federation_settings, site_run_spec  # noqa: E402
 from server.outputs import markdown_table  # noqa: E402
 import fedreid9_tables  # noqa: E402  (bench/, next to this file)
@@ -67,7 +69,7 @@ METHODS = ["fedpav", "fedpav_cdw", "fedpav_kd", "fedpav_cdw_kd", "fedpav_cluster
            "fedklpr_no_crr", "fedureid", "fedureid_no_personalization", "local_unsupervised"]
 UNSUPERVISED_METHODS = ["fedureid", "fedureid_no_personalization", "local_unsupervised", "fedpav"]
 RESDRIFT_METHODS = ["fedpav", "fedpav_raf", "fedpav_multires_aug", "local"]
-METHODS += ["fedpav_raf", "fedpav_multires_aug", "feddg_ccst", "feddg_ccst_no_share", "feddg_ccst_mean_style",
+METHODS += ["fedpav_raf", "fedpav_multires_aug", "feddg", "feddg_no_share", "feddg_no_tone", "feddg_bn_mixed",
             "fedpav_compressed", "fedklpr_compressed"]
 LOWEST_SCALE = "0.25"
 
@@ -167,8 +169,9 @@ def summarise(method: str, runs: list[list[dict]]) -> dict:
     per_site = {s: {k: float(np.mean([f["sites"][s][k] for f in finals])) for k in keys} for s in sites}
     gaps = [float(np.mean([f["sites"][s]["drift-gap"] for s in sites])) for f in finals] if "drift-gap" in keys else [np.nan]
     mean_maps = [f["mean"]["mAP"] for f in finals]
-    unseen = [next((line.get("unseen") for line in reversed(lines) if line.get("evaluate") and line.get("unseen")),
-                   None) or {"sites": {}} for lines in runs]
+    unseen = [unseen_results(next((line.get("unseen") for line in reversed(lines)  # this table's protocol
+                                    if line.get("evaluate") and line.get("unseen")), None), TARGET_ADAPTED)
+              for lines in runs]
     held_out = sorted(unseen[0]["sites"])
     first_trained = next((line["train"]["sites"] for line in runs[0] if line.get("train") and line["train"].get("sites")),
                          {})
@@ -281,7 +284,7 @@ FAMILIES = {  # one panel each; a reference method may appear in several
                                   "fedklpr_no_praw", "fedklpr_no_pruning", "fedklpr_no_crr"],
     "FedUReID (no labels)": ["fedureid", "fedureid_no_personalization", "local_unsupervised", "fedpav"],
     "Resolution drift": ["fedpav", "fedpav_raf", "fedpav_multires_aug", "local"],
-    "FedDG: cross-client styles": ["fedpav", "feddg_ccst", "feddg_ccst_no_share", "feddg_ccst_mean_style", "local"],
+    "FedDG: cross-client styles": ["fedpav", "feddg", "feddg_no_share", "feddg_no_tone", "feddg_bn_mixed", "local"],
 }
 MARKERS = "os^vD<>pP*Xh"
 
@@ -392,7 +395,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--leave-one-out", nargs="+", default=None, metavar="SITE",
                         help="synthetic-fedreid9: the FedDG-ReID protocol over these sites (each held out once while "
-                             "the others train), e.g. market msmt17 cuhk01 cuhk03; default methods fedpav feddg_ccst")
+                             "the others train), e.g. market msmt17 cuhk01 cuhk03; default methods fedpav feddg")
     args = parser.parse_args()
     if args.federation == "synthetic-fedreid9":
         fedreid9_main(args)
@@ -433,10 +436,10 @@ def main() -> None:
     print("written: " + ", ".join(str(p) for p in written))
 
 
-FEDREID9_METHODS = ["fedpav", "local", "feddg_ccst", "feddg_ccst_no_share", "feddg_ccst_mean_style", "fedpav_cdw",
+FEDREID9_METHODS = ["fedpav", "local", "feddg", "feddg_no_share", "feddg_no_tone", "feddg_bn_mixed", "fedpav_cdw",
                     "fedpav_kd", "fedpav_cluster", "fedklpr", "fedklpr_no_pruning", "fedpav_compressed",
                     "fedklpr_compressed"]
-LOSO_METHODS = ["fedpav", "feddg_ccst"]
+LOSO_METHODS = ["fedpav", "feddg"]
 
 
 def _runs_of(methods: list[str], args: argparse.Namespace) -> list[dict]:

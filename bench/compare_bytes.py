@@ -41,6 +41,8 @@ from reid.data.federations import FEDERATIONS, federation_size  # noqa: E402
 from server import simulate  # noqa: E402
 from server.config import compose_config  # noqa: E402
 from server.outputs import markdown_table  # noqa: E402
+from strategies.held_out import unseen_results  # noqa: E402
+from strategies.validation import TARGET_ADAPTED  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def seed_summary(lines: list[dict]) -> dict[str, float]:
     """One seed's late mean mAP (training sites, held-out sites) and bytes per round each way."""
     late = _late(lines)
     up, down = exchanged_bytes(lines)
-    unseen = [line["unseen"]["mean"]["mAP"] for line in late if (line.get("unseen") or {}).get("mean")]
+    unseen = [held["mean"]["mAP"] for line in late if (held := unseen_results(line.get("unseen"), TARGET_ADAPTED))["mean"]]
     return {"mAP": float(np.mean([line["evaluate"]["mean"]["mAP"] for line in late])),
             "unseen": float(np.mean(unseen)) if unseen else float("nan"),
             "up_mb": up / 1e6, "down_mb": down / 1e6}

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from server.outputs import markdown_table  # noqa: E402
 from traffic import bytes_cell  # noqa: E402  (bench/, next to this file)
 
-GAIN_METHODS = ("fedpav", "feddg_ccst", "fedpav_kd", "fedpav_cdw")  # drawn against `local` in the figure
+GAIN_METHODS = ("fedpav", "feddg", "fedpav_kd", "fedpav_cdw")  # drawn against `local` in the figure
 
 
 def _pct(value: float) -> str:

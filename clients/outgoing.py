@@ -11,8 +11,10 @@ A reply holds exactly
 * ``site``: the site's name, as its operator configured it;
 * ``timing``: when the site's work on the message started and ended, and its evaluation's part of
   it (``TIMING_METRICS``, seconds since the epoch), so the server can say where a round's time went;
-* ``style`` (feddg_ccst with sharing): one [4, C] array of the site's feature statistics, averaged
-  over its whole training pass (reid/style.py).
+* ``style`` (feddg with sharing): one [cameras, 33] array, each row a camera's pixel mean, colour
+  covariance and per-channel octiles averaged over its training images (reid/style.py);
+* ``bn-stats`` (added by clients/site.py while a run ranks held-out sites source-only): the
+  BatchNorm running means and variances, nothing of the classifier.
 
 Anything else (a file's bytes, a string, an array of another key or shape) is refused with an
 error before it could be sent, whoever asked for it.
@@ -42,7 +44,8 @@ TRAINING_METRICS = frozenset({
     "cdw-distance", "kl-divergence",  # how far the model moved (CDW, KLPWA)
     "kept-fraction", "holdout-map", "holdout-map-se", "holdout-queries", "holdout-identities",  # FedKLPR
     "clusters", "clusters-merged", "cluster-nmi", "cluster-precision", "cluster-recall", "cluster-f",  # FedUReID
-    "restyled-images",  # feddg_ccst
+    "restyled-images",  # feddg
+    "style-bytes",  # feddg: what its style statistics take
 })
 EVALUATION_METRICS = frozenset({"rank1", "rank5", "rank10", "mAP", "mAP-market", "mINP", "num-queries",
                                 "num-gallery", "drift-gap"})

@@ -26,7 +26,6 @@ if TYPE_CHECKING:  # torch is imported by the worker after its first answer, not
     from reid.config import SiteRunSpec
 
 POLICY_KEY = "site-policy"  # the worker's node_config: this policy as JSON
-STYLE_LAYERS = ("layer1",)  # where the published style-sharing methods measure a site's style
 MAX_SCALES = 4
 
 
@@ -76,10 +75,10 @@ class SitePolicy:
                            help=f"state and model files of this many newest runs are kept (default {d.keep_runs})")
         group.add_argument("--require-bn-stats", choices=("local", "any"), default=d.require_bn_stats,
                            help="local (default): refuse runs that would send this site's BatchNorm statistics "
-                                "(bn_stats=average); any: allow them")
+                                "(bn_stats=average), or for source-only rankings of held-out sites; any: allow them")
         group.add_argument("--allow-style-sharing", action="store_true",
-                           help="let style-sharing runs (feddg_ccst) send this site's per-channel image statistics "
-                                "at layer1; off by default")
+                           help="let style-sharing runs (feddg) send this site's per-camera colour statistics "
+                                "(33 numbers per camera, never an image); off by default")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "SitePolicy":
@@ -145,11 +144,8 @@ class SitePolicy:
         if spec.bn_stats != "local" and self.require_bn_stats == "local":
             return (f"bn_stats={spec.bn_stats} would send this site's BatchNorm statistics; it keeps them "
                     "(--require-bn-stats any allows it)")
-        if spec.style.enabled:
-            if spec.style.layer not in STYLE_LAYERS:
-                return f"style.layer={spec.style.layer!r}: this site measures styles only at {', '.join(STYLE_LAYERS)}"
-            if spec.style.share and not self.allow_style_sharing:
-                return "style sharing would send this site's image statistics (--allow-style-sharing allows it)"
+        if spec.style.enabled and spec.style.share and not self.allow_style_sharing:
+            return "style sharing would send this site's image statistics (--allow-style-sharing allows it)"
         return None
 
     def check_spec(self, spec: SiteRunSpec) -> None:

@@ -54,7 +54,8 @@ from strategies.packing import is_packed, unpack_record
 from strategies.sparse_records import Tensor, decode_record
 from strategies.transfer import UPDATE_BASE_KEY, UPDATE_VERSION_KEY
 from strategies.update_codec import CompressionSpec, decode_record_change
-from strategies.validation import ALGORITHM_KEY, EVALUATE_ROUND_KEY, RUN_FOLDER_KEY, RUN_TAG_KEY
+from strategies.validation import (ALGORITHM_KEY, BN_STATS_KEY, BN_STATS_SUFFIXES, EVALUATE_ROUND_KEY, RUN_FOLDER_KEY,
+                                   RUN_TAG_KEY, SHARE_BN_KEY, SOURCE_ONLY, TARGET_ADAPTED, UNSEEN_PROTOCOL_KEY)
 
 log = logging.getLogger("clients")
 ADAPTED_MODELS_KEPT = 16  # received models whose AdaBN statistics a site keeps (a few KB each)
@@ -141,13 +142,19 @@ class Site:
     def evaluate(self, content: RecordDict, state: RecordDict) -> RecordDict:
         """Rank this site's gallery for its own queries with the global backbone; only numbers leave."""
         spec, data = self.round_inputs(content, state)
+        protocol = content["config"].get(UNSEEN_PROTOCOL_KEY)  # only a held-out site's request has one
         model = build_model(spec.model, num_classes=0)
         received = self.load_received(model, content, state, spec.bn_stats)
-        restore_local_state(model, state, self.name)
-        if spec.bn_stats == "local" and LOCAL_STATE_KEY not in state.array_records:
-            self.adapt_batchnorm(model, data, spec, received)
+        if protocol == SOURCE_ONLY:  # no image of this site before ranking (strategies/held_out.py)
+            if spec.bn_stats == "local":
+                load_federation_bn_stats(model, content)
+        else:
+            restore_local_state(model, state, self.name)
+            if protocol == TARGET_ADAPTED or (spec.bn_stats == "local" and LOCAL_STATE_KEY not in state.array_records):
+                self.adapt_batchnorm(model, data, spec, received)
         metrics = self.evaluation(model, data, spec)
-        self.keep_model(model, content, state, spec, metrics, received.masks)
+        if protocol != SOURCE_ONLY:  # the model a site would search with is the adapted one
+            self.keep_model(model, content, state, spec, metrics, received.masks)
         self.tidy_disk(content)
         return outgoing.evaluation_reply(self.name, metrics, self.times.record(all_evaluation=True))
 
@@ -187,6 +194,15 @@ class Site:
         if self.policy is not None:
             self.check_resources(spec, data)
         return spec, data
+
+    def shares_bn_stats(self) -> bool:
+        """Whether this site sends its BatchNorm running statistics when a run ranks held-out sites
+        source-only: a simulated site does; a deployed one only under ``--require-bn-stats any``."""
+        if self.policy is None or self.policy.require_bn_stats != "local":
+            return True
+        log.info("%s: keeps its BatchNorm statistics (--require-bn-stats local); source-only rankings of held-out "
+                 "sites go without them", self.name)
+        return False
 
     def check_resources(self, spec: SiteRunSpec, data: ReIDData) -> None:
         """Refuse a round whose decoded images would not fit this box's memory, or whose files would
@@ -320,7 +336,7 @@ class Site:
         SHARED part, on the received masks; under compressed transfers as its change from the
         received model, keeping what the change left out for the next round. ``keep_shared_as``:
         also keep the SHARED part under that key (FedUReID's ema); ``style``: the site's shared
-        style statistics (feddg_ccst)."""
+        style statistics (feddg)."""
         shared, local = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, spec.bn_stats)
         state[LOCAL_STATE_KEY] = ArrayRecord(local)
         if keep_shared_as is not None:
@@ -332,11 +348,27 @@ class Site:
         reply = outgoing.training_reply(self.name, shared, received.declared, content["config"],
                                         is_packed(content["arrays"]), metrics, evaluated, received.numpy_masks(),
                                         spec.pruning.value_dtype, style, change, self.times.record())
+        if content["config"].get(SHARE_BN_KEY) and spec.bn_stats == "local" and self.shares_bn_stats():
+            reply.content[BN_STATS_KEY] = ArrayRecord({k: v for k, v in local.items() if k.endswith(BN_STATS_SUFFIXES)})
         if reply.residual is not None:
             save_residual(state, reply.residual)
         persist_site_state(state, self.state_file(content))
         self.tidy_disk(content)
         return reply.content
+
+
+def load_federation_bn_stats(model: ReIDNet, content: RecordDict) -> None:
+    """A source-only ranking's BatchNorm running statistics, from the message (the federation's):
+    exactly this model's running means and variances, or a clear error."""
+    if BN_STATS_KEY not in content.array_records:
+        raise ValueError("a source-only evaluation under bn_stats=local needs the federation's BatchNorm statistics; "
+                         "the message has none")
+    expected = {k: v for k, v in model.state_dict().items() if k.endswith(BN_STATS_SUFFIXES)}
+    received = {k: torch.from_numpy(np.array(a.numpy(), dtype=np.float32)) for k, a in content[BN_STATS_KEY].items()}
+    if set(received) != set(expected) or any(received[k].shape != expected[k].shape for k in expected):
+        raise ValueError(f"the federation's BatchNorm statistics do not fit {model.spec.backbone}: "
+                         f"{len(received)} tensors for its {len(expected)}")
+    model.load_state_dict(received, strict=False)
 
 
 def _decoded(record: ArrayRecord, shapes: dict[str, tuple[int, ...]], config: Mapping[str, object],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 from flwr.app import RecordDict
 
@@ -27,7 +28,7 @@ from reid.models import ReIDNet, build_model
 from reid.pruning import apply_masks, kept_fraction, mask_keeper, masks_to
 from reid.raf import MultiResolution
 from reid.seeding import stable_seed
-from reid.style import StyleMixer
+from reid.style import STYLE_WIDTH, StyleSharing, camera_styles
 from reid.train import train_local
 from strategies.validation import EVALUATE_ROUND_KEY, STYLE_BANK_KEY, check_style
 
@@ -61,12 +62,12 @@ def train_supervised(site: Site, content: RecordDict, state: RecordDict, spec: S
     regulariser = kl_regulariser(model, spec.kll) if spec.kll.enabled and server_round >= spec.kll.start_round else None
     torch.manual_seed(stable_seed(spec.seed, name, server_round, "train"))  # dropout (augmentation has its own)
     multires = MultiResolution(spec.raf) if spec.raf.enabled else None
-    mixer = style_mixer(model, content, spec, stable_seed(spec.seed, name, server_round, "style"))
-    with mixer or nullcontext():
+    sharing = style_sharing(content, spec, stable_seed(spec.seed, name, server_round, "style"))
+    with sharing.clean_running_stats(model) if sharing is not None else nullcontext():
         stats = train_local(model, images, spec.train, device, seed=stable_seed(spec.seed, name, server_round),
                             augment=spec.augment, extra_loss=regulariser,
                             after_step=mask_keeper(model, masks) if masks else None,
-                            label=f"[{name} round {server_round}]", multires=multires)
+                            label=f"[{name} round {server_round}]", multires=multires, restyle=sharing)
     after, after_features = eval_outputs(model, probe, device)
     metrics = {
         "num-examples": len(images),
@@ -83,12 +84,15 @@ def train_supervised(site: Site, content: RecordDict, state: RecordDict, spec: S
     }
     if held.samples:
         metrics.update(held_back_metrics(site, model, held, images, spec, stable_seed(spec.seed, name, "distractors")))
-    if mixer is not None:
-        metrics["restyled-images"] = mixer.restyled
+    style = None
+    if sharing is not None:
+        metrics["restyled-images"] = sharing.restyled
+        if spec.style.share:  # this site's camera styles, for the others (numbers, never an image)
+            style = camera_styles(images.images, np.array([s.camid for s in held.training.train]))
+            metrics["style-bytes"] = style.nbytes
     if device.type == "cuda":  # what this site's GPU must hold, for operators sizing their boxes
         metrics["gpu-peak-mb"] = torch.cuda.max_memory_allocated(device) / 1e6
-    return site.training_reply(model, content, state, spec, received, metrics, evaluated,
-                               style=mixer.site_style() if mixer is not None and spec.style.share else None)
+    return site.training_reply(model, content, state, spec, received, metrics, evaluated, style=style)
 
 
 def held_back_metrics(site: Site, model: ReIDNet, held: HeldBack, images: LabelledImages, spec: SiteRunSpec,
@@ -103,13 +107,12 @@ def held_back_metrics(site: Site, model: ReIDNet, held: HeldBack, images: Labell
             "holdout-identities": held.identities}
 
 
-def style_mixer(model: ReIDNet, content: RecordDict, spec: SiteRunSpec, seed: int) -> StyleMixer | None:
-    """feddg_ccst's restyling for this round, with the other sites' styles the server sent (none yet
-    in the first round: the batch's own images stand in), or None when the preset has no style sharing."""
+def style_sharing(content: RecordDict, spec: SiteRunSpec, seed: int) -> StyleSharing | None:
+    """feddg's restyling for this round, with the other sites' camera styles the server sent (none
+    yet in the first round: the batch's own images stand in), or None when the preset has none."""
     if not spec.style.enabled:
         return None
     bank = content[STYLE_BANK_KEY][STYLE_BANK_KEY].numpy() if STYLE_BANK_KEY in content.array_records else None
-    if bank is not None and (bank.ndim != 3 or any(check_style(row) for row in bank)):
-        raise ValueError(f"the server's style bank is malformed (shape {list(bank.shape)}): "
-                         f"{next((check_style(row) for row in bank if check_style(row)), 'not [sites, 4, C]')}")
-    return StyleMixer(model, spec.style, bank if spec.style.share else None, seed)
+    if bank is not None and (reason := check_style(bank, STYLE_WIDTH)):
+        raise ValueError(f"the server's style bank is malformed: {reason}")
+    return StyleSharing(spec.style, bank if spec.style.share else None, seed)

@@ -162,6 +162,7 @@ def train_local(
     head: FeatureHead | None = None,
     stop_accuracy: float | None = None,
     multires: MultiResolution | None = None,
+    restyle: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainStats:
     """Train ``model`` in place for ``cfg.local_epochs`` epochs; logs progress about five times an epoch.
 
@@ -170,7 +171,8 @@ def train_local(
     is updated with each batch's features after the step. With ``stop_accuracy`` training ends after
     the first epoch whose training accuracy reaches it (FedUReID's dynamic epochs). The same seed
     gives the same batches and augmentations on the same device. With ``multires`` (RAF, reid/raf.py)
-    every batch also passes at lower resolutions and their loss is added."""
+    every batch also passes at lower resolutions and their loss is added. ``restyle(x)`` transforms each
+    augmented batch before it enters the network (feddg's style sharing, reid/style.py)."""
     if model.classifier is None and head is None:
         raise ValueError("train_local needs a model with an identity classifier, or a feature head")
     tune_for(device)
@@ -188,6 +190,8 @@ def train_local(
     epoch_seen = 0
     start = time.perf_counter()
     for epoch, step, steps, x, y in _steps(images, cfg, seed, device, augment):
+        if restyle is not None:
+            x = restyle(x)
         with autocast(device):
             if multires is None:
                 features = model.features(x)

@@ -39,7 +39,7 @@ from strategies.packing import TRANSPORT_DTYPE_KEY, TransportSpec
 from strategies.screening import ScreenSpec
 from strategies.transfer import build_transfer
 from strategies.wire import LOCAL_PULL_BACKOFF_CAP_S, pull_promptly
-from strategies.validation import ALGORITHM_KEY, RUN_FOLDER_KEY, RUN_TAG_KEY
+from strategies.validation import ALGORITHM_KEY, RUN_FOLDER_KEY, RUN_TAG_KEY, SHARE_BN_KEY, SOURCE_ONLY
 from strategies.weighting import KLPWASpec
 
 app = ServerApp()
@@ -78,6 +78,7 @@ def build_strategy(cfg: DictConfig) -> FedPav:
         transfer=build_transfer(compression_spec(cfg), transport_spec(cfg), bool(algo.sparse_downlink)),
         screen=ScreenSpec(**OmegaConf.to_container(algo.screen, resolve=True)),  # type: ignore[arg-type]
         held_out=settings.held_out,
+        unseen_protocols=settings.unseen_protocols,
         share_styles=bool(algo.style.enabled and algo.style.share),
         seed=int(cfg.seed),
     )
@@ -195,7 +196,9 @@ def main(grid: Grid, context: Context) -> None:
         if scalars is not None:
             scalars.record_round(record)
 
-    site_config = ConfigRecord({**spec.to_flat(), RUN_TAG_KEY: outputs.folder.name,
+    # source-only ranking of held-out sites under bn_stats=local: the training sites send their running statistics
+    share_bn = bool(settings.held_out) and SOURCE_ONLY in settings.unseen_protocols and spec.bn_stats == "local"
+    site_config = ConfigRecord({**spec.to_flat(), RUN_TAG_KEY: outputs.folder.name, SHARE_BN_KEY: share_bn,
                                 RUN_FOLDER_KEY: str(outputs.folder), ALGORITHM_KEY: str(cfg.algorithm.name),
                                 TRANSPORT_DTYPE_KEY: transport_spec(cfg).dtype, **compression_spec(cfg).to_config()})
     runner = FederationRunner(grid, strategy, settings, site_config, on_round)

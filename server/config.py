@@ -36,6 +36,7 @@ from reid.train import TrainConfig
 from reid.unsupervised import UnsupervisedConfig
 from strategies.pruning_plan import PruningSchedule, RecoveryRule
 from strategies.update_codec import CompressionSpec
+from strategies.validation import UNSEEN_PROTOCOLS
 
 CONF_DIR = Path(conf.__file__).resolve().parent
 
@@ -143,6 +144,7 @@ class FederationSettings:
     report_every_s: float = 60.0
     evaluate_with_next_round: bool = True
     held_out: tuple[str, ...] = ()  # site names that never train; each evaluation also ranks them (``unseen``)
+    unseen_protocols: tuple[str, ...] = UNSEEN_PROTOCOLS  # how held-out sites rank (strategies/held_out.py)
 
     def evaluates_after(self, server_round: int) -> bool:
         """Federated evaluation every k rounds and always after the last one."""
@@ -151,7 +153,12 @@ class FederationSettings:
 
 def federation_settings(cfg: DictConfig) -> FederationSettings:
     values = _section(cfg, "federation")
-    settings = FederationSettings(**{**values, "held_out": tuple(str(n) for n in values.get("held_out") or ())})
+    settings = FederationSettings(**{**values, "held_out": tuple(str(n) for n in values.get("held_out") or ()),
+                                     "unseen_protocols": tuple(str(p) for p in values.get("unseen_protocols",
+                                                                                           UNSEEN_PROTOCOLS))})
+    if not settings.unseen_protocols or set(settings.unseen_protocols) - set(UNSEEN_PROTOCOLS):
+        raise ValueError(f"federation.unseen_protocols: choose from {list(UNSEEN_PROTOCOLS)}, got "
+                         f"{list(settings.unseen_protocols)}")
     if settings.rounds < 1 or settings.min_sites < 1:
         raise ValueError(f"federation.rounds and federation.min_sites must be >= 1, got {settings}")
     if settings.round_timeout_s <= 0 or settings.poll_interval_s <= 0 or settings.report_every_s <= 0:

@@ -28,6 +28,8 @@ from reid.atomic import torch_save_atomically
 from reid.config import SiteRunSpec
 from reid.models import ModelSpec
 from reid.saved_model import BATCHNORM_MISSING, BATCHNORM_OWN, ModelInfo, save_model
+from strategies.held_out import unseen_results
+from strategies.validation import UNSEEN_PROTOCOLS
 
 METRICS_FILE = "metrics.jsonl"
 TABLE_FILE = "results.md"
@@ -179,18 +181,21 @@ def table_rows(sites: dict[str, dict[str, float]], site_info: dict[str, dict[str
 
 
 def unseen_rows(unseen: dict[str, Any] | None) -> list[list[str]]:
-    """Rows for the held-out sites (never trained: generalisation) and their mean, under
+    """Rows for the held-out sites (never trained: generalisation), one block per protocol
+    (source-only, target-adapted; strategies/held_out.py), each with its mean, under
     ``TABLE_HEADER``; the identities column names the model ranked there when it is not the global
     one (``local``: the best training site's own model)."""
-    sites = (unseen or {}).get("sites") or {}
     rows = []
-    for name in sorted(sites):
-        model = str(sites[name].get("model", "global"))
-        rows.append([f"{name} (held out)", "0", "" if model == "global" else f"model of {model}",
-                     *(f"{100 * sites[name].get(k, float('nan')):.1f}" for k in TABLE_KEYS)])
-    if len(sites) > 1:
-        rows.append(["mean, held out", "", "", *(f"{100 * sum(m.get(k, float('nan')) for m in sites.values()) / len(sites):.1f}"
-                                                 for k in TABLE_KEYS)])
+    for protocol in UNSEEN_PROTOCOLS:
+        sites = unseen_results(unseen, protocol).get("sites") or {}
+        for name in sorted(sites):
+            model = str(sites[name].get("model", "global"))
+            rows.append([f"{name} (held out, {protocol})", "0", "" if model == "global" else f"model of {model}",
+                         *(f"{100 * sites[name].get(k, float('nan')):.1f}" for k in TABLE_KEYS)])
+        if len(sites) > 1:
+            rows.append([f"mean, held out, {protocol}", "", "",
+                         *(f"{100 * sum(m.get(k, float('nan')) for m in sites.values()) / len(sites):.1f}"
+                           for k in TABLE_KEYS)])
     return rows
 
 
@@ -204,9 +209,8 @@ def format_table(server_round: int, sites: dict[str, dict[str, float]], site_inf
     rows = table_rows(sites, site_info)
     if sites:
         rows[-1][0] = "**mean**"
-    held_out = unseen_rows(unseen)
-    if len(held_out) > 2:
-        held_out[-1][0] = "**mean, held out**"
+    held_out = [[f"**{row[0]}**", *row[1:]] if row[0].startswith("mean, held out") else row
+                for row in unseen_rows(unseen)]
     caption = (f"Per-site results after round {server_round} (global model, each site's own query/gallery"
                + ("; held-out sites never trained" if held_out else "") + ")")
     return markdown_table(caption, TABLE_HEADER, rows + held_out)

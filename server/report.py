@@ -64,8 +64,9 @@ def _results(rounds: list[dict[str, Any]]) -> str:
     if not held_out:
         return table
     return table + ("<p>Held-out sites, which never trained: the same model on their own query/gallery "
-                    "(generalisation to camera domains no site trained on).</p>"
-                    + _table(TABLE_HEADER, held_out, mean_last=len(held_out) > 1))
+                    "(generalisation to camera domains no site trained on); source-only: ranked with no image of "
+                    "theirs first; target-adapted: after AdaBN on their unlabelled images.</p>"
+                    + _table(TABLE_HEADER, held_out, mean_last=False))
 
 
 def _megabytes(count: float) -> str:

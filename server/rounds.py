@@ -235,29 +235,31 @@ class FederationRunner:
 
     def evaluate_unseen(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any] | None:
         """The held-out sites rank their own galleries with round ``server_round``'s model (under
-        ``local``: with every training site's model, keeping the best); None without held-out sites."""
+        ``local``: with every training site's model, keeping the best), under each protocol
+        (strategies/held_out.py); None without held-out sites."""
         if not self.strategy.held_out:
             return None
-        requests: list[tuple[Message, str]] = []
+        requests: list[tuple[Message, str, str]] = []
 
         def configure() -> list[Message]:
             requests.extend(self.strategy.configure_unseen(server_round, arrays, self._config(), self.grid))
-            return [message for message, _ in requests]
+            return [message for message, _, _ in requests]
 
         result = self._send(f"round {server_round} evaluation of held-out sites", configure)
         if result is None:
             log(WARNING, "round %d: no held-out site (%s) is connected; none evaluated", server_round,
                 _listing(self.strategy.held_out))
             return None
-        labels = {m.metadata.message_id: label for m, label in requests}
+        asked = {m.metadata.message_id: (label, protocol) for m, label, protocol in requests}
         with self.clock.phase("aggregation"):
-            unseen = self.strategy.aggregate_unseen(result.replies, labels)
-        if unseen and unseen["mean"]:
-            log(INFO, "round %d held-out sites: mean Rank-1 %.1f%%, mAP %.1f%% over %d sites (%s)", server_round,
-                100 * unseen["mean"]["rank1"], 100 * unseen["mean"]["mAP"], len(unseen["sites"]),
-                ", ".join(f"{site} {100 * m['mAP']:.1f}" for site, m in unseen["sites"].items()))
-        return {**(unseen or {"sites": {}, "mean": None}), "failed": result.failed, "bytes": result.totals(),
-                "seconds": result.seconds}
+            unseen = self.strategy.aggregate_unseen(result.replies, asked) or {}
+        for protocol in self.strategy.unseen_protocols:
+            mean, sites = (unseen.get(protocol) or {}).get("mean"), (unseen.get(protocol) or {}).get("sites") or {}
+            if mean:
+                log(INFO, "round %d held-out sites, %s: mean Rank-1 %.1f%%, mAP %.1f%% over %d sites (%s)", server_round,
+                    protocol, 100 * mean["rank1"], 100 * mean["mAP"], len(sites),
+                    ", ".join(f"{site} {100 * m['mAP']:.1f}" for site, m in sites.items()))
+        return {**unseen, "failed": result.failed, "bytes": result.totals(), "seconds": result.seconds}
 
     def _evaluation_record(self, mean: Any, failed: list[str], sent_received: dict[str, int],
                            seconds: float) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Written into ``<run folder>/tensorboard/`` after every round, with the round as the step:
 
 ``eval/<site>/rank1``, ``eval/<site>/mAP``, ``eval/mean/rank1``, ``eval/mean/mAP`` (percent),
-``unseen/<site>/mAP`` for held-out sites, ``train/<site>/loss``, ``train/<site>/accuracy``,
+``unseen/<protocol>/<site>/mAP`` for held-out sites (source-only, target-adapted), ``train/<site>/loss``, ``train/<site>/accuracy``,
 ``train/mean/loss``, and ``bytes/down``, ``bytes/up`` of the training round.
 
 ``tensorboard --logdir outputs`` then shows every run side by side. Needs the ``tensorboard``
@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from strategies.held_out import unseen_results
+from strategies.validation import UNSEEN_PROTOCOLS
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -58,8 +61,9 @@ class TensorBoardScalars:
             if evaluation.get("mean"):
                 add("eval/mean/rank1", _percent(evaluation["mean"]["rank1"]), step)
                 add("eval/mean/mAP", _percent(evaluation["mean"]["mAP"]), step)
-        for site, metrics in ((record.get("unseen") or {}).get("sites") or {}).items():
-            add(f"unseen/{site}/mAP", _percent(metrics["mAP"]), step)
+        for protocol in UNSEEN_PROTOCOLS:
+            for site, metrics in (unseen_results(record.get("unseen"), protocol).get("sites") or {}).items():
+                add(f"unseen/{protocol}/{site}/mAP", _percent(metrics["mAP"]), step)
         self.writer.flush()
 
     def close(self) -> None:

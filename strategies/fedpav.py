@@ -50,8 +50,8 @@ from strategies.replies import (COUNT_METRICS, EVAL_METRICS, RoundLog, Upload, c
 from strategies.screening import ExampleLedger, ScreenSpec, change_norm, clip_change, judge_norms
 from strategies.style_bank import StyleBank
 from strategies.transfer import ModelTransfer
-from strategies.validation import (EVALUATION_KEY, METRICS_KEY, ArraySpec, check_carried_evaluation,
-                                   check_evaluate_reply, check_train_reply, expected_specs)
+from strategies.validation import (EVALUATION_KEY, METRICS_KEY, UNSEEN_PROTOCOLS, ArraySpec,
+                                   check_carried_evaluation, check_evaluate_reply, check_train_reply, expected_specs)
 
 NUM_EXAMPLES = "num-examples"
 CDW_DISTANCE = "cdw-distance"
@@ -96,6 +96,7 @@ class FedPav(HeldOutSites, StyleBank, FedAvg):
         transport: TransportSpec | None = None,
         screen: ScreenSpec | None = None,
         held_out: Iterable[str] = (),
+        unseen_protocols: Iterable[str] = UNSEEN_PROTOCOLS,
         share_styles: bool = False,
         seed: int = 0,
     ) -> None:
@@ -124,7 +125,9 @@ class FedPav(HeldOutSites, StyleBank, FedAvg):
         self.seed = seed
         self.min_sites = min_sites
         self.held_out = frozenset(held_out)  # sites that never train; only the unseen evaluation reaches them
-        self.share_styles = share_styles  # feddg_ccst: keep each site's latest style, send each the others'
+        self.unseen_protocols = tuple(unseen_protocols)  # how they rank (strategies/held_out.py)
+        self.bn_stats_by_site: dict[str, tuple[dict[str, np.ndarray], float]] = {}
+        self.share_styles = share_styles  # feddg: keep each site's latest style, send each the others'
         self.styles: dict[str, np.ndarray] = {}
         self.masks: dict[str, np.ndarray] = {}  # the global model's pruning masks (FedKLPR), key -> kept
         self._expected: dict[str, ArraySpec] = {}
@@ -314,6 +317,7 @@ class FedPav(HeldOutSites, StyleBank, FedAvg):
             return None, None
         if self.share_styles:
             self.keep_styles(uploads)
+        self.keep_bn_stats(uploads, NUM_EXAMPLES)
         weights = normalise_weights(self.aggregation_weights(uploads))
         for upload, weight in zip(uploads, weights):
             self.last_train.accepted[upload.site] = float(weight)

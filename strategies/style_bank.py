@@ -1,8 +1,9 @@
-"""The style bank of cross-client style sharing (the feddg_ccst presets): the server keeps each
-site's latest shared style statistics and sends every site the others' with its training message.
+"""The style bank of cross-client style sharing (the feddg presets): the server keeps each site's
+latest shared style statistics and sends every site the others' with its training message.
 
-A mixin of the FedPav strategy; the styles are [4, C] arrays of numbers (strategies/validation.py
-checks them), never images.
+A mixin of the FedPav strategy; a site's style is a [cameras, D] array of numbers, one row per
+camera (strategies/validation.py checks them), never an image; the bank a site receives is the
+other sites' rows stacked, without their names.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class StyleBank:
 
     def with_style_banks(self, messages: list[Message]) -> list[Message]:
         """With style sharing, each training message also carries the other sites' latest styles
-        (anonymous rows, the receiving site's own left out)."""
+        (anonymous camera rows, the receiving site's own left out)."""
         if not self.share_styles or not self.styles:
             return messages
         out = []
@@ -39,7 +40,7 @@ class StyleBank:
             others = [self.styles[name] for name in sorted(self.styles) if name != site]
             if others:
                 content = RecordDict({**dict(message.content.items()),
-                                      STYLE_BANK_KEY: ArrayRecord({STYLE_BANK_KEY: Array(np.stack(others))})})
+                                      STYLE_BANK_KEY: ArrayRecord({STYLE_BANK_KEY: Array(np.concatenate(others))})})
                 message = Message(content=content, dst_node_id=message.metadata.dst_node_id,
                                   message_type=message.metadata.message_type)
             out.append(message)
@@ -52,7 +53,7 @@ class StyleBank:
             style, reason = reply_style(upload.message)
             width = next(iter(self.styles.values())).shape[1] if self.styles else None
             if style is not None and width is not None and style.shape[1] != width:
-                reason = f"its style has {style.shape[1]} channels, the bank's {width}"
+                reason = f"its style rows have width {style.shape[1]}, the bank's {width}"
             if reason:
                 log(WARNING, "style of %s (node %s) left out of the bank: %s", upload.site, upload.node, reason)
             elif style is not None:

@@ -27,10 +27,17 @@ EVALUATE_ROUND_KEY = "evaluate-round"  # round config: evaluate the received mod
 RUN_TAG_KEY = "run-tag"  # round config: names the run (the server's output folder); sites key their saved state by it
 RUN_FOLDER_KEY = "run-folder"  # round config: the run folder, where a simulated site writes its model (deployed: ignored)
 ALGORITHM_KEY = "algorithm"  # round config: the preset's name, recorded in each site's model
-STYLE_KEY = "style"  # a training reply's shared style statistics (feddg_ccst): one [4, C] array
-STYLE_BANK_KEY = "style-bank"  # a training message's styles of the other sites: one [sites, 4, C] array
-STYLE_ROWS = 4  # mean and spread of the channel means, mean and spread of the channel standard deviations
-MAX_STYLE_CHANNELS = 4096
+STYLE_KEY = "style"  # a training reply's shared style statistics (feddg): one [cameras, D] array
+STYLE_BANK_KEY = "style-bank"  # a training message's styles of the other sites: one [rows, D] array
+MAX_STYLE_ROWS = 256  # cameras a site's style may describe
+MAX_STYLE_WIDTH = 4096
+BN_STATS_KEY = "bn-stats"  # a training reply's BatchNorm running statistics, for source-only held-out evaluation
+SHARE_BN_KEY = "share-bn-stats"  # round config: send them (the run ranks held-out sites source-only)
+BN_STATS_SUFFIXES = (".running_mean", ".running_var")
+UNSEEN_PROTOCOL_KEY = "unseen-protocol"  # a held-out site's evaluate config: how it ranks (below)
+SOURCE_ONLY = "source-only"  # no target data before ranking: BatchNorm statistics from the federation
+TARGET_ADAPTED = "target-adapted"  # AdaBN on the held-out site's own unlabelled training images first
+UNSEEN_PROTOCOLS = (SOURCE_ONLY, TARGET_ADAPTED)
 
 
 @dataclass(frozen=True)
@@ -125,8 +132,8 @@ def check_train_reply(
     if message.has_error():
         return None, f"the site reported an error: {message.error.reason}"
     content = message.content
-    reason = check_record_names(content, {ARRAYS_KEY, METRICS_KEY, SITE_KEY, EVALUATION_KEY, STYLE_KEY, TIMING_KEY},
-                                {ARRAYS_KEY, METRICS_KEY})
+    reason = check_record_names(content, {ARRAYS_KEY, METRICS_KEY, SITE_KEY, EVALUATION_KEY, STYLE_KEY, TIMING_KEY,
+                                          BN_STATS_KEY}, {ARRAYS_KEY, METRICS_KEY})
     if reason:
         return None, reason
     if not isinstance(content[ARRAYS_KEY], ArrayRecord) or not isinstance(content[METRICS_KEY], MetricRecord):
@@ -162,18 +169,37 @@ def check_carried_evaluation(message: Message, required_metrics: Iterable[str]) 
     return check_metrics(record, required_metrics)
 
 
-def check_style(style: np.ndarray, channels: int | None = None) -> str | None:
-    """Why ``style`` is not a well-formed shared style ([4, C] finite floats, non-negative spreads and
-    standard deviations, C as the other sites' when given), or None."""
-    if style.ndim != 2 or style.shape[0] != STYLE_ROWS or not 0 < style.shape[1] <= MAX_STYLE_CHANNELS:
-        return f"a style is a [{STYLE_ROWS}, C] array, got shape {list(style.shape)}"
-    if channels is not None and style.shape[1] != channels:
-        return f"a style has the other sites' {channels} channels, not {style.shape[1]}"
+def check_style(style: np.ndarray, width: int | None = None) -> str | None:
+    """Why ``style`` is not a well-formed shared style ([rows, D] finite floats, one row per camera,
+    D as the other sites' when given), or None. What the numbers mean is the site code's business."""
+    if style.ndim != 2 or not 0 < style.shape[0] <= MAX_STYLE_ROWS or not 0 < style.shape[1] <= MAX_STYLE_WIDTH:
+        return f"a style is a [cameras <= {MAX_STYLE_ROWS}, D] array, got shape {list(style.shape)}"
+    if width is not None and style.shape[1] != width:
+        return f"a style has the other sites' width {width}, not {style.shape[1]}"
     if not np.issubdtype(style.dtype, np.floating) or not np.isfinite(style).all():
         return "a style holds finite floats only"
-    if (style[1:] < 0).any():
-        return "a style's spreads and standard deviations are non-negative"
     return None
+
+
+def reply_bn_stats(message: Message) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """(the training reply's BatchNorm running statistics, None), (None, None) when it carries none,
+    or (None, why they are malformed): running means and variances only, finite, variances >= 0."""
+    if BN_STATS_KEY not in message.content.keys():
+        return None, None
+    record = message.content[BN_STATS_KEY]
+    if not isinstance(record, ArrayRecord) or not len(record):
+        return None, f"record {BN_STATS_KEY!r} must be a non-empty ArrayRecord"
+    stats = {}
+    for key, array in record.items():
+        if not key.endswith(BN_STATS_SUFFIXES):
+            return None, f"{key!r} is not a BatchNorm running statistic"
+        values = array.numpy()
+        if values.ndim != 1 or not np.issubdtype(values.dtype, np.floating) or not np.isfinite(values).all():
+            return None, f"{key!r} must be a 1-D array of finite floats"
+        if key.endswith(".running_var") and (values < 0).any():
+            return None, f"{key!r} holds a negative variance"
+        stats[key] = values
+    return stats, None
 
 
 def reply_style(message: Message) -> tuple[np.ndarray | None, str | None]:

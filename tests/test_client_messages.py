@@ -258,18 +258,18 @@ def test_compressed_changes_both_ways_with_error_feedback_kept_on_the_site(tiny_
         app(third, site)  # a change from a version the site does not hold is refused
 
 
-@pytest.mark.parametrize("algorithm", ["fedureid", "feddg_ccst"])
+@pytest.mark.parametrize("algorithm", ["fedureid", "feddg"])
 def test_every_algorithm_uploads_compressed_changes_with_its_own_records(tiny_site: Path, algorithm: str) -> None:
     """FedUReID, and the FedDG method with RAF on, reply under compressed transfers with 8-bit changes
     of every weight tensor from the model they received (decoded here as the server does) and keep
-    their residual; feddg_ccst's style record travels beside them as before."""
+    their residual; feddg's style record travels beside them as before."""
     from clients.kept import RESIDUAL_KEY
     from server.config import compose_config, compression_spec, site_run_spec
     from strategies.transfer import UPDATE_VERSION_KEY
     from strategies.update_codec import decode_record_change, is_update
 
     overrides = ("model=small train.batch_size=16 algorithm.unsupervised.epochs_first=1 algorithm.raf.scales=[0.5] "
-                 f"algorithm.compression.enabled=true algorithm.raf.enabled={algorithm == 'feddg_ccst'}")
+                 f"algorithm.compression.enabled=true algorithm.raf.enabled={algorithm == 'feddg'}")
     cfg = compose_config({"algorithm": algorithm, "overrides": overrides})
     spec = site_run_spec(cfg)
     arrays = _global(spec)
@@ -288,6 +288,6 @@ def test_every_algorithm_uploads_compressed_changes_with_its_own_records(tiny_si
     assert len(moved) > len(weights) / 2  # the site trained, and its change came through
     assert message_wire_bytes(reply) < 0.3 * sum(a.numpy().nbytes for a in arrays.values())
     assert RESIDUAL_KEY in context.state.array_records
-    assert ("style" in reply.content.keys()) == (algorithm == "feddg_ccst")
-    if algorithm == "feddg_ccst":  # RAF's passes at half resolution ran too
+    assert ("style" in reply.content.keys()) == (algorithm == "feddg")
+    if algorithm == "feddg":  # RAF's passes at half resolution ran too
         assert reply.content["metrics"]["image-passes"] == 2 * (reply.content["metrics"]["num-examples"] // 16) * 16

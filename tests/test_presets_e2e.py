@@ -1,6 +1,6 @@
 """The FedReID presets and the FedDG one end to end for one round and an evaluation on the Ray engine
 (real `flwr run`, real files). The options combine, so one run takes three paths together:
-`feddg_ccst` with CDW weights and KD (`fedpav_cdw_kd`'s two halves) on top; every preset file is
+`feddg` with CDW weights and KD (`fedpav_cdw_kd`'s two halves) on top; every preset file is
 composed and checked in tests/test_config.py. Every run also has a fourth site held out
 (`federation.held_out`): it must never be sent a training message and must be ranked in every
 evaluation (`unseen`)."""
@@ -24,8 +24,8 @@ from reid.export import export_model
 from tests.test_simulation_e2e import REPO, _simulate, _simulation_command
 
 pytestmark = pytest.mark.ray  # Ray's simulation engine: left out by `make gpu-check`
-PRESETS = ["feddg_ccst", "fedpav_cluster", "local"]
-OVERRIDES = {"feddg_ccst": "algorithm.weighting=cdw algorithm.kd.enabled=true"}  # with fedpav_cdw_kd's options
+PRESETS = ["feddg", "fedpav_cluster", "local"]
+OVERRIDES = {"feddg": "algorithm.weighting=cdw algorithm.kd.enabled=true"}  # with fedpav_cdw_kd's options
 SITES = {"0-mall", "1-station", "2-campus"}
 HELD_OUT = "3-airport"
 
@@ -78,7 +78,7 @@ def test_each_preset_trains_evaluates_and_reports_every_site(runs: dict[str, Pat
 
 
 def test_cdw_weights_follow_the_reported_distances(runs: dict[str, Path]) -> None:
-    for line in _rounds(runs["feddg_ccst"]):
+    for line in _rounds(runs["feddg"]):
         sites = line["train"]["sites"]
         total = sum(s["cdw-distance"] for s in sites.values())
         for s in sites.values():
@@ -86,9 +86,9 @@ def test_cdw_weights_follow_the_reported_distances(runs: dict[str, Path]) -> Non
 
 
 def test_kd_sends_no_extra_bytes_and_shared_styles_are_counted(runs: dict[str, Path]) -> None:
-    """KD runs every round and moves no bytes; feddg_ccst's uploads carry the same arrays as `local`'s
+    """KD runs every round and moves no bytes; feddg's uploads carry the same arrays as `local`'s
     plus one [4, 64] float32 style each: its 1,024 bytes and some framing, far less than an image."""
-    with_kd, plain = _rounds(runs["feddg_ccst"]), _rounds(runs["local"])  # local: the same arrays, no KD
+    with_kd, plain = _rounds(runs["feddg"]), _rounds(runs["local"])  # local: the same arrays, no KD
     for styled, without in zip(with_kd, plain):
         assert styled["train"]["refined"] and not without["train"]["refined"]
         for site in SITES:
@@ -160,18 +160,22 @@ def test_a_held_out_site_never_trains_and_is_ranked_at_every_evaluation(runs: di
     (line,) = _rounds(runs[preset])
     assert HELD_OUT not in line["train"]["bytes_per_site"]  # no training message was sent to it
     assert HELD_OUT not in line["train"]["sites"] and HELD_OUT not in line["evaluate"]["sites"]
-    unseen = line["unseen"]
-    assert set(unseen["sites"]) == {HELD_OUT} and not unseen["failed"]
-    metrics = unseen["sites"][HELD_OUT]
-    assert 0 < metrics["mAP"] <= 1 and metrics["num-queries"] > 0
-    assert unseen["mean"]["mAP"] == pytest.approx(metrics["mAP"])
-    if preset == "local":  # each site's own model is tried there; the best one is reported
-        by_model = metrics["mAP-by-model"]
-        assert set(by_model) == SITES and metrics["model"] == max(by_model, key=by_model.get)
-        assert metrics["mAP"] == max(by_model.values())
-    else:
-        assert metrics["model"] == "global" and "mAP-by-model" not in metrics
+    assert not line["unseen"]["failed"]
+    ranked = {}
+    for protocol in ("source-only", "target-adapted"):  # both, apart: the federation's BatchNorm statistics / AdaBN
+        unseen = line["unseen"][protocol]
+        assert set(unseen["sites"]) == {HELD_OUT}
+        metrics = ranked[protocol] = unseen["sites"][HELD_OUT]
+        assert 0 < metrics["mAP"] <= 1 and metrics["num-queries"] > 0
+        assert unseen["mean"]["mAP"] == pytest.approx(metrics["mAP"])
+        if preset == "local":  # each site's own model is tried there; the best one is reported
+            by_model = metrics["mAP-by-model"]
+            assert set(by_model) == SITES and metrics["model"] == max(by_model, key=by_model.get)
+            assert metrics["mAP"] == max(by_model.values())
+        else:
+            assert metrics["model"] == "global" and "mAP-by-model" not in metrics
+    assert ranked["source-only"]["mAP"] != ranked["target-adapted"]["mAP"]  # different statistics, different ranks
     table = (runs[preset] / "results.md").read_text()
-    assert f"| {HELD_OUT} (held out" in table
+    assert f"| {HELD_OUT} (held out, source-only)" in table and f"| {HELD_OUT} (held out, target-adapted)" in table
     assert HELD_OUT in (runs[preset] / "report.html").read_text()
 

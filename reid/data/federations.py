@@ -30,7 +30,7 @@ def federation_styles(federation: str, num_sites: int, seed: int = 0) -> list[Si
     if federation == "synthetic":
         return [style_for(i, seed) for i in range(num_sites)]
     if federation == "synthetic-fedreid9":
-        every = fedreid9.styles()
+        every = fedreid9.styles(seed)
         if num_sites > len(every):
             raise ValueError(f"synthetic-fedreid9 has {len(every)} sites, {num_sites} were asked for")
         return every[:num_sites]

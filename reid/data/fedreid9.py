@@ -18,20 +18,35 @@ DukeMTMC-reID is a winter campus (dark coats), Market-1501 a bright summer stree
 detected boxes (loose crops), PRID2011 two outdoor cameras with strong, different colour casts,
 CUHK01 and VIPeR fix the view per camera (front/back against side), VIPeR and iLIDS-VID are
 low-resolution, 3DPeS is seen from above (small people), iLIDS-VID is a crowded airport
-(occlusions). The held-out sites: ``unseen-night`` (infrared cameras: grey, dark, soft) and
-``unseen-dusk`` (dusk in the rain: very dark, blue cast, blurred, 32x16 captures).
+(occlusions). Every camera also has a look of its own drawn from one distribution (colour matrix,
+tone curves, vignetting and shadows, shot noise: reid/data/camera_looks.py).
+
+Held-out sites (they never train; each has 100 test identities and 12 unlabelled training
+identities for AdaBN), in two groups reported apart:
+
+* in-distribution, ``unseen-a`` .. ``unseen-d``: sites drawn, per data seed, from the same
+  distribution of looks as the nine (each site parameter uniform between the nine's extremes,
+  a resolution profile, set views or crowding as often as among the nine, camera looks from the
+  same distribution): new domains of the kind the federation has seen;
+* out of range, ``unseen-night`` (infrared cameras: grey, dark, soft) and ``unseen-dusk`` (dusk in
+  the rain: very dark, blue cast, blurred, 32x16 captures): looks no training site comes near.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from reid.data.synthetic import ResolutionProfile, SiteStyle
 
 FEDERATION = "synthetic-fedreid9"
-HELD_OUT = ("unseen-night", "unseen-dusk")
+IN_DISTRIBUTION = ("unseen-a", "unseen-b", "unseen-c", "unseen-d")
+OUT_OF_RANGE = ("unseen-night", "unseen-dusk")
+HELD_OUT = IN_DISTRIBUTION + OUT_OF_RANGE
 MIN_TEST_IDS = 16
-HELD_OUT_TEST_IDS = 40
+HELD_OUT_TEST_IDS = 100
+HELD_OUT_TRAIN_IDS = 12  # unlabelled: only for AdaBN under the target-adapted protocol
 
 
 @dataclass(frozen=True)
@@ -103,15 +118,49 @@ def training_styles() -> list[SiteStyle]:
     return [SiteStyle(name=figures.name, num_train_ids=scaled_ids(figures.train_ids),
                       num_test_ids=scaled_ids(figures.test_ids, MIN_TEST_IDS), num_cameras=figures.cameras,
                       images_per_identity=round(scaled_images_per_identity(figures.images_per_identity), 2),
-                      **_LOOKS[figures.name])  # type: ignore[arg-type]
+                      camera_looks=True, **_LOOKS[figures.name])  # type: ignore[arg-type]
             for figures in PUBLISHED]
 
 
-def held_out_styles() -> list[SiteStyle]:
-    """Two camera domains none of the nine has; their training images exist only so that a model
-    can compute BatchNorm statistics there (labels unused: they never train)."""
-    common = dict(num_train_ids=12, num_test_ids=HELD_OUT_TEST_IDS, num_cameras=3, images_per_identity=4.0)
-    return [
+def _between(rng: np.random.Generator, values: list[float]) -> float:
+    return float(rng.uniform(min(values), max(values)))
+
+
+def in_distribution_style(name: str, rng: np.random.Generator) -> SiteStyle:
+    """A held-out site drawn from the nine's distribution of looks (see the module's docstring)."""
+    looks = list(_LOOKS.values())
+
+    def colour(key: str) -> tuple[int, int, int]:
+        return tuple(int(_between(rng, [look[key][i] for look in looks])) for i in range(3))  # type: ignore[return-value]
+
+    def span(key: str) -> tuple[float, float]:
+        low, high = sorted(_between(rng, [look[key][i] for look in looks]) for i in range(2))  # type: ignore[index]
+        return (low, max(high, low + 0.05))
+
+    extra: dict[str, object] = {}
+    if rng.random() < sum("resolution" in look for look in looks) / len(looks):
+        factor = float(rng.choice([1.5, 2.0]))
+        extra["resolution"] = ResolutionProfile(name, (factor,), (0.2, 0.8))
+    if rng.random() < sum("camera_views" in look for look in looks) / len(looks):
+        extra["camera_views"] = (FRONT_BACK, SIDE)
+    if rng.random() < sum("occlusion" in look for look in looks) / len(looks):
+        extra["occlusion"] = 0.35
+    return SiteStyle(name=name, num_train_ids=HELD_OUT_TRAIN_IDS, num_test_ids=HELD_OUT_TEST_IDS,
+                     num_cameras=int(rng.integers(2, 7)), images_per_identity=4.0, camera_looks=True,
+                     fashion_hue=float(rng.random()),
+                     fashion_share=_between(rng, [look["fashion_share"] for look in looks]),  # type: ignore[misc]
+                     wall=colour("wall"), floor=colour("floor"), gain=span("gain"),
+                     cast=_between(rng, [look["cast"] for look in looks]),  # type: ignore[misc]
+                     blur=span("blur"), scale=span("scale"), **extra)  # type: ignore[arg-type]
+
+
+def held_out_styles(seed: int = 0) -> list[SiteStyle]:
+    """The six held-out sites of data seed ``seed``: four in-distribution ones, then night and dusk.
+    Their training images exist only for AdaBN (labels unused: they never train)."""
+    rng = np.random.default_rng([seed, 9001])
+    common = dict(num_train_ids=HELD_OUT_TRAIN_IDS, num_test_ids=HELD_OUT_TEST_IDS, num_cameras=3,
+                  images_per_identity=4.0, camera_looks=True)
+    return [in_distribution_style(name, rng) for name in IN_DISTRIBUTION] + [
         SiteStyle(name="unseen-night", fashion_hue=0.5, fashion_share=0.3, wall=(90, 95, 100), floor=(60, 62, 66),
                   gain=(0.50, 0.90), cast=0.05, blur=(0.4, 1.2), scale=(0.70, 0.92), infrared=True,
                   **common),  # type: ignore[arg-type]
@@ -121,6 +170,6 @@ def held_out_styles() -> list[SiteStyle]:
     ]
 
 
-def styles() -> list[SiteStyle]:
-    """All eleven: the nine training sites, then the two held-out ones."""
-    return training_styles() + held_out_styles()
+def styles(seed: int = 0) -> list[SiteStyle]:
+    """All fifteen: the nine training sites, then the six held-out ones of data seed ``seed``."""
+    return training_styles() + held_out_styles(seed)

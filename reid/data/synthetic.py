@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from reid.data.camera_looks import CameraLook, draw_look
+
 log = logging.getLogger(__name__)
 
 OUT_HEIGHT, OUT_WIDTH = 128, 64
@@ -85,6 +87,7 @@ class SiteStyle:
     images_per_identity: float | None = None
     camera_views: tuple[tuple[float, float, float], ...] = ()  # per camera (front, back, side); () = drawn
     occlusion: float = 0.12  # share of boxes a pole or a passer-by partly hides
+    camera_looks: bool = False  # colour matrices, tone curves, vignetting, shadows, shot noise (camera_looks.py)
 
 
 DEFAULT_STYLES = (
@@ -195,6 +198,7 @@ class Camera:
     light_slope: float
     infrared: bool = False
     occlusion: float = 0.12
+    look: CameraLook | None = None  # colour, tone, light fall-off and noise beyond the gain (camera_looks.py)
 
 
 def make_camera(rng: np.random.Generator, style: SiteStyle, index: int = 0) -> Camera:
@@ -375,6 +379,8 @@ def _apply_camera(image: Image.Image, rng: np.random.Generator, cam: Camera) -> 
     ramp = 1 + cam.light_slope * np.linspace(-1, 1, OUT_WIDTH, dtype=np.float32)[None, :, None]
     gain = cam.gain * rng.uniform(0.92, 1.08)
     pixels = np.clip(pixels * gain * np.asarray(cam.cast, np.float32) * ramp, 0, 1) ** cam.gamma
+    if cam.look is not None:
+        pixels = cam.look.apply(pixels, rng)
     if cam.infrared:
         pixels = np.repeat(pixels @ np.array([[0.299], [0.587], [0.114]], np.float32), 3, axis=2)
     pixels = pixels + rng.normal(0, cam.noise, pixels.shape).astype(np.float32)
@@ -485,6 +491,8 @@ def generate_site(
     site_root = Path(root)
     _prepare_split_folders(site_root, overwrite)
     cameras = [make_camera(_rng(seed, site_index, 1, c), style, c) for c in range(style.num_cameras)]
+    if style.camera_looks:  # a stream of their own: every other property of a camera stays as it was
+        cameras = [replace(cam, look=draw_look(_rng(seed, site_index, 8, c))) for c, cam in enumerate(cameras)]
     summary = SiteSummary(style.name, site_root, {"train": 0, "query": 0, "gallery": 0})
     num_ids = style.num_train_ids + style.num_test_ids
     totals = images_per_identity(style, seed, site_index) if style.images_per_identity is not None else []
