@@ -58,7 +58,7 @@ from reid.seeding import stable_seed  # noqa: E402
 from reid.train import train_local  # noqa: E402
 from server import simulate  # noqa: E402
 from strategies.held_out import unseen_results  # noqa: E402
-from strategies.validation import TARGET_ADAPTED  # noqa: E402
+from strategies.validation import SOURCE_ONLY, TARGET_ADAPTED  # noqa: E402
 from server.config import compose_config, federation_settings, site_run_spec  # noqa: E402
 from server.outputs import markdown_table  # noqa: E402
 import fedreid9_tables  # noqa: E402  (bench/, next to this file)
@@ -169,19 +169,12 @@ def summarise(method: str, runs: list[list[dict]]) -> dict:
     per_site = {s: {k: float(np.mean([f["sites"][s][k] for f in finals])) for k in keys} for s in sites}
     gaps = [float(np.mean([f["sites"][s]["drift-gap"] for s in sites])) for f in finals] if "drift-gap" in keys else [np.nan]
     mean_maps = [f["mean"]["mAP"] for f in finals]
-    unseen = [unseen_results(next((line.get("unseen") for line in reversed(lines)  # this table's protocol
-                                    if line.get("evaluate") and line.get("unseen")), None), TARGET_ADAPTED)
-              for lines in runs]
-    held_out = sorted(unseen[0]["sites"])
     first_trained = next((line["train"]["sites"] for line in runs[0] if line.get("train") and line["train"].get("sites")),
                          {})
     return {"method": method, "seeds": len(runs), "sites": per_site,
             "site_seeds": {s: [f["sites"][s]["mAP"] for f in finals] for s in sites},
-            "unseen": {s: {k: float(np.mean([u["sites"][s][k] for u in unseen])) for k in ("rank1", "mAP")}
-                       for s in held_out},
-            "unseen_models": {s: [u["sites"][s].get("model", "global") for u in unseen] for s in held_out},
-            "unseen_mean_seeds": [float(np.mean([u["sites"][s]["mAP"] for s in held_out])) for u in unseen]
-            if held_out else [],
+            **held_out_summary(runs, TARGET_ADAPTED),  # the protocol of the tables before there were two
+            SOURCE_ONLY: held_out_summary(runs, SOURCE_ONLY),
             "train_images": {s: float(first_trained.get(s, {}).get("num-examples", np.nan)) for s in sites},
             "mean": {k: float(np.mean([np.mean([f["sites"][s][k] for s in sites]) for f in finals])) for k in keys},
             "gap_spread": (float(min(gaps)), float(max(gaps))),
@@ -195,6 +188,19 @@ def summarise(method: str, runs: list[list[dict]]) -> dict:
                            for i, (r, _) in enumerate(curves[0])],
             "purity": {k: float(np.mean([p[k] for p in purity])) for k in purity[0]},
             "passes": {k: float(np.mean([p[k] for p in passes])) for k in passes[0]}}
+
+
+def held_out_summary(runs: list[list[dict]], protocol: str) -> dict:
+    """The held-out sites' Rank-1 / mAP under ``protocol`` after each run's last evaluation, averaged over
+    the runs, the model ranked there, and each run's mean mAP over them."""
+    unseen = [unseen_results(next((line.get("unseen") for line in reversed(lines)
+                                   if line.get("evaluate") and line.get("unseen")), None), protocol) for lines in runs]
+    held_out = sorted(unseen[0]["sites"])
+    return {"unseen": {s: {k: float(np.mean([u["sites"][s][k] for u in unseen])) for k in ("rank1", "mAP")}
+                       for s in held_out},
+            "unseen_models": {s: [u["sites"][s].get("model", "global") for u in unseen] for s in held_out},
+            "unseen_mean_seeds": [float(np.mean([u["sites"][s]["mAP"] for s in held_out])) for u in unseen]
+            if held_out else []}
 
 
 def table(results: list[dict], caption: str) -> str:
