@@ -46,6 +46,7 @@ from reid.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 QUANTILES = tuple((i + 1) / 8 for i in range(7))
 STYLE_WIDTH = 3 + 9 + 3 * len(QUANTILES)
+QUANTILE_LIMIT = 2 ** 24
 _EPS = 1e-4
 
 
@@ -76,8 +77,9 @@ def image_styles(images: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, cov.flatten(1), octiles.flatten(1)], dim=1)
 
 
-def camera_styles(images: torch.Tensor, cameras: np.ndarray, batch: int = 512) -> np.ndarray:
+def camera_styles(images: torch.Tensor, cameras: np.ndarray) -> np.ndarray:
     """This site's style: one row per camera (in camera order), the mean of its images' styles."""
+    batch = max(1, QUANTILE_LIMIT // max(1, images[0].numel()))  # torch.quantile takes at most 2**24 values
     rows = torch.cat([image_styles(images[i:i + batch]) for i in range(0, len(images), batch)])
     cameras = np.asarray(cameras)
     return np.stack([rows[torch.from_numpy(cameras == cam)].mean(0).numpy() for cam in np.unique(cameras)]
