@@ -85,6 +85,10 @@ class HeldOutSites:
         sites source-only under ``bn_stats=local``); malformed ones are left out with a warning."""
         for upload in uploads:
             stats, reason = reply_bn_stats(upload.message)
+            known = next((kept for site, (kept, _) in self.bn_stats_by_site.items() if site != upload.site), None)
+            if stats is not None and known is not None and {k: v.shape for k, v in stats.items()} != \
+                    {k: v.shape for k, v in known.items()}:
+                reason = "its tensors are not the other sites' (names or shapes)"
             if reason:
                 log(WARNING, "BatchNorm statistics of %s (node %s) left out: %s", upload.site, upload.node, reason)
             elif stats is not None:
@@ -96,7 +100,7 @@ class HeldOutSites:
         if label != "global":
             kept = self.bn_stats_by_site.get(label)
             return dict(kept[0]) if kept else None
-        kept = [entry for entry in self.bn_stats_by_site.values()]
+        kept = list(self.bn_stats_by_site.values())
         keys = set(kept[0][0]) if kept else set()
         if not kept or any(set(stats) != keys for stats, _ in kept):
             return None

@@ -129,6 +129,10 @@ def test_held_out_sites_are_ranked_under_both_protocols_with_the_federations_sta
     assert [(m.metadata.dst_node_id, label, protocol) for m, label, protocol in before] == [(2, "global", TARGET_ADAPTED)]
     replies = [_bn_reply(trained[0], "mall", 30, 1.0), _bn_reply(trained[1], "campus", 10, 5.0)]
     strategy.aggregate_train(3, replies)
+    odd = _bn_reply(trained[1], "campus", 10, 9.0)  # a later upload whose statistics do not fit the others'
+    odd.content[BN_STATS_KEY] = ArrayRecord({"bn1.running_mean": Array(np.zeros(7, np.float32))})
+    strategy.keep_bn_stats(strategy._checked_uploads([odd])[0], "num-examples")
+    assert strategy.bn_stats_by_site["campus"][0]["bn1.running_mean"][0] == 5.0  # left out, the update's own check aside
     unseen = strategy.configure_unseen(3, _arrays([0, 0], 0), config, NodeList([1, 2, 3]))
     assert [(m.metadata.dst_node_id, protocol) for m, _, protocol in unseen] == [(2, SOURCE_ONLY), (2, TARGET_ADAPTED)]
     source_only, adapted = (m for m, _, _ in unseen)
