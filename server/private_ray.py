@@ -43,6 +43,7 @@ class PrivateRay:
         self.log_file = self.folder / "ray-start.log"
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.process: subprocess.Popen[bytes] | None = None
+        self.ready = False  # the head said it runs (address() returned)
 
     def command(self) -> list[str]:
         command = [console_script("ray"), "start", "--head", "--block", "--port", str(self.port),
@@ -78,14 +79,16 @@ class PrivateRay:
                 raise PrivateRayError(f"the run's private Ray head was not ready after {timeout:.0f} s; its log: "
                                       f"{self.log_file}\n{self._tail()}")
             time.sleep(0.05)
+        self.ready = True
         return self.address_text
 
     def _tail(self, lines: int = 15) -> str:
         return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self, keep_log: bool = False) -> None:
+    def stop(self) -> None:
         """Kill the head's whole process group (GCS, raylet, workers) at once: the run has ended, so
-        there is nothing to shut down gracefully, and ``ray start``'s own shutdown takes seconds."""
+        there is nothing to shut down gracefully, and ``ray start``'s own shutdown takes seconds.
+        Its folder is removed, except when the head never became ready: the error named its log."""
         kill_process_group(self.process)
-        if not keep_log:
+        if self.ready:
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -33,6 +33,7 @@ from server.bounded import call_within
 from server.config import FederationSettings
 from server.timing import RunClock
 from strategies.fedpav import FedPav
+from strategies.held_out import unseen_results
 from strategies.naming import SiteNames
 from strategies.validation import EVALUATE_ROUND_KEY
 from strategies.wire import message_wire_bytes
@@ -254,7 +255,8 @@ class FederationRunner:
         with self.clock.phase("aggregation"):
             unseen = self.strategy.aggregate_unseen(result.replies, asked) or {}
         for protocol in self.strategy.unseen_protocols:
-            mean, sites = (unseen.get(protocol) or {}).get("mean"), (unseen.get(protocol) or {}).get("sites") or {}
+            results = unseen_results(unseen, protocol)
+            mean, sites = results["mean"], results["sites"]
             if mean:
                 log(INFO, "round %d held-out sites, %s: mean Rank-1 %.1f%%, mAP %.1f%% over %d sites (%s)", server_round,
                     protocol, 100 * mean["rank1"], 100 * mean["mAP"], len(sites),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -48,3 +49,5 @@ def test_a_head_that_cannot_start_is_named_with_its_log() -> None:
         assert "exited with code" in str(error.value) and str(ray.log_file) in str(error.value)
     finally:
         ray.stop()
+    assert ray.log_file.is_file()  # kept: the error names it
+    shutil.rmtree(ray.folder)
