@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.constant import ErrorCode
@@ -33,7 +33,7 @@ from server.bounded import call_within
 from server.config import FederationSettings
 from server.timing import RunClock
 from strategies.fedpav import FedPav
-from strategies.held_out import unseen_results
+from strategies.held_out import Request, unseen_results
 from strategies.naming import SiteNames
 from strategies.validation import EVALUATE_ROUND_KEY
 from strategies.wire import message_wire_bytes
@@ -60,6 +60,16 @@ class Exchange:
     def totals(self) -> dict[str, int]:
         return {"sent": sum(b["sent"] for b in self.bytes_per_site.values()),
                 "received": sum(b["received"] for b in self.bytes_per_site.values())}
+
+    def split(self, site_of: Callable[[Message], str], apart: Collection[str]) -> tuple["Exchange", "Exchange"]:
+        """(the other sites' part, the ``apart`` sites' part) of one exchange that asked two groups of
+        sites at once; the server's on-arrival checks stay with the first part."""
+        def part(inside: bool) -> Exchange:
+            return Exchange([r for r in self.replies if (site_of(r) in apart) == inside],
+                            {s: b for s, b in self.bytes_per_site.items() if (s in apart) == inside}, self.seconds,
+                            [s for s in self.failed if (s in apart) == inside], self.started, self.ended,
+                            [] if inside else list(self.checks))
+        return part(False), part(True)
 
 
 def _listing(names: Iterable[str], limit: int = 12) -> str:
@@ -182,6 +192,7 @@ class FederationRunner:
         self.on_round = on_round
         self.last_exchange = Exchange([], {}, 0.0, [])  # of the latest training round
         self.clock = RunClock(None)  # where each round's time goes (server/timing.py); reset by run()
+        self.carried_unseen: dict[str, Any] | None = None  # the held-out sites' record the last training carried
 
     @property
     def names(self) -> SiteNames:
@@ -237,17 +248,22 @@ class FederationRunner:
     def evaluate_unseen(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any] | None:
         """The held-out sites rank their own galleries with round ``server_round``'s model (under
         ``local``: with every training site's model, keeping the best), under each protocol
-        (strategies/held_out.py); None without held-out sites."""
+        (strategies/held_out.py), in an exchange of their own; None without held-out sites."""
         if not self.strategy.held_out:
             return None
-        requests: list[tuple[Message, str, str]] = []
+        requests: list[Request] = []
 
         def configure() -> list[Message]:
             requests.extend(self.strategy.configure_unseen(server_round, arrays, self._config(), self.grid))
             return [message for message, _, _ in requests]
 
         result = self._send(f"round {server_round} evaluation of held-out sites", configure)
-        if result is None:
+        return self._unseen_record(server_round, result, requests)
+
+    def _unseen_record(self, server_round: int, result: Exchange | None,
+                       requests: list[Request]) -> dict[str, Any] | None:
+        """The ``unseen`` record of the held-out sites' replies to ``requests``, and its log lines."""
+        if result is None or not requests:
             log(WARNING, "round %d: no held-out site (%s) is connected; none evaluated", server_round,
                 _listing(self.strategy.held_out))
             return None
@@ -288,16 +304,34 @@ class FederationRunner:
         return {**self._evaluation_record(mean, result.failed, {"sent": 0, "received": 0}, 0.0),
                 "carried_by_round": evaluated_round + 1}
 
-    def train_round(self, server_round: int, arrays: ArrayRecord,
-                    evaluate_round: int | None = None) -> tuple[ArrayRecord, dict[str, Any]]:
+    def train_round(self, server_round: int, arrays: ArrayRecord, evaluate_round: int | None = None,
+                    unseen_round: int | None = None) -> tuple[ArrayRecord, dict[str, Any]]:
         """One training round; the global arrays stay as they were when too few replies are usable.
-        With ``evaluate_round`` every site first evaluates the model it receives (that round's)."""
+        With ``evaluate_round`` every site first evaluates the model it receives (that round's); with
+        ``unseen_round`` the held-out sites rank that same model in the same exchange (their record
+        is left in ``carried_unseen``): one hand-over to the sites instead of two."""
         config = self._config()
         if evaluate_round is not None:
             config[EVALUATE_ROUND_KEY] = evaluate_round
-        result = self._send(f"round {server_round} training", lambda: self.strategy.configure_train(
-            server_round, arrays, config, self.grid), on_reply=self.strategy.check_train_reply_early)
-        result = self.last_exchange = result or Exchange([], {}, 0.0, [])
+        unseen: list[Request] = []
+
+        def configure() -> list[Message]:
+            if unseen_round is not None and self.strategy.held_out:
+                unseen.extend(self.strategy.configure_unseen(unseen_round, arrays, self._config(), self.grid))
+            return [*self.strategy.configure_train(server_round, arrays, config, self.grid),
+                    *(message for message, _, _ in unseen)]
+
+        def check_early(reply: Message) -> None:
+            if self.names.of(reply) not in self.strategy.held_out:
+                self.strategy.check_train_reply_early(reply)
+
+        label = f"round {server_round} training" + (f" (and round {unseen_round}'s evaluation of held-out sites)"
+                                                     if unseen_round is not None and self.strategy.held_out else "")
+        result = self._send(label, configure, on_reply=check_early) or Exchange([], {}, 0.0, [])
+        result, unseen_part = result.split(self.names.of, self.strategy.held_out)
+        self.last_exchange = result
+        self.carried_unseen = (None if unseen_round is None or not self.strategy.held_out else
+                               self._unseen_record(unseen_round, unseen_part, unseen))
         aggregation_start = time.perf_counter()
         with self.clock.phase("aggregation"):
             new_arrays, metrics = self.strategy.aggregate_train(server_round, result.replies)
@@ -344,23 +378,28 @@ class FederationRunner:
         evaluate_start = first_round == 1 and self.settings.eval_at_start and not start_evaluated
         self.clock = RunClock(0 if evaluate_start else None)
         if evaluate_start:
-            start = self._with_unseen({"round": 0, "train": None}, 0, arrays)
-            if self.carries_evaluation(0):
-                waiting = (0, arrays, start)
+            if self.carries_evaluation(0):  # the held-out sites' ranking rides along too
+                waiting = (0, arrays, {"round": 0, "train": None})
             else:
+                start = self._with_unseen({"round": 0, "train": None}, 0, arrays)
                 self._report(0, arrays, {**start, "evaluate": self.evaluate(0, arrays)})
         for server_round in range(first_round, self.settings.rounds + 1):
             self.clock.round_started(server_round)
             start_time = time.perf_counter()
             evaluate_round = waiting[0] if waiting else None
-            new_arrays, train_record = self.train_round(server_round, arrays, evaluate_round)
+            new_arrays, train_record = self.train_round(server_round, arrays, evaluate_round, evaluate_round)
             while not train_record["sites"] and not train_record["rejected"]:  # nobody answered at all
                 log(WARNING, "round %d: no site answered (%s); trying round %d again in %.0f s", server_round,
                     _listing(train_record["failed"]) or "none connected", server_round, RETRY_PAUSE_S)
                 time.sleep(RETRY_PAUSE_S)
-                new_arrays, train_record = self.train_round(server_round, arrays, evaluate_round)
+                unseen = self.carried_unseen
+                new_arrays, train_record = self.train_round(server_round, arrays, evaluate_round,
+                                                            evaluate_round if unseen is None else None)
+                self.carried_unseen = unseen or self.carried_unseen
             if waiting is not None:
                 evaluated_round, evaluated_arrays, record = waiting
+                if self.carried_unseen is not None:
+                    record = {**record, "unseen": self.carried_unseen}
                 self._report(evaluated_round, evaluated_arrays,
                              {**record, "evaluate": self._carried_evaluation(evaluated_round, self.last_exchange)})
                 waiting = None
@@ -369,10 +408,10 @@ class FederationRunner:
             if not self.settings.evaluates_after(server_round):
                 self._report(server_round, arrays, {**record, "evaluate": None})
                 continue
-            record = self._with_unseen(record, server_round, arrays)
             if self.carries_evaluation(server_round):
                 waiting = (server_round, arrays, record)
             else:
+                record = self._with_unseen(record, server_round, arrays)
                 evaluation = self.evaluate(server_round, arrays)
                 self._report(server_round, arrays, {**record, "evaluate": evaluation,
                                                     "seconds": time.perf_counter() - start_time})

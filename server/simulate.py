@@ -36,6 +36,7 @@ from reid.data.federations import FEDERATIONS, federation_size, generate_sites, 
 from server.app_source import staged_app
 from server.config import compose_config
 from server.private_ray import PrivateRay, PrivateRayError
+from server.simulation_engine import write_launcher
 from server.flower_cli import (
     SuperLinkConnection,
     console_script,
@@ -133,7 +134,9 @@ class PrivateSuperLink:
         command = [console_script("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                    "--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation",
                    "--log-file", str(self.log_file)]
-        self.process = subprocess.Popen(command, env=_environment(self.flwr_home, self.ray_address),
+        env = _environment(self.flwr_home, self.ray_address)  # its simulation process: ours (simulation_engine)
+        env["PATH"] = f"{write_launcher(self.flwr_home / 'bin')}{os.pathsep}{env['PATH']}"
+        self.process = subprocess.Popen(command, env=env,
                                         stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
         self._wait_healthy()

@@ -253,6 +253,51 @@ def test_an_evaluation_rides_on_the_next_training_round_and_the_last_one_has_its
     assert "carried_by_round" not in final and final["sites"]["campus"]["rank1"] == 0.3
 
 
+class WithHeldOut(FakeGrid):
+    """The three sites plus node 14, "night", a held-out site that only ranks; every push is kept."""
+
+    def __init__(self) -> None:
+        super().__init__(connected={*SITES, 14}, registered={**SITES, 14: "night"})
+        self.pushes: list[list[tuple[str, int]]] = []
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        self.pushes.append(sorted((m.metadata.message_type, m.metadata.dst_node_id) for m in messages))
+        return super().push_messages(messages)
+
+    def _answer(self, message: Message) -> RecordDict:
+        if message.metadata.dst_node_id != 14:
+            return super()._answer(message)
+        assert message.metadata.message_type == "evaluate"  # never asked to train
+        return RecordDict({"metrics": _ranks(int(message.content["config"]["server-round"])),
+                           "site": ConfigRecord({"name": "night"})})
+
+
+def test_the_held_out_ranking_rides_on_the_next_training_exchange_and_the_last_has_its_own() -> None:
+    """Round 0's and round 2's models are ranked by the held-out site in the same push as rounds 1's
+    and 3's training; each round keeps its own record, bytes and sites apart; the last round's
+    ranking is an exchange of its own, before the training sites' last evaluation."""
+    records: list[dict] = []
+    grid = WithHeldOut()
+    settings = replace(SETTINGS, rounds=3, eval_every=2, eval_at_start=True)
+    strategy = FedPav(min_sites=1, held_out=["night"], unseen_protocols=["target-adapted"])
+    FederationRunner(grid, strategy, settings, ConfigRecord({}),
+                     on_round=lambda _r, _a, record: records.append(record)).run(_start())
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    training = [("train", 11), ("train", 12), ("train", 13)]
+    assert grid.pushes == [[("evaluate", 14), *training], training, [("evaluate", 14), *training],
+                           [("evaluate", 14)], [("evaluate", 11), ("evaluate", 12), ("evaluate", 13)]]
+    assert "unseen" not in records[1]
+    for evaluated in (0, 2, 3):
+        unseen = records[evaluated]["unseen"]
+        assert unseen["target-adapted"]["sites"]["night"]["rank1"] == evaluated / 10
+        assert unseen["bytes"]["sent"] > 0 and not unseen["failed"]
+    for record in records[1:]:  # the training records hold the training sites only
+        assert set(record["train"]["sites"]) == set(record["train"]["bytes_per_site"]) == {"mall", "station", "campus"}
+        assert not record["train"]["failed"] and not record["train"]["rejected"]
+    assert records[0]["evaluate"]["carried_by_round"] == 1 and set(records[0]["evaluate"]["sites"]) == {
+        "mall", "station", "campus"}
+
+
 def _timed_reply(request: Message, times: dict[str, float]) -> Message:
     return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 10}), "timing": MetricRecord(times)}),
                    reply_to=request)

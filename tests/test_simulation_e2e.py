@@ -63,6 +63,7 @@ def test_three_sites_write_every_output(tiny_sites: Path, tmp_path: Path) -> Non
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     folder = _run_folder(tmp_path)
     assert f"outputs: {folder}" in result.stdout
+    assert "hands each message to the sites as it is stored" in result.stdout  # our flwr-simulation (simulation_engine)
 
     lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1]
@@ -186,3 +187,59 @@ def test_the_staged_app_packs_into_exactly_the_fab_flower_builds_from_the_folder
         staged = build_fab_from_disk(lean)
     assert not lean.exists()  # removed afterwards
     assert staged == build_fab_from_disk(app)
+
+
+def test_the_simulation_engine_hands_a_stored_message_over_at_once_and_keeps_flowers_loop(tmp_path: Path) -> None:
+    """The pinned Flower still launches ``flwr-simulation`` by name and waits 0.1 s between looks;
+    ours looks as soon as a message is stored (a second message for the same node right after the
+    first), idles at Flower's pace, stops when Flower's event is set; the launcher runs our entry point."""
+    import queue
+    import threading
+
+    from server import simulation_engine
+
+    engine = simulation_engine.check_flower_api()
+
+    class State:  # Flower's in-memory LinkState, reduced to what the loop uses
+        def __init__(self) -> None:
+            self.stored: list[tuple[int, str]] = []
+            self.looks = 0
+
+        def store_message_ins(self, node: int, text: str) -> None:
+            self.stored.append((node, text))
+
+        def get_message_ins(self, node_id: int, limit: int) -> list[str]:
+            self.looks += 1
+            mine = [m for m in self.stored if m[0] == node_id][:limit]
+            for message in mine:
+                self.stored.remove(message)
+            return [text for _, text in mine]
+
+    flower_pickup = engine.add_messages_to_queue
+    state, stop, handed = State(), threading.Event(), queue.Queue()
+    try:
+        simulation_engine.pick_up_promptly(engine)
+        thread = threading.Thread(target=engine.add_messages_to_queue, args=(state, handed, {7: 0, 8: 1}, stop))
+        thread.start()
+        time.sleep(0.35)
+        idle_looks = state.looks
+        waits = []
+        for text in ("first", "second"):
+            start = time.monotonic()
+            state.store_message_ins(7, f"{text} for 7")
+            state.store_message_ins(7, f"{text} again for 7")
+            assert handed.get(timeout=2) == f"{text} for 7" and handed.get(timeout=2) == f"{text} again for 7"
+            waits.append(time.monotonic() - start)
+            time.sleep(0.25)
+        stop.set()
+        thread.join(timeout=2)
+    finally:
+        engine.add_messages_to_queue = flower_pickup
+    assert not thread.is_alive()
+    assert 2 * 2 <= idle_looks <= 2 * 5  # two nodes looked at every 0.1 s while nothing was stored
+    assert max(waits) < 0.09, waits  # Flower's own: 0.1-0.2 s for the two messages of one node
+
+    launcher = simulation_engine.write_launcher(tmp_path / "bin") / "flwr-simulation"
+    shown = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "--runtime-api-address" in shown.stdout
+    assert shutil.which("flwr-simulation", path=str(tmp_path / "bin")) == str(launcher)
