@@ -3,7 +3,7 @@ own ``metrics.jsonl`` (each line's ``time_split``, server/timing.py).
 
     python bench/time_split.py [--federation synthetic-fedreid9] [--rounds 20] [--seed 0] [--runs RUN_FOLDER ...]
 
-Runs ``fedreid-sim --federation synthetic-fedreid9`` (nine training sites and two held-out ones on
+Runs ``fedreid-sim --federation synthetic-fedreid9`` (nine training sites and six held-out ones on
 the Ray engine, 20 rounds, evaluated every 5) through ``fedreid.simulate``, then prints the run's
 totals and each part's share, the rounds' medians, and the whole command's wall time beside the
 rounds' (the rest is starting the SuperLink, Ray and the ServerApp, and stopping them).
