@@ -36,3 +36,22 @@ def test_the_summary_keeps_protocols_and_groups_apart_and_differences_are_paired
     assert feddg_benchmark.paired(base, other, "in", "source-only") == "+2.0 ± 2.8 (+0.0 to +4.0)"
     text = feddg_benchmark.table({"fedpav": base, "feddg": other}, [(0, 0), (0, 1)], 20)
     assert "| feddg - fedpav | +5.0 ± 7.1" in text and "in-distribution, source-only" in text
+
+
+def test_the_leave_one_out_table_pairs_methods_per_held_out_site_and_seed() -> None:
+    """Two folds x two seeds: feddg is +2, +4 (market) and -1, +3 (duke) points source-only; the
+    target-adapted pairs are all +1."""
+    import fedreid9_tables
+
+    def fold(site: str, source_only: list[float], adapted: list[float]) -> dict:
+        unseen = {site: {"rank1": 0.1, "mAP": float(sum(adapted) / len(adapted))}}
+        return {"unseen": unseen, "unseen_mean_seeds": adapted,
+                "source-only": {"unseen": {site: {"rank1": 0.1, "mAP": float(sum(source_only) / 2)}},
+                                "unseen_mean_seeds": source_only}}
+
+    results = {"fedpav": [fold("market", [0.20, 0.20], [0.3, 0.3]), fold("duke", [0.10, 0.10], [0.2, 0.2])],
+               "feddg": [fold("market", [0.22, 0.24], [0.31, 0.31]), fold("duke", [0.09, 0.13], [0.21, 0.21])]}
+    text = fedreid9_tables.leave_one_out_table(results, ["market", "duke"])
+    assert "feddg - fedpav, source-only, paired over 4 (held-out site, seed) pairs: +2.0 ± 2.2 mAP points " \
+           "(-1.0 to +4.0)." in text
+    assert "feddg - fedpav, target-adapted, paired over 4 (held-out site, seed) pairs: +1.0 ± 0.0" in text
