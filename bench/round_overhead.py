@@ -15,7 +15,9 @@ site worker became the SuperNode's executor (issue 22), side by side in one run.
    and pushing the reply through the Runtime API), our site work beyond training (probe batches,
    state file, encoding), the server's aggregation, and the rest, which is Flower's floor (the
    SuperNode's 3-s idle poll, its 0.5-s reply check, the transfers, the checkpoint). Every
-   ``flwr-clientapp`` process started during the rounds is counted.
+   ``flwr-clientapp`` process started during the rounds is counted. ``--also PRESET`` adds rows of
+   this checkout running other presets (``fedpav_compressed``: the same rounds with a quarter of
+   the bytes), with each row's megabytes per round both ways.
 2. **Echo.** A minimal app (bench/round_overhead_app) whose clients send a ResNet-50-sized SHARED
    payload (24.56 M float32 values, 98 MB, packed) straight back, with the SuperLink's SQLite state:
    a ``flwr-clientapp`` per message running the app (Flower's own runtime, what fedreid sites had)
@@ -178,7 +180,8 @@ def echo_rounds(connection: SuperLinkConnection, values: int, rounds: int, resul
 
 
 def training_rounds(code: Path, sites_root: Path, clients: int, rounds: int, model: str, gpu: int | None,
-                    cpu_threads: int | None, client_args: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, str], int]:
+                    cpu_threads: int | None, client_args: tuple[str, ...] = (),
+                    algorithm: str = "fedpav") -> tuple[list[dict], dict[str, str], int]:
     """Per-round records of a real TLS deployment of ``clients`` synthetic sites (profile=test) run
     with the project at ``code``; the sites' logs; the flwr-clientapp processes started meanwhile."""
     from tests.deployment import Deployment
@@ -199,8 +202,8 @@ def training_rounds(code: Path, sites_root: Path, clients: int, rounds: int, mod
                 deployment.start_client(site, None, *extra)
             deployment.wait_for_nodes(len(sites))
             with ProcessCounter("flwr-clientapp") as counter:
-                run_id = deployment.connection.submit(code, f'profile="test" output-dir="{root / "outputs"}" '
-                                                            f'overrides="{overrides}"')
+                run_id = deployment.connection.submit(code, f'algorithm="{algorithm}" profile="test" '
+                                                            f'output-dir="{root / "outputs"}" overrides="{overrides}"')
                 status = deployment.wait_finished(run_id, timeout=3600)
             if status != "finished:completed":
                 raise RuntimeError(f"training run ended as {status}; logs in {root}")
@@ -225,8 +228,10 @@ def overhead_table(records: list[dict], logs: dict[str, str], last: int) -> dict
         sites = record["train"]["sites"]
         slowest = max(sites, key=lambda s: float(sites[s]["train-seconds"]))
         training = float(sites[slowest]["train-seconds"])
+        moved = record["train"].get("bytes") or {}
         row = {"round": elapsed[server_round] - elapsed[server_round - 1], "training": training,
-               "aggregation": float(record["train"].get("aggregation_seconds", 0.0))}
+               "aggregation": float(record["train"].get("aggregation_seconds", 0.0)),
+               "megabytes": (moved.get("sent", 0) + moved.get("received", 0)) / 1e6}
         row["overhead"] = row["round"] - training
         if len(timings.get(slowest, [])) >= server_round:  # the site's train task of this round
             _, pulled, work, replied = timings[slowest][server_round - 1]
@@ -247,13 +252,19 @@ def print_training_table(args: argparse.Namespace, model: str, gpu: int | None, 
             records, logs, processes = training_rounds(code, args.sites_root, args.clients, args.rounds + 1, model,
                                                        gpu, cpu_threads, client_args)
             measured[label] = (overhead_table(records, logs, args.rounds), processes)
+    for algorithm in args.also:  # the same runtime with fewer bytes on the wire (a preset's transfer)
+        records, logs, processes = training_rounds(REPO, args.sites_root, args.clients, args.rounds + 1, model, gpu,
+                                                   cpu_threads, algorithm=algorithm)
+        measured[f"now, algorithm={algorithm}"] = (overhead_table(records, logs, args.rounds), processes)
     print(f"training rounds: {args.clients} sites over TLS on loopback, model={model}, "
           f"{'GPU ' + str(gpu) if gpu is not None else 'CPU'}; medians of rounds 2..{args.rounds}")
-    print("| runtime | round s | slowest site's training s | overhead s | flwr-clientapp processes |")
-    print("|---|---:|---:|---:|---:|")
+    print("| runtime | round s | slowest site's training s | overhead s | MB both ways / round | "
+          "flwr-clientapp processes |")
+    print("|---|---:|---:|---:|---:|---:|")
     for label, (row, processes) in measured.items():
-        print(f"| {label} | {row['round']:.2f} | {row['training']:.2f} | {row['overhead']:.2f} | {processes} |")
-    now = list(measured.values())[-1][0]
+        print(f"| {label} | {row['round']:.2f} | {row['training']:.2f} | {row['overhead']:.2f} | "
+              f"{row['megabytes']:.1f} | {processes} |")
+    now = measured[f"now: the SuperNode waits --poll-interval {DEFAULT_POLL_S} s when idle"][0]
     if "rest" in now:
         print(f"now, the overhead split: hand-over {now['hand-over']:.2f} s, our site work beyond training "
               f"{now['site work']:.2f} s, server aggregation {now['aggregation']:.2f} s, the rest (Flower: SuperNode "
@@ -303,6 +314,8 @@ def main() -> None:
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="fedreid-client --cpu-threads of every site (they share this machine; 0 = all cores)")
     parser.add_argument("--before", default=BEFORE, help="git commit of the runtime to compare with")
+    parser.add_argument("--also", nargs="*", default=[], metavar="PRESET",
+                        help="extra rows: this checkout's runtime running these presets (e.g. fedpav_compressed)")
     parser.add_argument("--skip-echo", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
     args = parser.parse_args()
