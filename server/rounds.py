@@ -313,11 +313,12 @@ class FederationRunner:
         config = self._config()
         if evaluate_round is not None:
             config[EVALUATE_ROUND_KEY] = evaluate_round
+        riding = unseen_round if self.strategy.held_out else None  # the held-out ranking this exchange carries
         unseen: list[Request] = []
 
         def configure() -> list[Message]:
-            if unseen_round is not None and self.strategy.held_out:
-                unseen.extend(self.strategy.configure_unseen(unseen_round, arrays, self._config(), self.grid))
+            if riding is not None:
+                unseen.extend(self.strategy.configure_unseen(riding, arrays, self._config(), self.grid))
             return [*self.strategy.configure_train(server_round, arrays, config, self.grid),
                     *(message for message, _, _ in unseen)]
 
@@ -325,13 +326,13 @@ class FederationRunner:
             if self.names.of(reply) not in self.strategy.held_out:
                 self.strategy.check_train_reply_early(reply)
 
-        label = f"round {server_round} training" + (f" (and round {unseen_round}'s evaluation of held-out sites)"
-                                                     if unseen_round is not None and self.strategy.held_out else "")
+        label = f"round {server_round} training" + (
+            f" (and round {riding}'s evaluation of held-out sites)" if riding is not None else "")
         result = self._send(label, configure, on_reply=check_early) or Exchange([], {}, 0.0, [])
         result, unseen_part = result.split(self.names.of, self.strategy.held_out)
         self.last_exchange = result
-        self.carried_unseen = (None if unseen_round is None or not self.strategy.held_out else
-                               self._unseen_record(unseen_round, unseen_part, unseen))
+        if riding is not None:
+            self.carried_unseen = self._unseen_record(riding, unseen_part, unseen)
         aggregation_start = time.perf_counter()
         with self.clock.phase("aggregation"):
             new_arrays, metrics = self.strategy.aggregate_train(server_round, result.replies)
@@ -387,15 +388,14 @@ class FederationRunner:
             self.clock.round_started(server_round)
             start_time = time.perf_counter()
             evaluate_round = waiting[0] if waiting else None
+            self.carried_unseen = None
             new_arrays, train_record = self.train_round(server_round, arrays, evaluate_round, evaluate_round)
             while not train_record["sites"] and not train_record["rejected"]:  # nobody answered at all
                 log(WARNING, "round %d: no site answered (%s); trying round %d again in %.0f s", server_round,
                     _listing(train_record["failed"]) or "none connected", server_round, RETRY_PAUSE_S)
                 time.sleep(RETRY_PAUSE_S)
-                unseen = self.carried_unseen
-                new_arrays, train_record = self.train_round(server_round, arrays, evaluate_round,
-                                                            evaluate_round if unseen is None else None)
-                self.carried_unseen = unseen or self.carried_unseen
+                new_arrays, train_record = self.train_round(  # the held-out sites again only if they did not answer
+                    server_round, arrays, evaluate_round, evaluate_round if self.carried_unseen is None else None)
             if waiting is not None:
                 evaluated_round, evaluated_arrays, record = waiting
                 if self.carried_unseen is not None:

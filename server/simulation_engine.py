@@ -51,8 +51,9 @@ class MessageArrivals:
     node may hold more than the one message a look takes), and otherwise after Flower's own 0.1 s.
     Setting and reading it are the real stop event's.
 
-    Why not simply look more often: a look reads every stored message for every node, so with 15
-    sites looking every 0.01 s cost 25 s of CPU in a 3-minute simulation, taken from the sites."""
+    Why not simply look more often: a look reads every stored message for every node, so looking
+    ten times as often does ten times that work while nothing has arrived; waking on arrival adds
+    none (the simulation process used 19 s of CPU in a 4-round run with Flower's loop and with this)."""
 
     def __init__(self, state: Any, stop: threading.Event) -> None:
         self.arrived, self._stop = threading.Event(), stop
@@ -106,7 +107,6 @@ def pick_up_promptly(engine: ModuleType) -> None:
         log(INFO, "the simulation hands each message to the sites as it is stored (server/simulation_engine.py)")
         flower_pickup(state, queue, nodes_mapping, MessageArrivals(state, f_stop))
 
-    add_messages_to_queue.flower_pickup = flower_pickup  # type: ignore[attr-defined]
     engine.add_messages_to_queue = add_messages_to_queue
 
 

@@ -5,7 +5,8 @@ nodes (a ``query`` message answered with the name only), samples only the others
 evaluation, and after every evaluated round sends each held-out site the global model (under
 ``singletons`` clustering, i.e. ``local``, every training site's own model): with the next round's
 training messages when that round's training carries the sites' evaluation too, otherwise in an
-exchange of its own (server/rounds.py). A mixin of the FedPav strategy: it uses the strategy's names, transfer and site models.
+exchange of its own (server/rounds.py). A mixin of the FedPav strategy: it uses the strategy's
+names, transfer and site models.
 
 Two protocols, reported apart and never mixed (``unseen`` in metrics.jsonl is keyed by them):
 
