@@ -1,9 +1,10 @@
-"""The FedReID presets and the FedDG one end to end for one round and an evaluation on the Ray engine
-(real `flwr run`, real files). The options combine, so one run takes three paths together:
-`feddg` with CDW weights and KD (`fedpav_cdw_kd`'s two halves) on top; every preset file is
-composed and checked in tests/test_config.py. Every run also has a fourth site held out
-(`federation.held_out`): it must never be sent a training message and must be ranked in every
-evaluation (`unseen`)."""
+"""The presets end to end on the Ray engine (real `flwr run`, real files), three simulations side by
+side: `feddg` and `local` for one round and an evaluation, `fedklpr_compressed` for two rounds of
+pruning. The options combine, so one run takes three paths together: `feddg` with CDW weights and
+KD (`fedpav_cdw_kd`'s two halves) on top; every preset file is composed and checked in
+tests/test_config.py, and clustering's grouping of real site models in tests/test_clustering.py.
+The one-round runs also have a fourth site held out (`federation.held_out`): it must never be sent
+a training message and must be ranked in every evaluation (`unseen`)."""
 
 from __future__ import annotations
 
@@ -21,35 +22,42 @@ import fedreid
 
 from reid.data.synthetic import DEFAULT_STYLES, generate_site
 from reid.export import export_model
-from tests.test_simulation_e2e import REPO, _simulate, _simulation_command
+from tests.test_simulation_e2e import REPO, _simulation_command
 
 pytestmark = pytest.mark.ray  # Ray's simulation engine: left out by `make gpu-check`
-PRESETS = ["feddg", "fedpav_cluster", "local"]
+PRESETS = ["feddg", "local"]  # one round, with a held-out site
 OVERRIDES = {"feddg": "algorithm.weighting=cdw algorithm.kd.enabled=true"}  # with fedpav_cdw_kd's options
+PRUNED = "fedklpr_compressed"  # two rounds, pruned after each, the three training sites only
+PRUNING = ("federation.rounds=2 algorithm.pruning.start_round=1 algorithm.pruning.start_accuracy=0 "
+           "algorithm.pruning.ramp_rounds=2 algorithm.pruning.schedule=linear algorithm.pruning.target=0.7")
 SITES = {"0-mall", "1-station", "2-campus"}
 HELD_OUT = "3-airport"
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_sites: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Run each preset once on the same sites and public images, all three at once from this one
+    """Run each preset once on the same sites (and public images), all three at once from this one
     checkout, each with the Flower home and SuperLink port `fedreid-sim` gives every run: each must
     complete with its own results. Map preset -> run folder."""
     base = tmp_path_factory.mktemp("presets")
     public = base / "public"
-    generate_site(public, 99, seed=4, style=replace(DEFAULT_STYLES[3], num_train_ids=8, num_test_ids=0,
+    # KD's public images: one batch of 24, enough to distil on; each batch costs seconds on 2 cores
+    generate_site(public, 99, seed=4, style=replace(DEFAULT_STYLES[3], num_train_ids=2, num_test_ids=0,
                                                      num_distractors=0, num_junk=0))
     held_out = base / "held-out"
     generate_site(held_out, 3, seed=5, style=replace(DEFAULT_STYLES[3], num_train_ids=6, num_test_ids=6,
                                                        num_distractors=2, num_junk=1))
     started = {}
-    for preset in PRESETS:
+    for preset in [*PRESETS, PRUNED]:
         work = base / preset
         shutil.copytree(tiny_sites, work / "sites")
-        shutil.copytree(held_out, work / "sites" / HELD_OUT)
-        command = _simulation_command(work / "sites", work, "--algorithm", preset, "--public-root", str(public),
-                                      "--sites", "4", "--overrides", f"federation.rounds=1 "
-                                      f"federation.held_out=[{HELD_OUT}] {OVERRIDES.get(preset, '')}", own_home=False)
+        if preset == PRUNED:
+            extra = ["--overrides", PRUNING]
+        else:
+            shutil.copytree(held_out, work / "sites" / HELD_OUT)
+            extra = ["--public-root", str(public), "--sites", "4", "--overrides",
+                     f"federation.rounds=1 federation.held_out=[{HELD_OUT}] {OVERRIDES.get(preset, '')}"]
+        command = _simulation_command(work / "sites", work, "--algorithm", preset, *extra, own_home=False)
         log = (work / "sim.log").open("w")
         started[preset] = (subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True), log)
     folders = {}
@@ -102,14 +110,6 @@ def test_kd_sends_no_extra_bytes_and_shared_styles_are_counted(runs: dict[str, P
             assert styled["train"]["sites"][site]["restyled-images"] > 0
 
 
-def test_clustering_logs_a_partition_and_keeps_a_model_per_site(runs: dict[str, Path]) -> None:
-    for line in _rounds(runs["fedpav_cluster"]):
-        clusters = line["train"]["clusters"]
-        assert sorted(s for group in clusters for s in group) == sorted(SITES)
-    saved = torch.load(runs["fedpav_cluster"] / "site_models.pt", weights_only=True)
-    assert set(saved["state_dicts"]) == SITES and saved["round"] == 1 and saved["bn_stats"] == "local"
-
-
 def test_local_baseline_keeps_every_site_on_its_own_model(runs: dict[str, Path]) -> None:
     for line in _rounds(runs["local"]):
         assert line["train"]["clusters"] == [[s] for s in sorted(SITES)]
@@ -120,17 +120,12 @@ def test_local_baseline_keeps_every_site_on_its_own_model(runs: dict[str, Path])
 
 
 def test_fedklpr_sites_agree_on_one_mask_and_compressed_pruned_changes_shrink_both_ways(
-        tiny_sites: Path, runs: dict[str, Path], tmp_path: Path) -> None:
+        runs: dict[str, Path]) -> None:
     """fedklpr_compressed for two rounds, the server pruning to 0.35 after round 1 and to 0.7 after
     round 2: in round 2 every site trains and uploads on the server's mask (overlap 1.0, the same kept
     fraction everywhere), the download of the pruned model's change and the uploads are a fraction of
     the dense ones, and it trains."""
-    shutil.copytree(tiny_sites, tmp_path / "sites")
-    result = _simulate(tmp_path / "sites", tmp_path, "--algorithm", "fedklpr_compressed", "--overrides",
-                       "federation.rounds=2 algorithm.pruning.start_round=1 algorithm.pruning.start_accuracy=0 "
-                       "algorithm.pruning.ramp_rounds=2 algorithm.pruning.schedule=linear algorithm.pruning.target=0.7")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (folder,) = (tmp_path / "outputs").iterdir()
+    folder = runs[PRUNED]
     lines = _rounds(folder)
     pruning = [line["train"]["pruning"] for line in lines]
     assert [p["ratio"] for p in pruning] == pytest.approx([0.35, 0.7])  # no site holds back 20 identities:
@@ -151,9 +146,9 @@ def test_fedklpr_sites_agree_on_one_mask_and_compressed_pruned_changes_shrink_bo
     model = fedreid.load_model(folder / "site-models" / "0-mall.pt", device="cpu")
     assert model.info.kept_fraction == pytest.approx(0.3, abs=0.01)  # the final evaluation's model, at 0.7
     assert model.info.algorithm == "fedklpr_compressed" and model.info.round == 2
-    session = onnxruntime.InferenceSession(str(export_model(model.net, "onnx", tmp_path / "pruned.onnx")),
+    session = onnxruntime.InferenceSession(str(export_model(model.net, "onnx", folder.parent / "pruned.onnx")),
                                            providers=["CPUExecutionProvider"])
-    batch = model.preprocess(tmp_path / "sites" / "0-mall" / "query")
+    batch = model.preprocess(folder.parent.parent / "sites" / "0-mall" / "query")
     exported = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
     assert abs(exported - model.embed(batch, flip=False)).max() <= 1e-4
 
