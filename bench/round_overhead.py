@@ -181,9 +181,10 @@ def echo_rounds(connection: SuperLinkConnection, values: int, rounds: int, resul
 
 def training_rounds(code: Path, sites_root: Path, clients: int, rounds: int, model: str, gpu: int | None,
                     cpu_threads: int | None, client_args: tuple[str, ...] = (),
-                    algorithm: str = "fedpav") -> tuple[list[dict], dict[str, str], int]:
+                    algorithm: str = "fedpav", python_path: tuple[Path, ...] = ()) -> tuple[list[dict], dict[str, str], int]:
     """Per-round records of a real TLS deployment of ``clients`` synthetic sites (profile=test) run
-    with the project at ``code``; the sites' logs; the flwr-clientapp processes started meanwhile."""
+    with the project at ``code`` (``python_path`` ahead of it in every process: bench/round_trace.py's
+    hooks); the sites' logs; the flwr-clientapp processes started meanwhile."""
     from tests.deployment import Deployment
 
     sites = dict([(p.name, p) for p in sorted(sites_root.iterdir()) if p.is_dir()][:clients])
@@ -194,7 +195,8 @@ def training_rounds(code: Path, sites_root: Path, clients: int, rounds: int, mod
     extra += list(client_args)
     with tempfile.TemporaryDirectory(prefix="fedreid-overhead-") as scratch:
         root = Path(scratch)
-        deployment = Deployment(root, dict(sites), env={"PYTHONPATH": str(code)})
+        path = ":".join(str(p) for p in (*python_path, code))
+        deployment = Deployment(root, dict(sites), env={"PYTHONPATH": path})
         try:
             deployment.start_server()
             deployment.register_sites()

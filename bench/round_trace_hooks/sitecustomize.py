@@ -1,0 +1,72 @@
+"""bench/round_trace.py's hooks: on PYTHONPATH of every process of a traced deployment, they time a
+few Flower functions (wall-clock start and end, one JSON line per call, appended to the file named
+by FEDREID_ROUND_TRACE). Nothing is changed but the timing; without that variable nothing is hooked."""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.util
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+TRACE_VARIABLE = "FEDREID_ROUND_TRACE"
+HOOKED = {  # module: (class or None, function) pairs; the label is "<class or module tail>.<function>"
+    "flwr.superlink.grid.http_grid": [("HttpGrid", "push_messages"), ("HttpGrid", "pull_messages")],
+    "flwr.server.superlink.fleet.grpc_rere.fleet_servicer": [("FleetServicer", "PushMessages"),
+                                                             ("FleetServicer", "PushObject")],
+    "flwr.supercore.corestate.sql_corestate": [("SqlCoreState", "store_object")],
+    "flwr.supercore.object_store.in_memory_object_store": [("InMemoryObjectStore", "put")],
+    "flwr.supernode.start_client_internal": [(None, "_pull_and_store_message")],
+}
+EMPTY_POLLS = ("pull_messages", "_pull_and_store_message")  # recorded only when something came
+_lock = threading.Lock()
+
+
+def _timed(function: Callable[..., Any], label: str, path: str) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.time()
+        result = function(*args, **kwargs)
+        if label.endswith("pull_messages"):
+            result = list(result)
+        if not (label.endswith(EMPTY_POLLS) and not result):
+            line = json.dumps({"pid": os.getpid(), "fn": label, "t0": start, "t1": time.time()})
+            with _lock, open(path, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+        return result
+
+    return timed
+
+
+class _HookOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name not in HOOKED:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        execute = spec.loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            execute(module)
+            for owner_name, function in HOOKED[name]:
+                owner = getattr(module, owner_name) if owner_name else module
+                label = f"{owner_name or name.rsplit('.', 1)[-1]}.{function}"
+                setattr(owner, function, _timed(getattr(owner, function), label, self.path))
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if os.environ.get(TRACE_VARIABLE):
+    sys.meta_path.insert(0, _HookOnImport(os.environ[TRACE_VARIABLE]))
