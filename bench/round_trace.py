@@ -17,7 +17,8 @@ next, is cut into consecutive parts, medians over rounds 2..R:
 - server: from then to the next push (screening, aggregation, the next message).
 
 Beside them, per round, summed over processes and not on the critical path as a whole: the SuperLink's
-object bookkeeping (``store_object``: its SQL push-session rows and the store) and every object
+object bookkeeping (``store_object``: push-session records, SQL rows unless server/push_sessions.py
+keeps them in memory, and the store) and every object
 store's hash check (``put``, also in the SuperNodes).
 """
 
@@ -59,8 +60,8 @@ def round_parts(events: list[dict], records: list[dict], last: int) -> list[dict
                "slowest site beyond training": replied - received - training[server_round],
                "reply up and pulled": pulled - replied, "server": following["t0"] - pulled,
                "training": training[server_round], "round": following["t0"] - push["t0"]}
-        for label in ("SqlCoreState.store_object", "InMemoryObjectStore.put"):
-            row[label] = sum(e["t1"] - e["t0"] for e in inside if e["fn"] == label)
+        for label in ("store_object", "InMemoryObjectStore.put"):
+            row[label] = sum(e["t1"] - e["t0"] for e in inside if e["fn"].endswith(label))
         rows.append(row)
     return rows
 
@@ -88,7 +89,7 @@ def main() -> None:
     print(f"| overhead (sum of the parts) | {overhead:.2f} |")
     print(f"| slowest site's training | {median['training']:.2f} |")
     print(f"| round (push to push) | {median['round']:.2f} |")
-    print(f"beside them, per round: the SuperLink's object bookkeeping {median['SqlCoreState.store_object']:.2f} s, "
+    print(f"beside them, per round: the SuperLink's object bookkeeping {median['store_object']:.2f} s, "
           f"hash checks in every object store {median['InMemoryObjectStore.put']:.2f} s (summed over processes)")
 
 

@@ -35,7 +35,7 @@ import os
 import sys
 from typing import Any
 
-from server import link_bookkeeping
+from server import link_bookkeeping, push_sessions
 
 BUSY_TIMEOUT_VARIABLE = "FEDREID_SQLITE_BUSY_TIMEOUT_MS"
 DEFAULT_BUSY_TIMEOUT_MS = 120_000
@@ -94,6 +94,7 @@ def check_flower_api() -> None:
 
     import_flower_names(FLOWER_SUPERLINK_API, "server/superlink_main.py")
     import_flower_names(link_bookkeeping.FLOWER_BOOKKEEPING_API, "server/link_bookkeeping.py")
+    import_flower_names(push_sessions.FLOWER_PUSH_SESSION_API, "server/push_sessions.py")
 
 
 def keep_payloads_in_memory() -> None:
@@ -121,6 +122,7 @@ def main() -> int:
     check_flower_api()
     if payloads == "memory":
         keep_payloads_in_memory()
+        push_sessions.install()  # their upload bookkeeping too: nothing of it outlives the process either
     link_bookkeeping.install()  # fewer SQLite writes: token expiry, run status and traffic per object
 
     set_sqlite_busy_timeout(int(os.environ.get(BUSY_TIMEOUT_VARIABLE, DEFAULT_BUSY_TIMEOUT_MS)))

@@ -161,6 +161,64 @@ def test_the_superlink_keeps_payloads_in_memory_and_runs_and_keys_in_its_databas
     assert (tmp_path / "superlink.db").is_file()
 
 
+def test_push_sessions_live_in_memory_beside_the_payloads_and_an_expired_one_drops_its_objects(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With payloads in memory, a model's upload is tracked without a SQLite row (server/push_sessions.py)
+    and still behaves as Flower's: only announced objects are taken, each once, with its hash checked;
+    a session that has expired gives up its objects."""
+    from datetime import timedelta
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+    from flwr.supercore.date import now
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+    from flwr.superlink import main as flower_main
+    from flwr.superlink.federation import NoOpFederationManager
+    from sqlalchemy import text
+
+    from server import push_sessions, superlink_main
+
+    monkeypatch.setattr(SqlCoreState, "fedreid_sessions_in_memory", False, raising=False)
+    for name in (*push_sessions.SESSION_METHODS, "__init__"):  # Flower's own back after the test
+        monkeypatch.setattr(SqlCoreState, name, getattr(SqlCoreState, name))
+    monkeypatch.setattr(flower_main, "get_objectstore_linkstate_factories",
+                        flower_main.get_objectstore_linkstate_factories)
+    superlink_main.keep_payloads_in_memory()
+    push_sessions.install()
+    _, links = flower_main.get_objectstore_linkstate_factories(str(tmp_path / "superlink.db"), NoOpFederationManager())
+    state = links.state()
+
+    def announced(values: int) -> tuple[Message, dict[str, bytes], str]:
+        arrays = ArrayRecord({"w": Array(np.arange(values, dtype=np.float32))})
+        message = Message(RecordDict({"arrays": arrays}), dst_node_id=1, message_type="train")
+        session = state.start_session(7)
+        pending = state.preregister_object_tree(get_object_tree(message), session)
+        contents = {key: obj.deflate() for key, obj in get_all_nested_objects(message).items()}
+        assert set(pending) == set(contents)  # a 6 MB array: two chunks, the array, records, the message
+        return message, contents, session
+
+    message, contents, session = announced(1_500_000)
+    assert not state.store_object(7, session, "f" * 64, b"not announced")
+    assert not state.store_object(8, session, next(iter(contents)), contents[next(iter(contents))])  # other run
+    for key, content in contents.items():
+        assert state.store_object(7, session, key, content)
+        assert not state.store_object(7, session, key, content)  # each object once
+    assert all(state.get_object(7, key) == content for key, content in contents.items())
+    assert state._object_push_sessions == {}  # noqa: SLF001 - done: its bookkeeping is gone
+    with state.session() as sql:
+        for table in ("object_push_sessions", "object_push_session_pending"):
+            assert sql.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar() == 0
+
+    message, contents, session = announced(1_400_000)
+    first = next(iter(contents))
+    with pytest.raises(ValueError):  # a content that does not hash to its id is refused (Flower's check)
+        state.object_store.put(first, contents[first][:-1] + b"x")
+    state._object_push_sessions[session].expires_at = now() - timedelta(seconds=1)  # noqa: SLF001
+    assert state.get_object(7, first) is None  # expired while waiting: the message's objects are dropped
+    assert session not in state._object_push_sessions  # noqa: SLF001
+
+
 def test_model_files_are_written_in_order_beside_the_loop_and_a_failed_write_is_raised_at_the_wait() -> None:
     import threading
     import time

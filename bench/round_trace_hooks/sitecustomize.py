@@ -20,6 +20,7 @@ HOOKED = {  # module: (class or None, function) pairs; the label is "<class or m
     "flwr.server.superlink.fleet.grpc_rere.fleet_servicer": [("FleetServicer", "PushMessages"),
                                                              ("FleetServicer", "PushObject")],
     "flwr.supercore.corestate.sql_corestate": [("SqlCoreState", "store_object")],
+    "flwr.supercore.corestate.in_memory_corestate": [("InMemoryCoreState", "store_object")],  # push_sessions.py
     "flwr.supercore.object_store.in_memory_object_store": [("InMemoryObjectStore", "put")],
     "flwr.supernode.start_client_internal": [(None, "_pull_and_store_message")],
 }
