@@ -24,7 +24,7 @@ from reid.data.dataset import ReIDData
 from reid.data.tensor_cache import LabelledImages, load_images, training_images
 from reid.divergence import cosine_logit_distance, eval_outputs, feature_kl, fixed_batch, kl_regulariser
 from reid.holdout import HeldBack, distractor_choice, held_back_score, hold_back
-from reid.models import ReIDNet, build_model
+from reid.models import ReIDNet, fresh_models
 from reid.pruning import apply_masks, kept_fraction, mask_keeper, masks_to
 from reid.raf import MultiResolution
 from reid.seeding import stable_seed
@@ -44,7 +44,7 @@ def train_supervised(site: Site, content: RecordDict, state: RecordDict, spec: S
     held = hold_back(data, spec.crr, stable_seed(spec.seed, name, "holdout")) if spec.pruning.enabled else \
         HeldBack(data, [])
     torch.manual_seed(stable_seed(spec.seed, name))  # a fresh head is the same in every run
-    model = build_model(spec.model, num_classes=held.training.num_train_ids)
+    model = fresh_models.build(spec.model, num_classes=held.training.num_train_ids)
     received = site.load_received(model, content, state, spec.bn_stats)
     restore_local_state(model, state, name)
     model.to(device)

@@ -21,7 +21,7 @@ from clients.site import Site
 from reid.config import SiteRunSpec
 from reid.data.dataset import ReIDData
 from reid.data.tensor_cache import cache_key, load_images
-from reid.models import build_model
+from reid.models import fresh_models
 from reid.raf import MultiResolution
 from reid.seeding import stable_seed
 from reid.unsupervised import blend_states, purity_metrics, run_round
@@ -36,7 +36,7 @@ def train_unsupervised(site: Site, content: RecordDict, state: RecordDict, spec:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(stable_seed(spec.seed, name))
-    model = build_model(spec.model, num_classes=0)
+    model = fresh_models.build(spec.model, num_classes=0)
     received = site.load_received(model, content, state, spec.bn_stats)
     restore_local_state(model, state, name)
     model.to(device)

@@ -8,7 +8,11 @@ policy; ``num_batches_tracked`` counters are bookkeeping and stay LOCAL.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +101,41 @@ def build_model(spec: ModelSpec, num_classes: int = 0, pretrained: str | Path | 
     if pretrained:
         load_backbone_weights(model, pretrained)
     return model
+
+
+class FreshModels:
+    """``build_model`` without paying for the random initialisation again: a site builds its model
+    afresh every round, from the same seed, only to overwrite the backbone with the received weights
+    (a ResNet-10's Kaiming initialisation took 0.13 s of a round's 0.26 s of site work on a CPU).
+    The first build from a given RNG state is kept (at most ``keep`` of them) and later builds from
+    that state are copies of it, with the RNG left where building would have left it: parameters,
+    buffers and every later random draw are bit-identical to building afresh."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._kept: OrderedDict[tuple, tuple[ReIDNet, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def build(self, spec: ModelSpec, num_classes: int = 0) -> ReIDNet:
+        """What ``build_model(spec, num_classes)`` would return now (no pretrained weights: the
+        received model replaces the backbone anyway)."""
+        key = (spec, num_classes, hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is not None:
+                self._kept.move_to_end(key)
+                template, rng_after = kept
+                torch.set_rng_state(rng_after)
+                return copy.deepcopy(template)
+        model = build_model(spec, num_classes)
+        with self._lock:
+            self._kept[key] = (copy.deepcopy(model), torch.get_rng_state())
+            while len(self._kept) > self.keep:
+                self._kept.popitem(last=False)
+        return model
+
+
+fresh_models = FreshModels()
 
 
 def imagenet_state_dict(backbone: str) -> tuple[dict[str, torch.Tensor], str]:

@@ -10,7 +10,7 @@ import torch
 from torchvision.models import ResNet18_Weights, resnet18
 
 from reid import models as models_module
-from reid.models import ModelSpec, build_model, is_local_key, load_shared_state, shared_state, split_state
+from reid.models import FreshModels, ModelSpec, build_model, is_local_key, load_shared_state, shared_state, split_state
 
 SMALL = ModelSpec(backbone="resnet10", last_stride=1, height=64, width=32)
 
@@ -116,3 +116,25 @@ def test_a_failed_imagenet_download_says_how_to_pass_a_local_file(monkeypatch: p
         build_model(ModelSpec(backbone="resnet50"), pretrained="imagenet")
     with pytest.raises(ValueError, match="no ImageNet weights for backbone 'resnet10'"):
         build_model(SMALL, pretrained="imagenet")
+
+
+def test_a_fresh_model_from_a_kept_template_equals_building_it_and_leaves_the_rng_where_building_would() -> None:
+    spec, fresh = ModelSpec(backbone="resnet10", height=64, width=32), FreshModels(keep=1)
+    built = []
+    for _ in range(2):  # the second build of seed 3 is a copy of the first
+        torch.manual_seed(3)
+        model = fresh.build(spec, num_classes=7)
+        built.append((model, torch.rand(4)))  # the next random draw, after building
+    torch.manual_seed(3)
+    reference, draw = build_model(spec, num_classes=7), torch.rand(4)
+    for model, after in built:
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+        assert torch.equal(after, draw)
+    assert built[0][0] is not built[1][0]
+    with torch.no_grad():
+        built[1][0].classifier.weight.add_(1.0)  # a copy handed out never changes the kept template
+    torch.manual_seed(3)
+    assert torch.equal(fresh.build(spec, num_classes=7).classifier.weight, reference.classifier.weight)
+    torch.manual_seed(4)  # another seed: built afresh (and kept in place of the first, keep=1)
+    other = fresh.build(spec, num_classes=7)
+    assert not torch.equal(other.classifier.weight, reference.classifier.weight)
