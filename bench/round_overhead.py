@@ -181,14 +181,15 @@ def echo_rounds(connection: SuperLinkConnection, values: int, rounds: int, resul
 
 def training_rounds(code: Path, sites_root: Path, clients: int, rounds: int, model: str, gpu: int | None,
                     cpu_threads: int | None, client_args: tuple[str, ...] = (),
-                    algorithm: str = "fedpav", python_path: tuple[Path, ...] = ()) -> tuple[list[dict], dict[str, str], int]:
+                    algorithm: str = "fedpav", python_path: tuple[Path, ...] = (),
+                    overrides: str = "") -> tuple[list[dict], dict[str, str], int]:
     """Per-round records of a real TLS deployment of ``clients`` synthetic sites (profile=test) run
     with the project at ``code`` (``python_path`` ahead of it in every process: bench/round_trace.py's
-    hooks); the sites' logs; the flwr-clientapp processes started meanwhile."""
+    hooks) and any extra Hydra ``overrides``; the sites' logs; the flwr-clientapp processes started meanwhile."""
     from tests.deployment import Deployment
 
     sites = dict([(p.name, p) for p in sorted(sites_root.iterdir()) if p.is_dir()][:clients])
-    overrides = f"federation.rounds={rounds} federation.min_sites={clients} model={model}"
+    overrides = f"federation.rounds={rounds} federation.min_sites={clients} model={model} {overrides}".strip()
     extra = ["--gpu", str(gpu)] if gpu is not None else []
     if cpu_threads:
         extra += ["--cpu-threads", str(cpu_threads)]

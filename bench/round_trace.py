@@ -71,17 +71,19 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5, help="medians over rounds 2..R")
     parser.add_argument("--sites-root", type=Path, default=REPO / "data" / "synthetic")
+    parser.add_argument("--overrides", default="", help='extra Hydra overrides, e.g. "transport.dtype=float16"')
     args = parser.parse_args()
     ensure_synthetic_sites(args.sites_root, args.clients, seed=0)
     with tempfile.TemporaryDirectory(prefix="fedreid-trace-") as scratch:
         trace = Path(scratch) / "trace.jsonl"
         os.environ["FEDREID_ROUND_TRACE"] = str(trace)  # the deployment's processes inherit it
         records, _, _ = training_rounds(REPO, args.sites_root, args.clients, args.rounds + 1, "small", None, 1,
-                                        python_path=(HOOKS,))
+                                        python_path=(HOOKS,), overrides=args.overrides)
         events = [json.loads(line) for line in trace.read_text().splitlines()]
     rows = round_parts(events, records, args.rounds)
     median = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
-    print(f"{args.clients} sites over TLS on loopback, model=small, CPU; medians of rounds 2..{args.rounds}")
+    print(f"{args.clients} sites over TLS on loopback, model=small, CPU{', ' + args.overrides if args.overrides else ''}; "
+          f"medians of rounds 2..{args.rounds}")
     print("| part | s |\n|---|---:|")
     for part in PARTS:
         print(f"| {part} | {median[part]:.2f} |")
