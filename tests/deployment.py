@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -107,23 +106,10 @@ class Deployment:
         return self.connection.status(run_id)
 
     def wait_finished(self, run_id: int, timeout: float, outputs: Path | None = None) -> str:
-        """The run's final status (or its last one at ``timeout``). With the run's ``outputs`` folder,
-        the SuperLink is asked as soon as the ServerApp has let go of its run folder (a cheap file
-        check every 0.2 s), and otherwise every few seconds: each `flwr ls` costs a second of CPU."""
-        if outputs is None:
-            return self.connection.wait_finished(run_id, timeout)
-        deadline = time.monotonic() + timeout
-        asked, pause = 0.0, 2.0
-        while True:
-            now = time.monotonic()
-            if serverapp_let_go(outputs) or now - asked >= pause or now >= deadline:
-                status = self.status(run_id)
-                if status.startswith("finished") or now >= deadline:
-                    return status
-                asked, pause = time.monotonic(), min(pause * 1.5, 6.0)
-                if serverapp_let_go(outputs):
-                    time.sleep(0.5)  # the ServerApp has ended; the SuperLink records it a moment later
-            time.sleep(0.2)
+        """The run's final status (or its last one at ``timeout``); with the run's ``outputs`` folder,
+        asked as soon as its ServerApp has let go of its run folder."""
+        return self.connection.wait_finished(run_id, timeout,
+                                             ended=None if outputs is None else lambda: serverapp_let_go(outputs))
 
     def stop_client(self, site: str) -> None:
         stop_process_group(self.clients.pop(site, None))
