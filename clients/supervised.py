@@ -57,8 +57,10 @@ def train_supervised(site: Site, content: RecordDict, state: RecordDict, spec: S
         site.keep_model(model, content, state, spec, evaluated, received.masks)
     images = training_images(held.training, spec.model.height, spec.model.width, site.image_cache_dir,
                              spec.train.num_workers)
-    probe, _ = fixed_batch(images, PROBE_BATCH, seed=stable_seed(spec.seed, name, server_round, "probe"))
-    before, before_features = eval_outputs(model, probe, device)  # received backbone, this site's previous head
+    probe = None
+    if spec.measure_change:
+        probe, _ = fixed_batch(images, PROBE_BATCH, seed=stable_seed(spec.seed, name, server_round, "probe"))
+        before, before_features = eval_outputs(model, probe, device)  # received backbone, this site's previous head
     regulariser = kl_regulariser(model, spec.kll) if spec.kll.enabled and server_round >= spec.kll.start_round else None
     torch.manual_seed(stable_seed(spec.seed, name, server_round, "train"))  # dropout (augmentation has its own)
     multires = MultiResolution(spec.raf) if spec.raf.enabled else None
@@ -68,7 +70,6 @@ def train_supervised(site: Site, content: RecordDict, state: RecordDict, spec: S
                             augment=spec.augment, extra_loss=regulariser,
                             after_step=mask_keeper(model, masks) if masks else None,
                             label=f"[{name} round {server_round}]", multires=multires, restyle=sharing)
-    after, after_features = eval_outputs(model, probe, device)
     metrics = {
         "num-examples": len(images),
         "num-identities": held.training.num_train_ids,
@@ -78,10 +79,12 @@ def train_supervised(site: Site, content: RecordDict, state: RecordDict, spec: S
         "images-per-second": stats.images_per_second,
         "image-passes": stats.images * (multires.passes_per_image if multires else 1),  # forward + backward
         "corrupt-images": data.num_corrupt,
-        "cdw-distance": cosine_logit_distance(before, after),
-        "kl-divergence": feature_kl(before_features, after_features),
         "kept-fraction": kept_fraction(received.masks, model),
     }
+    if probe is not None:
+        after, after_features = eval_outputs(model, probe, device)
+        metrics["cdw-distance"] = cosine_logit_distance(before, after)
+        metrics["kl-divergence"] = feature_kl(before_features, after_features)
     if held.samples:
         metrics.update(held_back_metrics(site, model, held, images, spec, stable_seed(spec.seed, name, "distractors")))
     style = None

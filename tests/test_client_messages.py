@@ -78,6 +78,17 @@ def test_train_reply_holds_no_local_key_and_no_image_bytes(tiny_site: Path, bn_s
     assert array_bytes < message_wire_bytes(reply) < array_bytes + 64_000
 
 
+def test_a_site_skips_the_change_probe_unless_asked_and_trains_the_same_model(tiny_site: Path) -> None:
+    replies = {}
+    for measure in (True, False):
+        spec = SiteRunSpec(model=SPEC.model, train=SPEC.train, bn_stats="local", measure_change=measure)
+        replies[measure] = app(_message("train", _global(spec), spec, 1), _context(tiny_site)).content
+    assert replies[True]["metrics"]["cdw-distance"] > 0 and replies[True]["metrics"]["kl-divergence"] > 0
+    assert not {"cdw-distance", "kl-divergence"} & set(replies[False]["metrics"].keys())
+    for key, array in replies[True]["arrays"].items():  # the probe is eval-mode only: same training
+        np.testing.assert_array_equal(array.numpy(), replies[False]["arrays"][key].numpy())
+
+
 def test_head_and_local_bn_statistics_stay_in_context_state_across_rounds(tiny_site: Path) -> None:
     context = _context(tiny_site)
     first = app(_message("train", _global(SPEC), SPEC, 1), context)
