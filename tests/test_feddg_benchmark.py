@@ -55,3 +55,14 @@ def test_the_leave_one_out_table_pairs_methods_per_held_out_site_and_seed() -> N
     assert "feddg - fedpav, source-only, paired over 4 (held-out site, seed) pairs: +2.0 ± 2.2 mAP points " \
            "(-1.0 to +4.0)." in text
     assert "feddg - fedpav, target-adapted, paired over 4 (held-out site, seed) pairs: +1.0 ± 0.0" in text
+
+
+def test_the_reason_bench_splits_the_spread_between_data_seeds_and_training_seeds() -> None:
+    import feddg_reason
+
+    # data seed 0 gains +1, +2, +3; data seed 1 gains +7, +8, +9: the data seeds' means differ by 6
+    total, between, within = feddg_reason.spread_split({0: [1.0, 2.0, 3.0], 1: [7.0, 8.0, 9.0]})
+    assert between == pytest.approx(6 / 2 ** 0.5) and within == pytest.approx(1.0)
+    assert total == pytest.approx((58 / 5) ** 0.5)  # squared deviations from 5: 16 + 9 + 4 + 4 + 9 + 16
+    assert feddg_reason.spearman([1.0, 2.0, 3.0], [10.0, 30.0, 20.0]) == pytest.approx(0.5)
+    assert feddg_reason.pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == pytest.approx(1.0)
