@@ -231,6 +231,25 @@ def test_restyling_carries_the_targets_colour_and_keeps_restyled_rows_out_of_bat
     assert norm.momentum == 0.1
 
 
+def test_without_sharing_each_picked_image_takes_another_batch_images_style_never_the_bank() -> None:
+    """The recommended feddg_no_share: targets are other images of the site's own batch, even when a
+    bank of other sites' styles arrived; an image is never restyled towards itself."""
+    from reid.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN)[None, :, None, None]
+    std = torch.tensor(IMAGENET_STD)[None, :, None, None]
+    colours = torch.tensor([[0.8, 0.2, 0.2], [0.2, 0.8, 0.2], [0.2, 0.2, 0.8], [0.5, 0.5, 0.5]])
+    pixels = (colours[:, :, None, None] + 0.05 * torch.rand(4, 3, 16, 8, generator=torch.Generator().manual_seed(0)))
+    bank = image_styles(torch.full((1, 3, 16, 8), 0.95)).numpy()  # a near-white camera no image resembles
+    sharing = StyleSharing(StyleConfig(enabled=True, share=False, probability=1.0), bank, seed=5)
+    out = sharing((pixels - mean) / std) * std + mean
+    means = out.flatten(2).mean(2)
+    for index, row in enumerate(means):  # each image now carries the mean colour of another image of the batch
+        distances = (colours - row).norm(dim=1)
+        assert distances.min() < 0.06 and int(distances.argmin()) != index and (row - 0.95).abs().max() > 0.1
+    assert sharing.restyled == 4
+
+
 def test_fedreid_sim_runs_synthetic_fedreid9_with_its_profile_or_a_chosen_group(fedreid9_root: Path) -> None:
     """What `fedreid-sim --federation synthetic-fedreid9` submits: all fifteen sites in order with the
     profile that holds six out, or (the leave-one-site-out bench) exactly the named group."""
