@@ -41,7 +41,7 @@ class SiteRunSpec:
     eval_batch_size: int = 128
     eval_query_scales: str = ""  # also rank the queries at these resolutions, e.g. "0.5 0.25" (resolution drift)
     # Measure how far training moved the model on a fixed probe batch (two extra forward passes a
-    # round): only aggregation weights that read it (CDW, KLPWA) need it.
+    # round): the server asks only when its aggregation weights read it (CDW, KLPWA; server/app.py).
     measure_change: bool = True
 
     def __post_init__(self) -> None:

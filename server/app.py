@@ -33,8 +33,8 @@ from server.rounds import FederationRunner
 from server.telemetry import FederationGauges
 from server.tensorboard_log import TensorBoardScalars
 from strategies.clustering import ClusteringSpec
-from strategies.fedklpr import FedKLPR
-from strategies.fedpav import NUM_EXAMPLES, FedPav
+from strategies.fedklpr import KL_DIVERGENCE, FedKLPR
+from strategies.fedpav import CDW_DISTANCE, NUM_EXAMPLES, FedPav
 from strategies.packing import TRANSPORT_DTYPE_KEY, TransportSpec
 from strategies.screening import ScreenSpec
 from strategies.transfer import build_transfer
@@ -88,6 +88,14 @@ def build_strategy(cfg: DictConfig) -> FedPav:
                           temperature=float(algo.klpwa.temperature))
         return FedKLPR(klpwa=klpwa, pruning=schedule, recovery=recovery, **options)  # type: ignore[arg-type]
     return FedPav(**options)  # type: ignore[arg-type]
+
+
+CHANGE_METRICS = frozenset({CDW_DISTANCE, KL_DIVERGENCE})  # what a site's change probe measures
+
+
+def measures_change(strategy: FedPav) -> bool:
+    """Whether the sites must run their change probe: only when the strategy requires what it measures."""
+    return bool(CHANGE_METRICS & set(strategy.required_train_metrics))
 
 
 def restore_history(strategy: FedPav, rounds: list[dict[str, Any]]) -> None:
@@ -167,6 +175,7 @@ def main(grid: Grid, context: Context) -> None:
         spec.model.backbone, spec.model.height, spec.model.width, settings.rounds, outputs.folder)
     started = time.time() - (outputs.rounds[-1].get("elapsed_s", 0.0) if outputs.rounds else 0.0)
     strategy = build_strategy(cfg)
+    spec = replace(spec, measure_change=measures_change(strategy))
     gauges = _gauges(cfg, outputs)
     scalars = TensorBoardScalars(outputs.folder) if cfg.telemetry.get("tensorboard", False) else None
 

@@ -126,7 +126,6 @@ def site_run_spec(cfg: DictConfig) -> SiteRunSpec:
         verify_images=bool(cfg.data.verify_images),
         eval_batch_size=int(cfg.data.eval_batch_size),
         eval_query_scales=_scales(cfg.data.eval_query_scales),
-        measure_change=str(cfg.algorithm.weighting) != "size",
     )
 
 

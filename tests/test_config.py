@@ -73,9 +73,11 @@ def test_the_cdw_and_kd_presets_switch_on_what_their_names_say() -> None:
 
 
 def test_sites_measure_their_change_only_where_the_aggregation_weights_read_it() -> None:
-    measured = {name: site_run_spec(compose_config({"algorithm": name})).measure_change
-                for name in ("fedpav", "fedpav_kd", "feddg", "fedpav_cdw", "fedklpr")}
-    assert measured == {"fedpav": False, "fedpav_kd": False, "feddg": False, "fedpav_cdw": True, "fedklpr": True}
+    from server.app import build_strategy, measures_change
+
+    measured = {name: measures_change(build_strategy(compose_config({"algorithm": name})))
+                for name in ("fedpav", "feddg", "fedpav_cdw", "fedklpr", "fedklpr_no_klaw")}
+    assert measured == {"fedpav": False, "feddg": False, "fedpav_cdw": True, "fedklpr": True, "fedklpr_no_klaw": True}
 
 
 def test_the_fedureid_presets_differ_only_in_their_personalisations() -> None:
