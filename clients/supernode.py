@@ -30,6 +30,7 @@ import time
 from types import ModuleType
 from typing import Any
 
+from server import whole_bodies
 from strategies.wire import pull_promptly
 
 LOOP_MODULE = "flwr.supernode.start_client_internal"
@@ -45,6 +46,7 @@ FLOWER_SUPERNODE_API = {
                   "pull_objects": "pulls a received message's arrays, backing off 1 s (doubling to 10 s) while "
                                   "the SuperLink does not have them yet"},
     CLI_MODULE: {"flower_supernode": "the `flower-supernode` console script's function"},
+    "flwr.supernode.main": {"create_app": "builds the Runtime API app the worker talks to (server/whole_bodies.py)"},
 }
 DEFAULT_POLL_S = 0.25
 MIN_POLL_S = 0.05  # 20 idle pulls a second per site at most
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     loop = importlib.import_module(LOOP_MODULE)
     pull_arrays_promptly(loop)
     answer_untakeable_messages(loop)
+    whole_bodies.install("flwr.supernode.main")  # the worker's 20 MB reply crosses the HTTP middleware in one piece
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = [sys.argv[0], *rest]

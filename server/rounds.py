@@ -99,16 +99,42 @@ class Clock:
         return True
 
 
-def wait_for_sites(grid: Grid, count: int, settings: FederationSettings, names: SiteNames, label: str) -> None:
+class NodeSnapshot:
+    """The grid as one exchange's preparation sees it: the connected nodes asked for once.
+
+    Naming the sites, finding unnamed ones and sampling each asked the SuperLink for its node list
+    again (an HTTP request each, 10-40 ms on a busy 2-core server, three times a round); within one
+    exchange's preparation the list does not change in any way that matters, so it is taken from
+    the last answer ``wait_for_sites`` got. Everything else is the grid's own."""
+
+    def __init__(self, grid: Grid, nodes: list[Any]) -> None:
+        self._grid, self._nodes = grid, nodes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def get_nodes(self) -> list[Any]:
+        return list(self._nodes)
+
+    def get_node_ids(self) -> list[int]:
+        return [node.node_id for node in self._nodes]
+
+
+def wait_for_sites(grid: Grid, count: int, settings: FederationSettings, names: SiteNames,
+                   label: str) -> NodeSnapshot:
     """Return once ``count`` sites are connected or ``round_timeout_s`` has passed, naming in the log
-    the known sites that are not connected while it waits."""
+    the known sites that are not connected while it waits; the grid with the node list last seen."""
     clock = Clock(settings.round_timeout_s, settings.report_every_s)
     report = True  # at once, then every report_every_s
-    while len(connected := set(grid.get_node_ids())) < count:
+    while True:
+        nodes = list(grid.get_nodes())
+        connected = {node.node_id for node in nodes}
+        if len(connected) >= count:
+            break
         if clock.left() <= 0:
             log(WARNING, "%s: only %d of the %d sites needed are connected after %.0f s; going on with them",
                 label, len(connected), count, clock.elapsed())
-            return
+            break
         if report or clock.due():
             absent = [names.of_node(node) for node in names.known_nodes() if node not in connected]
             log(INFO, "%s: waiting for sites to connect: %d of at least %d%s (%.0f s of %.0f s)", label,
@@ -116,6 +142,7 @@ def wait_for_sites(grid: Grid, count: int, settings: FederationSettings, names: 
                 settings.round_timeout_s)
             report = False
         time.sleep(max(min(1.0, settings.report_every_s, clock.left()), 0.0))
+    return NodeSnapshot(grid, nodes)
 
 
 def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, names: SiteNames,
@@ -201,20 +228,20 @@ class FederationRunner:
     def _config(self) -> ConfigRecord:
         return ConfigRecord(dict(self.site_config))  # strategies write the round into it: fresh copy
 
-    def _send(self, label: str, configure: Callable[[], Iterable[Message]],
+    def _send(self, label: str, configure: Callable[[Grid], Iterable[Message]],
               on_reply: Callable[[Message], None] | None = None) -> Exchange | None:
         """Wait (bounded) for enough sites, refresh their registered names (and ask unnamed nodes for
         theirs when some sites are held out), build the messages, exchange."""
-        wait_for_sites(self.grid, self.settings.min_sites + len(self.strategy.held_out), self.settings, self.names,
-                       label)
-        self.names.learn_registrations(self.grid.get_nodes())
-        unnamed = self.strategy.unnamed(self.grid.get_node_ids())
+        grid = wait_for_sites(self.grid, self.settings.min_sites + len(self.strategy.held_out), self.settings,
+                              self.names, label)
+        self.names.learn_registrations(grid.get_nodes())
+        unnamed = self.strategy.unnamed(grid.get_node_ids())
         if unnamed:
             asked = self._exchange(self.strategy.configure_query(unnamed), f"{label}: site names")
             self.strategy.learn_names(asked.replies)
             log(INFO, "%s: %d node(s) named themselves: %s; held out (never trained): %s", label,
                 len(asked.replies), _listing(self.names.of(r) for r in asked.replies), _listing(self.strategy.held_out))
-        messages = list(configure())
+        messages = list(configure(grid))  # type: ignore[arg-type] - a Grid in all it is asked for
         if not messages:
             return None
         return self._exchange(messages, label, on_reply)
@@ -233,8 +260,8 @@ class FederationRunner:
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any] | None:
         """Federated evaluation: every site ranks its own gallery with the global model."""
-        result = self._send(f"round {server_round} evaluation", lambda: self.strategy.configure_evaluate(
-            server_round, arrays, self._config(), self.grid))
+        result = self._send(f"round {server_round} evaluation", lambda grid: self.strategy.configure_evaluate(
+            server_round, arrays, self._config(), grid))
         if result is None:
             return None
         with self.clock.phase("aggregation"):
@@ -253,8 +280,8 @@ class FederationRunner:
             return None
         requests: list[Request] = []
 
-        def configure() -> list[Message]:
-            requests.extend(self.strategy.configure_unseen(server_round, arrays, self._config(), self.grid))
+        def configure(grid: Grid) -> list[Message]:
+            requests.extend(self.strategy.configure_unseen(server_round, arrays, self._config(), grid))
             return [message for message, _, _ in requests]
 
         result = self._send(f"round {server_round} evaluation of held-out sites", configure)
@@ -316,10 +343,10 @@ class FederationRunner:
         riding = unseen_round if self.strategy.held_out else None  # the held-out ranking this exchange carries
         unseen: list[Request] = []
 
-        def configure() -> list[Message]:
+        def configure(grid: Grid) -> list[Message]:
             if riding is not None:
-                unseen.extend(self.strategy.configure_unseen(riding, arrays, self._config(), self.grid))
-            return [*self.strategy.configure_train(server_round, arrays, config, self.grid),
+                unseen.extend(self.strategy.configure_unseen(riding, arrays, self._config(), grid))
+            return [*self.strategy.configure_train(server_round, arrays, config, grid),
                     *(message for message, _, _ in unseen)]
 
         def check_early(reply: Message) -> None:

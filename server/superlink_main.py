@@ -24,7 +24,8 @@ lines were access lines. Successful requests are dropped from that log unless
 ``FEDREID_ACCESS_LOG=1`` (`fedreid-server --access-log`); failed ones (status 400 and up) stay.
 
 Flower's SQLite bookkeeping (expiring task tokens ten times a second, a run-status read and a
-traffic write for every 5 MiB chunk) is written less often: server/link_bookkeeping.py.
+traffic write for every 5 MiB chunk) is written less often: server/link_bookkeeping.py. A request's
+body crosses Flower's HTTP middleware in one piece instead of hundreds: server/whole_bodies.py.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import os
 import sys
 from typing import Any
 
-from server import link_bookkeeping, push_sessions
+from server import link_bookkeeping, push_sessions, whole_bodies
 
 BUSY_TIMEOUT_VARIABLE = "FEDREID_SQLITE_BUSY_TIMEOUT_MS"
 DEFAULT_BUSY_TIMEOUT_MS = 120_000
@@ -43,7 +44,7 @@ ACCESS_LOG_VARIABLE = "FEDREID_ACCESS_LOG"
 PAYLOADS_VARIABLE = "FEDREID_PAYLOADS"
 PAYLOAD_STORES = ("memory", "database")
 FLOWER_SUPERLINK_API = {  # every Flower name used here, checked by check_flower_api
-    "flwr.superlink.main": ["get_objectstore_linkstate_factories"],
+    "flwr.superlink.main": ["get_objectstore_linkstate_factories", "create_app"],
     "flwr.supercore.object_store": ["ObjectStoreFactory"],
     "flwr.server.superlink.linkstate": ["LinkStateFactory"],
     "flwr.supercore.constant": ["FLWR_IN_MEMORY_DB_NAME"],
@@ -124,6 +125,7 @@ def main() -> int:
         keep_payloads_in_memory()
         push_sessions.install()  # their upload bookkeeping too: nothing of it outlives the process either
     link_bookkeeping.install()  # fewer SQLite writes: token expiry, run status and traffic per object
+    whole_bodies.install("flwr.superlink.main")  # pushed model chunks cross the HTTP middleware in one piece
 
     set_sqlite_busy_timeout(int(os.environ.get(BUSY_TIMEOUT_VARIABLE, DEFAULT_BUSY_TIMEOUT_MS)))
     if os.environ.get(ACCESS_LOG_VARIABLE) != "1":

@@ -55,18 +55,30 @@ class ScreenSpec:
                              f"got {self}")
 
 
+NORM_BLOCK = 1 << 16  # elements per block: a block's float64 difference stays in the CPU cache
+
+
 def change_norm(tensors: Mapping[str, "Tensor"], sent: Mapping[str, np.ndarray]) -> float:
     """||upload - sent|| over every float tensor, in float64; a pruned tensor counts only the
-    elements its site kept (the pruned ones are not an update, they are absent)."""
+    elements its site kept (the pruned ones are not an update, they are absent).
+
+    Block by block: a whole-tensor float64 difference of a 5 M-value model is 40 MB that leaves the
+    cache before it is summed; in blocks the same sum took 13 ms instead of 59 (this box)."""
     total = 0.0
+    scratch = np.empty(NORM_BLOCK, dtype=np.float64)
     for key, tensor in tensors.items():
         values = tensor.values
         if values.dtype.kind != "f":
             continue
-        difference = np.subtract(values, sent[key], dtype=np.float64)  # no float64 copies of the inputs
-        if tensor.mask is not None:
-            difference = difference[tensor.mask.astype(bool)]
-        total += float(np.dot(difference.ravel(), difference.ravel()))
+        flat, base = np.ascontiguousarray(values).reshape(-1), np.ascontiguousarray(sent[key]).reshape(-1)
+        kept = None if tensor.mask is None else np.ascontiguousarray(tensor.mask).reshape(-1).astype(bool, copy=False)
+        for start in range(0, flat.size, NORM_BLOCK):
+            stop = min(start + NORM_BLOCK, flat.size)
+            difference = np.subtract(flat[start:stop], base[start:stop], out=scratch[: stop - start],
+                                     dtype=np.float64)  # no float64 copies of the inputs
+            if kept is not None:
+                difference = difference[kept[start:stop]]
+            total += float(np.dot(difference, difference))
     return float(np.sqrt(total))
 
 

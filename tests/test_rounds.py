@@ -365,3 +365,29 @@ def test_every_line_says_where_its_round_went_and_the_windows_tile_the_run() -> 
     for split in splits:
         assert split["framework_s"] >= split["recording_s"] - 1e-6
         assert split["training_s"] == 0 and split["evaluation_s"] == 0  # the fake sites report no timing
+
+
+def test_a_round_asks_the_superlink_for_its_node_list_once_not_once_per_step() -> None:
+    class CountingGrid(FakeGrid):
+        def __init__(self) -> None:
+            super().__init__()
+            self.node_lists = 0
+
+        def get_nodes(self) -> list[Node]:
+            self.node_lists += 1
+            return [Node(n, self.registered.get(n, "")) for n in sorted(self.connected)]
+
+        def get_node_ids(self) -> list[int]:
+            self.node_lists += 1
+            return sorted(self.connected)
+
+    grid = CountingGrid()
+    runner = _runner(grid, min_sites=3)
+    _, record = runner.train_round(1, _start())
+    assert sorted(record["sites"]) == ["campus", "mall", "station"]
+    assert [node for _, node, _ in grid.sent] == [11, 12, 13]  # every connected site sampled from the one list
+    assert grid.node_lists == 1  # naming, finding unnamed nodes and sampling used the list wait_for_sites got
+    grid.connected = {11, 12}  # a site leaves: the next round's list is asked for afresh and reflects it
+    runner.settings = replace(runner.settings, min_sites=2)
+    _, record = runner.train_round(2, _start())
+    assert sorted(record["sites"]) == ["mall", "station"] and grid.node_lists == 2

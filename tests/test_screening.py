@@ -150,3 +150,41 @@ def test_the_arithmetic_of_the_bounds() -> None:
     assert ledger.check("mall", 150) is None and "1.5 x the 100" in ledger.check("mall", 151)
     with pytest.raises(ValueError, match="screen action"):
         ScreenSpec(action="shrug")
+
+
+def test_the_change_norm_taken_block_by_block_equals_the_whole_float64_sum() -> None:
+    from strategies.screening import NORM_BLOCK, change_norm
+    from strategies.sparse_records import Tensor
+
+    rng = np.random.default_rng(4)
+    big = rng.normal(size=(NORM_BLOCK * 2 + 123,)).astype(np.float32)  # spans three blocks, the last one short
+    masked = rng.normal(size=(7, NORM_BLOCK // 3)).astype(np.float32)
+    mask = (rng.random(masked.shape) > 0.4).astype(np.uint8)
+    tensors = {"big": Tensor(big, None), "masked": Tensor(masked * mask, mask),
+               "count": Tensor(np.arange(5, dtype=np.int64), None)}  # not a float: no part of the norm
+    sent = {"big": big + rng.normal(size=big.shape).astype(np.float32) * 1e-3,
+            "masked": rng.normal(size=masked.shape).astype(np.float32), "count": np.zeros(5, np.int64)}
+    kept = mask.astype(bool)
+    expected = np.sqrt(np.sum((big.astype(np.float64) - sent["big"]) ** 2)
+                       + np.sum(((masked * mask).astype(np.float64) - sent["masked"])[kept] ** 2))
+    assert change_norm(tensors, sent) == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_reply_scored_on_arrival_gets_the_score_it_would_get_at_the_end() -> None:
+    uploads = {"mall": (_moved(BASE, 1), 120.0), "station": (_moved(BASE, 2, 0.03), 80.0),
+               "campus": (_moved(BASE, 3, 0.02), 100.0)}
+    scored: dict[str, dict[str, float]] = {}
+    for early in (set(), {"mall", "campus"}):
+        strategy = FedPav(min_sites=2)
+        sent = _send(strategy, BASE, [1, 2, 3])
+        replies = [_reply(m, arrays, n, site) for m, (site, (arrays, n)) in zip(sent, uploads.items())]
+        for site, reply in zip(uploads, replies):
+            if site in early:
+                strategy.check_train_reply_early(reply)
+        assert len(strategy._early_scores) == len(early)  # noqa: SLF001 - scored as they arrived
+        strategy.aggregate_train(1, replies)
+        scored["late" if not early else "early"] = {s: m["screen-score"]
+                                                    for s, m in strategy.last_train.site_metrics.items()}
+    assert scored["early"] == scored["late"]
+    change = np.sqrt(sum(np.sum((uploads["mall"][0][k].astype(np.float64) - BASE[k]) ** 2) for k in BASE))
+    assert scored["early"]["mall"] == pytest.approx(change / np.sqrt(120.0), rel=1e-12)

@@ -16,13 +16,20 @@ from typing import Any, Callable
 
 TRACE_VARIABLE = "FEDREID_ROUND_TRACE"
 HOOKED = {  # module: (class or None, function) pairs; the label is "<class or module tail>.<function>"
-    "flwr.superlink.grid.http_grid": [("HttpGrid", "push_messages"), ("HttpGrid", "pull_messages")],
+    "flwr.superlink.grid.http_grid": [("HttpGrid", "push_messages"), ("HttpGrid", "pull_messages"),
+                                      ("HttpGrid", "get_node_ids"), ("HttpGrid", "get_nodes"),
+                                      ("HttpGrid", "_try_push_messages")],
+    "server.rounds": [("FederationRunner", "_report"), (None, "wait_for_sites")],
+    "strategies.fedpav": [("FedPav", "aggregate_train"), ("FedPav", "_screen_wild"), ("FedPav", "configure_train"),
+                          ("FedPav", "check_train_reply_early"), (None, "average")],
+    "strategies.wire": [(None, "message_wire_bytes")],
     "flwr.server.superlink.fleet.grpc_rere.fleet_servicer": [("FleetServicer", "PushMessages"),
                                                              ("FleetServicer", "PushObject")],
     "flwr.supercore.corestate.sql_corestate": [("SqlCoreState", "store_object")],
     "flwr.supercore.corestate.in_memory_corestate": [("InMemoryCoreState", "store_object")],  # push_sessions.py
     "flwr.supercore.object_store.in_memory_object_store": [("InMemoryObjectStore", "put")],
     "flwr.supernode.start_client_internal": [(None, "_pull_and_store_message")],
+    "clients.executor": [(None, "pull_input"), (None, "push_message"), (None, "push_task_output")],
 }
 EMPTY_POLLS = ("pull_messages", "_pull_and_store_message")  # recorded only when something came
 _lock = threading.Lock()
