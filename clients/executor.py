@@ -36,12 +36,13 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.common.serde import context_from_proto, fab_from_proto, message_from_proto, message_to_proto, run_from_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
+from flwr.proto.message_pb2 import ObjectTree  # pylint: disable=E0611
 from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
 from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
     AcquireTaskRequest,
@@ -57,6 +58,7 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
 )
+from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
 from flwr.supercore.inflatable.inflatable_utils import (
     ObjectPullError,
     ObjectUnavailableError,
@@ -258,13 +260,35 @@ def pull_input(client: RuntimeHttpClient,
                                                  "no longer running, or it moved on to a newer task)") from None
             raise
 
+    # Flower's SuperNode stores a message's objects all at once, after it has pulled the last of
+    # them: until then, asking for every object (four at a time) only keeps it busy while it is
+    # receiving. One object is asked for until it comes; then the rest are there.
+    probe = next(iter_object_ids(tree))
+    first = wait_for_object(probe, pull_unless_abandoned)
     message = pull_and_inflate_object_from_tree(
-        tree, pull_unless_abandoned,
+        tree, lambda object_id: first if object_id == probe else pull_unless_abandoned(object_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
         return_type=Message, max_tries_per_object=None, initial_backoff=PULL_BACKOFF_S,
         backoff_cap=LOCAL_PULL_BACKOFF_CAP_S)
     message.metadata.__dict__["_message_id"] = tree.object_id  # a pulled message does not carry its own id
     return message, context, run, fab
+
+
+def iter_object_ids(tree: ObjectTree) -> Iterator[str]:
+    """The ids of a message's objects, leaves first (Flower's post-order)."""
+    return (node.object_id for node in iterate_object_tree(tree))
+
+
+def wait_for_object(object_id: str, pull: Callable[[str], bytes]) -> bytes:
+    """``pull(object_id)``, asked again after ``PULL_BACKOFF_S`` doubling to ``LOCAL_PULL_BACKOFF_CAP_S``
+    while it is unavailable; ``pull`` ends the wait by raising anything else (ObjectPullError)."""
+    delay = PULL_BACKOFF_S
+    while True:
+        try:
+            return pull(object_id)
+        except ObjectUnavailableError:
+            time.sleep(delay)
+            delay = min(delay * 2, LOCAL_PULL_BACKOFF_CAP_S)
 
 
 def _serialised(error: Error, message: Message) -> bytes:

@@ -29,6 +29,9 @@ HOOKED = {  # module: (class or None, function) pairs; the label is "<class or m
     "flwr.supercore.corestate.in_memory_corestate": [("InMemoryCoreState", "store_object")],  # push_sessions.py
     "flwr.supercore.object_store.in_memory_object_store": [("InMemoryObjectStore", "put")],
     "flwr.supernode.start_client_internal": [(None, "_pull_and_store_message")],
+    "flwr.server.superlink.fleet.message_handler.message_handler": [(None, "pull_object")],
+    "flwr.supercore.runtime.runtime_http_client": [("RuntimeHttpClient", name) for name in (
+        "PushMessages", "PushObject", "PullObject", "PullMessages", "PullTaskInput", "AcquireTask")],
     "clients.executor": [(None, "pull_input"), (None, "push_message"), (None, "push_task_output")],
 }
 EMPTY_POLLS = ("pull_messages", "_pull_and_store_message")  # recorded only when something came
@@ -43,7 +46,10 @@ def _timed(function: Callable[..., Any], label: str, path: str) -> Callable[...,
         if label.endswith("pull_messages"):
             result = list(result)
         if not (label.endswith(EMPTY_POLLS) and not result):
-            line = json.dumps({"pid": os.getpid(), "fn": label, "t0": start, "t1": time.time()})
+            event = {"pid": os.getpid(), "fn": label, "t0": start, "t1": time.time()}
+            if hasattr(result, "object_available"):  # an object pull: did it find the object yet?
+                event["available"] = bool(result.object_available)
+            line = json.dumps(event)
             with _lock, open(path, "a", encoding="utf-8") as handle:
                 handle.write(line + "\n")
         return result
