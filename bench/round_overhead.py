@@ -2,6 +2,7 @@
 site worker became the SuperNode's executor (issue 22), side by side in one run.
 
     python bench/round_overhead.py [--clients 3] [--rounds 5] [--gpu 0 --model resnet50] [--skip-echo]
+                                   [--repeats 3 --skip-fixed-wait]
 
 1. **Training rounds.** A real TLS deployment on 127.0.0.1 (``fedreid-server``, one
    ``fedreid-client`` per synthetic site, the small model on the CPU unless ``--model``/``--gpu``),
@@ -245,36 +246,52 @@ def overhead_table(records: list[dict], logs: dict[str, str], last: int) -> dict
 
 
 def print_training_table(args: argparse.Namespace, model: str, gpu: int | None, cpu_threads: int) -> None:
-    measured = {}
+    now_label = f"now: the SuperNode waits --poll-interval {DEFAULT_POLL_S} s when idle"
+    fixed_label = "the worker is the SuperNode's executor; Flower's 3 s idle wait"
+    measured: dict[str, list[tuple[dict[str, float], int]]] = {}
     with checkout(args.before) as before:
-        for label, code, client_args in (
-                (f"before ({args.before}){': a flwr-clientapp per message' if args.before == BEFORE else ''}", before, ()),
-                ("the worker is the SuperNode's executor; Flower's 3 s idle wait", REPO, ("--poll-interval", "3")),
-                (f"now: the SuperNode waits --poll-interval {DEFAULT_POLL_S} s when idle", REPO, ())):
-            # one round more than reported: the last one also evaluates (an exchange of its own)
-            records, logs, processes = training_rounds(code, args.sites_root, args.clients, args.rounds + 1, model,
-                                                       gpu, cpu_threads, client_args)
-            measured[label] = (overhead_table(records, logs, args.rounds), processes)
+        settings = [(f"before ({args.before}){': a flwr-clientapp per message' if args.before == BEFORE else ''}",
+                     before, ())]
+        if not args.skip_fixed_wait:
+            settings.append((fixed_label, REPO, ("--poll-interval", "3")))
+        settings.append((now_label, REPO, ()))
+        for repeat in range(args.repeats):  # interleaved: a slow spell of the box falls on every setting alike
+            for label, code, client_args in (settings if repeat % 2 == 0 else settings[::-1]):
+                # one round more than reported: the last one also evaluates (an exchange of its own)
+                records, logs, processes = training_rounds(code, args.sites_root, args.clients, args.rounds + 1,
+                                                           model, gpu, cpu_threads, client_args)
+                measured.setdefault(label, []).append((overhead_table(records, logs, args.rounds), processes))
     for algorithm in args.also:  # the same runtime with fewer bytes on the wire (a preset's transfer)
         records, logs, processes = training_rounds(REPO, args.sites_root, args.clients, args.rounds + 1, model, gpu,
                                                    cpu_threads, algorithm=algorithm)
-        measured[f"now, algorithm={algorithm}"] = (overhead_table(records, logs, args.rounds), processes)
+        measured[f"now, algorithm={algorithm}"] = [(overhead_table(records, logs, args.rounds), processes)]
     print(f"training rounds: {args.clients} sites over TLS on loopback, model={model}, "
-          f"{'GPU ' + str(gpu) if gpu is not None else 'CPU'}; medians of rounds 2..{args.rounds}")
+          f"{'GPU ' + str(gpu) if gpu is not None else 'CPU'}; medians of rounds 2..{args.rounds}"
+          + (f", then the median of {args.repeats} interleaved runs per setting" if args.repeats > 1 else ""))
     print("| runtime | round s | slowest site's training s | overhead s | MB both ways / round | "
           "flwr-clientapp processes |")
     print("|---|---:|---:|---:|---:|---:|")
-    for label, (row, processes) in measured.items():
+    medians = {label: {key: statistics.median(row[key] for row, _ in runs) for key in runs[0][0]}
+               for label, runs in measured.items()}
+    for label, row in medians.items():
+        processes = max(p for _, p in measured[label])
         print(f"| {label} | {row['round']:.2f} | {row['training']:.2f} | {row['overhead']:.2f} | "
               f"{row['megabytes']:.1f} | {processes} |")
-    now = measured[f"now: the SuperNode waits --poll-interval {DEFAULT_POLL_S} s when idle"][0]
+    now = medians[now_label]
     if "rest" in now:
         print(f"now, the overhead split: hand-over {now['hand-over']:.2f} s, our site work beyond training "
               f"{now['site work']:.2f} s, server aggregation {now['aggregation']:.2f} s, the rest (Flower: SuperNode "
               f"poll and reply check, transfers; the checkpoint) {now['rest']:.2f} s")
-    first, fixed_wait = (row for row, _ in list(measured.values())[:2])
-    print(f"overhead ratio before / now: {first['overhead'] / now['overhead']:.1f}x; Flower's 3 s wait / now: "
-          f"{fixed_wait['overhead'] / now['overhead']:.1f}x", flush=True)
+    first = next(iter(medians.values()))
+    print(f"overhead ratio before / now: {first['overhead'] / now['overhead']:.1f}x", end="")
+    if fixed_label in medians:
+        print(f"; Flower's 3 s wait / now: {medians[fixed_label]['overhead'] / now['overhead']:.1f}x", end="")
+    print(flush=True)
+    if args.repeats > 1:  # each run of "now" against the "before" run beside it
+        differences = [b["overhead"] - n["overhead"] for (b, _), (n, _) in zip(next(iter(measured.values())),
+                                                                             measured[now_label])]
+        print(f"overhead before - now, paired by repeat: {', '.join(f'{d:+.2f}' for d in differences)} s; mean "
+              f"{statistics.mean(differences):+.2f} +- {statistics.stdev(differences):.2f} s (sd)", flush=True)
 
 
 def print_echo_table(args: argparse.Namespace) -> None:
@@ -319,6 +336,10 @@ def main() -> None:
     parser.add_argument("--before", default=BEFORE, help="git commit of the runtime to compare with")
     parser.add_argument("--also", nargs="*", default=[], metavar="PRESET",
                         help="extra rows: this checkout's runtime running these presets (e.g. fedpav_compressed)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per setting, interleaved (this box's speed drifts by 20 %% over an hour)")
+    parser.add_argument("--skip-fixed-wait", action="store_true",
+                        help="leave out the row with Flower's fixed 3 s idle wait")
     parser.add_argument("--skip-echo", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
     args = parser.parse_args()
