@@ -37,6 +37,8 @@ class WholeRequestBody:
         self.app = app
 
     def __getattr__(self, name: str) -> Any:  # Flower and uvicorn read attributes of the FastAPI app (state, ...)
+        if name == "app":  # not set yet (a copy being built): no endless lookup
+            raise AttributeError(name)
         return getattr(self.app, name)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -118,3 +118,13 @@ def test_flowers_superlink_app_answers_a_5_mib_push_the_same_with_the_body_in_on
     assert whole == plain
     cut = _post_5_mib(create_app(), cut=1), _post_5_mib(WholeRequestBody(create_app()), cut=1)
     assert cut[0][0] == 400 and cut[1] == cut[0]  # one byte short: both read the whole body and refuse it
+
+
+def test_the_apps_own_attributes_are_read_through_the_wrapper() -> None:
+    from flwr.superlink.main import create_app
+
+    app = create_app()
+    wrapped = WholeRequestBody(app)
+    assert wrapped.state is app.state and wrapped.router is app.router
+    with pytest.raises(AttributeError):
+        WholeRequestBody.__new__(WholeRequestBody).state  # no app yet: an AttributeError, not a recursion
