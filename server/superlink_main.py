@@ -25,7 +25,8 @@ lines were access lines. Successful requests are dropped from that log unless
 
 Flower's SQLite bookkeeping (expiring task tokens ten times a second, a run-status read and a
 traffic write for every 5 MiB chunk) is written less often: server/link_bookkeeping.py. A request's
-body crosses Flower's HTTP middleware in one piece instead of hundreds: server/whole_bodies.py.
+body crosses Flower's HTTP middleware in one piece instead of hundreds: server/whole_bodies.py; and
+a Runtime API request skips the four Control API layers that only pass it on: server/runtime_fast_path.py.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import os
 import sys
 from typing import Any
 
-from server import link_bookkeeping, push_sessions, whole_bodies
+from server import link_bookkeeping, push_sessions, runtime_fast_path, whole_bodies
 
 BUSY_TIMEOUT_VARIABLE = "FEDREID_SQLITE_BUSY_TIMEOUT_MS"
 DEFAULT_BUSY_TIMEOUT_MS = 120_000
@@ -96,6 +97,7 @@ def check_flower_api() -> None:
     import_flower_names(FLOWER_SUPERLINK_API, "server/superlink_main.py")
     import_flower_names(link_bookkeeping.FLOWER_BOOKKEEPING_API, "server/link_bookkeeping.py")
     import_flower_names(push_sessions.FLOWER_PUSH_SESSION_API, "server/push_sessions.py")
+    import_flower_names(runtime_fast_path.FLOWER_FAST_PATH_API, "server/runtime_fast_path.py")
 
 
 def keep_payloads_in_memory() -> None:
@@ -126,6 +128,7 @@ def main() -> int:
         push_sessions.install()  # their upload bookkeeping too: nothing of it outlives the process either
     link_bookkeeping.install()  # fewer SQLite writes: token expiry, run status and traffic per object
     whole_bodies.install("flwr.superlink.main")  # pushed model chunks cross the HTTP middleware in one piece
+    runtime_fast_path.install()  # Runtime requests skip the Control API's pass-through middleware
 
     set_sqlite_busy_timeout(int(os.environ.get(BUSY_TIMEOUT_VARIABLE, DEFAULT_BUSY_TIMEOUT_MS)))
     if os.environ.get(ACCESS_LOG_VARIABLE) != "1":
