@@ -23,18 +23,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from server.flower_cli import free_port  # noqa: E402
 from server.whole_bodies import WholeRequestBody  # noqa: E402
+from tests.asgi_server import serving  # noqa: E402
 
 BODY_BYTES = 5 * 1024 * 1024  # Flower's chunk size (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)
 PROTOBUF = {"content-type": "application/protobuf", "accept": "application/protobuf"}
@@ -70,26 +68,13 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
 
 
 def seconds_per_request(app: Any, tls: tuple[Path, Path] | None, body: bytes, requests: int) -> float:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
-                                           ssl_keyfile=str(tls[0]) if tls else None,
-                                           ssl_certfile=str(tls[1]) if tls else None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start within 30 s")
-        time.sleep(0.05)
-    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/v1/runtime/push-object"
-    with httpx.Client(verify=str(tls[1]) if tls else False, timeout=60) as client:
+    with serving(app, tls) as base, httpx.Client(verify=str(tls[1]) if tls else False, timeout=60) as client:
+        url = f"{base}/v1/runtime/push-object"
         client.post(url, content=body, headers=PROTOBUF)  # connection and first-call costs
         start = time.perf_counter()
         for _ in range(requests):
             client.post(url, content=body, headers=PROTOBUF)
         elapsed = time.perf_counter() - start
-    server.should_exit = True
-    thread.join(timeout=10)
     return elapsed / requests
 
 

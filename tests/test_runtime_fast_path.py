@@ -4,16 +4,13 @@ the event-log layer is kept whenever an event-log plugin is configured."""
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from server import runtime_fast_path
-from server.flower_cli import free_port
+from tests.asgi_server import serving
 
 PROTOBUF = {"content-type": "application/protobuf", "accept": "application/protobuf"}
 
@@ -38,20 +35,9 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
 
 
 def _answers(app: Any, paths: list[str]) -> list[tuple[int, bytes]]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
+    with serving(app) as url:
         return [(r.status_code, r.content) for r in
-                (httpx.post(f"http://127.0.0.1:{port}{path}", content=b"", headers=PROTOBUF, timeout=30)
-                 for path in paths)]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+                (httpx.post(f"{url}{path}", content=b"", headers=PROTOBUF, timeout=30) for path in paths)]
 
 
 PATHS = ["/v1/runtime/pull-messages", "/v1/control/list-runs"]

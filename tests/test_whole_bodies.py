@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
-import time
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from server import whole_bodies
-from server.flower_cli import free_port
 from server.whole_bodies import WholeRequestBody
+from tests.asgi_server import serving
 
 
 class Recorder:
@@ -94,20 +91,10 @@ def _post_5_mib(app: Any, cut: int = 0) -> tuple[int, bytes]:
 
     body = PushObjectRequest(object_id="0" * 64, object_content=os.urandom(5 * 1024 * 1024)).SerializeToString()
     body = body[: len(body) - cut]
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        response = httpx.post(f"http://127.0.0.1:{port}/v1/runtime/push-object", content=body, timeout=30,
+    with serving(app) as url:
+        response = httpx.post(f"{url}/v1/runtime/push-object", content=body, timeout=30,
                               headers={"content-type": "application/protobuf", "accept": "application/protobuf"})
-        return response.status_code, response.content
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    return response.status_code, response.content
 
 
 def test_flowers_superlink_app_answers_a_5_mib_push_the_same_with_the_body_in_one_piece() -> None:
