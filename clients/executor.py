@@ -59,10 +59,12 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_pull_object_fn_protobuf,
 )
 from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+from flwr.supercore.constant import PULL_MAX_TIME
 from flwr.supercore.inflatable.inflatable_utils import (
     ObjectPullError,
     ObjectUnavailableError,
     pull_and_inflate_object_from_tree,
+    pull_objects,
 )
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
@@ -279,16 +281,13 @@ def iter_object_ids(tree: ObjectTree) -> Iterator[str]:
     return (node.object_id for node in iterate_object_tree(tree))
 
 
-def wait_for_object(object_id: str, pull: Callable[[str], bytes]) -> bytes:
-    """``pull(object_id)``, asked again after ``PULL_BACKOFF_S`` doubling to ``LOCAL_PULL_BACKOFF_CAP_S``
-    while it is unavailable; ``pull`` ends the wait by raising anything else (ObjectPullError)."""
-    delay = PULL_BACKOFF_S
-    while True:
-        try:
-            return pull(object_id)
-        except ObjectUnavailableError:
-            time.sleep(delay)
-            delay = min(delay * 2, LOCAL_PULL_BACKOFF_CAP_S)
+def wait_for_object(object_id: str, pull: Callable[[str], bytes], max_time: float = PULL_MAX_TIME) -> bytes:
+    """``pull(object_id)`` through Flower's own ``pull_objects`` (one object, one at a time): asked
+    again after ``PULL_BACKOFF_S`` doubling to ``LOCAL_PULL_BACKOFF_CAP_S`` while it is unavailable,
+    for at most ``max_time`` seconds (the bound the rest of the message is pulled under); ``pull``
+    ends the wait early by raising anything else (ObjectPullError)."""
+    return pull_objects([object_id], pull, max_concurrent_pulls=1, max_time=max_time, max_tries_per_object=None,
+                        initial_backoff=PULL_BACKOFF_S, backoff_cap=LOCAL_PULL_BACKOFF_CAP_S)[object_id]
 
 
 def _serialised(error: Error, message: Message) -> bytes:

@@ -4,6 +4,8 @@ last one arrived), the worker asks for one object only, then for every other obj
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -18,7 +20,6 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, 
 from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
 from flwr.supercore.run import Run
 
-from clients import executor
 from clients.executor import iter_object_ids, pull_input, wait_for_object
 
 
@@ -59,9 +60,7 @@ def _message() -> Message:
     return Message(content=content, dst_node_id=3, message_type="train")
 
 
-def test_while_the_supernode_receives_the_worker_asks_for_one_object_then_for_each_other_once(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(executor.time, "sleep", lambda seconds: None)
+def test_while_the_supernode_receives_the_worker_asks_for_one_object_then_for_each_other_once() -> None:
     standin = SuperNodeStandIn(_message(), held=6)
     message, context, run, _ = pull_input(standin)  # type: ignore[arg-type]
     probe = next(iter_object_ids(standin.tree))
@@ -72,9 +71,7 @@ def test_while_the_supernode_receives_the_worker_asks_for_one_object_then_for_ea
     assert message.content["config"]["server-round"] == 2 and context.node_id == 3 and run.run_id == 7
 
 
-def test_the_wait_for_an_object_backs_off_and_ends_on_a_pull_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    waits: list[float] = []
-    monkeypatch.setattr(executor.time, "sleep", waits.append)
+def test_the_wait_for_an_object_is_bounded_and_ends_on_a_pull_error() -> None:
     answers = iter([ObjectUnavailableError("x")] * 4 + [b"content"])
 
     def pull(object_id: str) -> bytes:
@@ -83,9 +80,15 @@ def test_the_wait_for_an_object_backs_off_and_ends_on_a_pull_error(monkeypatch: 
             raise answer
         return answer
 
-    assert wait_for_object("x", pull) == b"content"
-    assert waits == [executor.PULL_BACKOFF_S, 2 * executor.PULL_BACKOFF_S, executor.LOCAL_PULL_BACKOFF_CAP_S,
-                     executor.LOCAL_PULL_BACKOFF_CAP_S]
+    assert wait_for_object("x", pull) == b"content"  # asked again until it came
+
+    def never(object_id: str) -> bytes:
+        raise ObjectUnavailableError(object_id)
+
+    started = time.monotonic()
+    with pytest.raises(ObjectPullError, match="timeout"):
+        wait_for_object("x", never, max_time=0.3)  # the SuperNode never gets it: the wait ends
+    assert time.monotonic() - started < 5
 
     def abandoned(object_id: str) -> bytes:
         raise ObjectPullError(object_id, "the SuperNode abandoned this message")
