@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="medians over rounds 2..R")
     parser.add_argument("--sites-root", type=Path, default=REPO / "data" / "synthetic")
     parser.add_argument("--overrides", default="", help='extra Hydra overrides, e.g. "transport.dtype=float16"')
+    parser.add_argument("--save-trace", type=Path, help="also keep every process's timed spans (JSON lines) here")
     args = parser.parse_args()
     ensure_synthetic_sites(args.sites_root, args.clients, seed=0)
     with tempfile.TemporaryDirectory(prefix="fedreid-trace-") as scratch:
@@ -80,6 +81,8 @@ def main() -> None:
         records, _, _ = training_rounds(REPO, args.sites_root, args.clients, args.rounds + 1, "small", None, 1,
                                         python_path=(HOOKS,), overrides=args.overrides)
         events = [json.loads(line) for line in trace.read_text().splitlines()]
+        if args.save_trace:
+            args.save_trace.write_text(trace.read_text())
     rows = round_parts(events, records, args.rounds)
     median = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
     print(f"{args.clients} sites over TLS on loopback, model=small, CPU{', ' + args.overrides if args.overrides else ''}; "

@@ -34,6 +34,15 @@ HOOKED = {  # module: (class or None, function) pairs; the label is "<class or m
         "PushMessages", "PushObject", "PullObject", "PullMessages", "PullTaskInput", "AcquireTask")],
     "clients.executor": [(None, "pull_input"), (None, "push_message"), (None, "push_task_output")],
 }
+if os.environ.get("FEDREID_ROUND_TRACE_DETAIL"):  # the steps inside a push or a pull, for a closer look
+    HOOKED.update({
+        "flwr.supercore.inflatable.inflatable_utils": [(None, "push_objects"), (None, "pull_objects"),
+                                                       (None, "inflate_object_from_contents")],
+        "flwr.supercore.inflatable.inflatable_object": [(None, "get_all_nested_objects"), (None, "get_object_tree")],
+        "flwr.common.serde": [(None, "message_to_proto"), (None, "message_from_proto")],
+        "server.rounds": HOOKED["server.rounds"] + [(None, "exchange")],
+        "strategies.packing": [(None, "pack_record"), (None, "unpack_record")],
+    })
 EMPTY_POLLS = ("pull_messages", "_pull_and_store_message")  # recorded only when something came
 _lock = threading.Lock()
 
