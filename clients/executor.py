@@ -346,7 +346,7 @@ class TaskLoop:
             if response.HasField("task") and response.token:
                 self.run_task(response.token, response.task.type)
                 wait, idle_since = self.poll_s, time.monotonic()  # a run's next task follows soon: ask often
-            else:  # fedreid's SuperNode held the ask until a task came or a second passed (server/task_bell.py):
+            else:  # fedreid's SuperNode held the ask until a task came or a second passed (server/long_polls.py):
                 time.sleep(max(0.0, wait - (time.monotonic() - asked)))  # no sleep on top; Flower's answers at once
                 if time.monotonic() - idle_since > IDLE_AFTER_S:  # no run going: ask less often (20 sites on
                     wait = min(wait * 2, IDLE_POLL_CAP_S)  # one box at 0.05 s kept both cores busy)

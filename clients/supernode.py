@@ -30,7 +30,7 @@ import time
 from types import ModuleType
 from typing import Any
 
-from server import task_bell, whole_bodies
+from server import long_polls, whole_bodies
 from strategies.wire import pull_promptly
 
 LOOP_MODULE = "flwr.supernode.start_client_internal"
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     pull_arrays_promptly(loop)
     answer_untakeable_messages(loop)
     whole_bodies.install("flwr.supernode.main")  # the worker's 20 MB reply crosses the HTTP middleware in one piece
-    task_bell.install()  # the worker's AcquireTask waits for the next message instead of polling
+    long_polls.install_task_wait()  # the worker's AcquireTask waits for the next message instead of polling
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = [sys.argv[0], *rest]

@@ -11,9 +11,10 @@ Every wait here has a bound. Waiting for sites to connect and waiting for replie
 SuperLink answering "unavailable" for each) is not counted but tried again, so a resumed run whose
 sites are still coming back loses no round. While it waits, the loop says in its log, by name,
 which sites it is still waiting for (every
-``federation.report_every_s``). Replies are pulled every ``federation.poll_interval_s`` (Flower's
-own ``send_and_receive`` sleeps 3 s between pulls and treats a message the SuperLink refused as one
-still to come, which waits out the whole timeout). Each round's line says where its time went
+``federation.report_every_s``). Replies are pulled every ``federation.poll_interval_s``, or at once
+again when fedreid's SuperLink held the empty pull (server/long_polls.py); Flower's own
+``send_and_receive`` sleeps 3 s between pulls and treats a message the SuperLink refused as one
+still to come, which waits out the whole timeout. Each round's line says where its time went
 (``time_split``: training, evaluation, aggregation, framework; server/timing.py).
 """
 
@@ -164,6 +165,7 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
     checks: list[tuple[float, float]] = []
     unreachable: dict[int, str] = {}  # node -> why the SuperLink answered in its place
     while pending:
+        asked = time.monotonic()
         pulled = call_within(lambda: list(grid.pull_messages(list(pending))), clock.deadline)
         if not pulled.finished:
             log(WARNING, "%s: the SuperLink did not hand over the replies before the round's %.0f s ran out (a site "
@@ -188,7 +190,9 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
             log(INFO, "%s: %d of %d sites answered; waiting for %s (%.0f s of %.0f s)", label, len(replies),
                 len(messages), _listing(names.of_node(n) for n in pending.values()), clock.elapsed(),
                 settings.round_timeout_s)
-        time.sleep(min(settings.poll_interval_s, max(clock.left(), 0.0)))
+        # fedreid's SuperLink held an empty ask until a reply came or a second passed (server/long_polls.py):
+        # no sleep on top of that; a SuperLink that answers at once is asked every poll_interval_s
+        time.sleep(min(max(settings.poll_interval_s - (time.monotonic() - asked), 0.0), max(clock.left(), 0.0)))
     for node, reason in unreachable.items():
         log(WARNING, "%s: %s did not answer: %s", label, names.of_node(node), reason)
     by_node = {r.metadata.src_node_id: names.of(r) for r in replies}

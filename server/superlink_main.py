@@ -27,8 +27,8 @@ Flower's SQLite bookkeeping (expiring task tokens ten times a second, a run-stat
 traffic write for every 5 MiB chunk) is written less often: server/link_bookkeeping.py. A request's
 body crosses Flower's HTTP middleware in one piece instead of hundreds: server/whole_bodies.py; and
 a Runtime API request skips the four Control API layers that only pass it on: server/runtime_fast_path.py;
-the SuperExec's ``AcquireTask`` waits for a run instead of being answered empty ten times a second:
-server/task_bell.py.
+the SuperExec's ``AcquireTask`` and the ServerApp's ``PullMessages`` wait for their answer instead
+of being answered empty ten times a second: server/long_polls.py.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import os
 import sys
 from typing import Any
 
-from server import link_bookkeeping, push_sessions, runtime_fast_path, task_bell, whole_bodies
+from server import link_bookkeeping, long_polls, push_sessions, runtime_fast_path, whole_bodies
 
 BUSY_TIMEOUT_VARIABLE = "FEDREID_SQLITE_BUSY_TIMEOUT_MS"
 DEFAULT_BUSY_TIMEOUT_MS = 120_000
@@ -131,7 +131,8 @@ def main() -> int:
     link_bookkeeping.install()  # fewer SQLite writes: token expiry, run status and traffic per object
     whole_bodies.install("flwr.superlink.main")  # pushed model chunks cross the HTTP middleware in one piece
     runtime_fast_path.install()  # Runtime requests skip the Control API's pass-through middleware
-    task_bell.install()  # the SuperExec's AcquireTask waits for a run instead of polling every 0.1 s
+    long_polls.install_task_wait()  # the SuperExec's ask for a run is held until one is submitted
+    long_polls.install_reply_wait()  # the ServerApp's ask for replies is held until one arrives
 
     set_sqlite_busy_timeout(int(os.environ.get(BUSY_TIMEOUT_VARIABLE, DEFAULT_BUSY_TIMEOUT_MS)))
     if os.environ.get(ACCESS_LOG_VARIABLE) != "1":
