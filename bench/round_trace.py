@@ -53,7 +53,8 @@ def round_parts(events: list[dict], records: list[dict], last: int) -> list[dict
     for server_round in range(2, last + 1):
         push, following = pushes[server_round - 1], pushes[server_round]
         inside = [e for e in events if push["t0"] <= e["t0"] < following["t0"]]
-        received = max(e["t1"] for e in inside if e["fn"].endswith("_pull_and_store_message"))
+        received = max(e["t1"] for e in events if e["fn"].endswith("_pull_and_store_message")  # its pull may
+                       and push["t0"] <= e["t1"] < following["t0"])  # start before the push (held: server/long_polls.py)
         replied = max(e["t0"] for e in inside if e["fn"] == "FleetServicer.PushMessages")
         pulled = max(e["t1"] for e in inside if e["fn"] == "HttpGrid.pull_messages")
         row = {"push": push["t1"] - push["t0"], "sites receive": received - push["t1"],

@@ -25,19 +25,28 @@ from typing import Any, Callable
 from server.flower_cli import import_flower_names
 
 CORE_HANDLERS = "flwr.supercore.servicer.runtime.runtime_handlers"  # both Runtime APIs call its acquire_task
-LINK_HANDLERS = "flwr.superlink.servicer.runtime.runtime_handlers"  # the SuperLink's pull_messages
+LINK_HANDLERS = "flwr.superlink.servicer.runtime.runtime_handlers"  # the ServerApp's asks of the SuperLink
+NODE_HANDLERS = "flwr.supernode.servicer.runtime.runtime_handlers"  # the site worker's asks of its SuperNode
+FLEET_HANDLERS = "flwr.server.superlink.fleet.message_handler.message_handler"  # the SuperNodes' asks (gRPC)
+IN_MEMORY_CORE = ("flwr.supercore.corestate.in_memory_corestate", "InMemoryCoreState")
+SQL_CORE = ("flwr.supercore.corestate.sql_corestate", "SqlCoreState")
+IN_MEMORY_LINK = ("flwr.server.superlink.linkstate.in_memory_linkstate", "InMemoryLinkState")
+SQL_LINK = ("flwr.server.superlink.linkstate.sql_linkstate", "SqlLinkState")
+IN_MEMORY_OBJECTS = ("flwr.supercore.object_store.in_memory_object_store", "InMemoryObjectStore")
+SQL_OBJECTS = ("flwr.supercore.object_store.sql_object_store", "SqlObjectStore")
+TASK_CREATORS = (IN_MEMORY_CORE, SQL_CORE)  # create_task: the SuperNode's state and the SuperLink's
+REPLY_STORERS = (IN_MEMORY_LINK, SQL_LINK)  # store_message_res
+INSTRUCTION_STORERS = (IN_MEMORY_LINK, SQL_LINK)  # store_message_ins
+OBJECT_STORERS = (IN_MEMORY_OBJECTS, SQL_OBJECTS)  # put
+OBJECT_PULLS = ((NODE_HANDLERS, "pull_object"), (LINK_HANDLERS, "pull_object"), (FLEET_HANDLERS, "pull_object"))
 FLOWER_LONG_POLL_API = {
     CORE_HANDLERS: ["acquire_task"],
-    LINK_HANDLERS: ["pull_messages"],
-    "flwr.supercore.corestate.in_memory_corestate": ["InMemoryCoreState"],  # create_task: the SuperNode's state
-    "flwr.supercore.corestate.sql_corestate": ["SqlCoreState"],  # and the SuperLink's (SQLite or in memory)
-    "flwr.server.superlink.linkstate.in_memory_linkstate": ["InMemoryLinkState"],  # store_message_res
-    "flwr.server.superlink.linkstate.sql_linkstate": ["SqlLinkState"],
+    LINK_HANDLERS: ["pull_messages", "pull_object"],
+    NODE_HANDLERS: ["pull_object"],
+    FLEET_HANDLERS: ["pull_messages", "pull_object"],
+    **{module: [name] for module, name in (IN_MEMORY_CORE, SQL_CORE, IN_MEMORY_LINK, SQL_LINK,
+                                           IN_MEMORY_OBJECTS, SQL_OBJECTS)},
 }
-TASK_CREATORS = (("flwr.supercore.corestate.in_memory_corestate", "InMemoryCoreState"),
-                 ("flwr.supercore.corestate.sql_corestate", "SqlCoreState"))
-REPLY_STORERS = (("flwr.server.superlink.linkstate.in_memory_linkstate", "InMemoryLinkState"),
-                 ("flwr.server.superlink.linkstate.sql_linkstate", "SqlLinkState"))
 WAIT_S = 1.0  # well inside the Runtime client's 30 s timeout; the SuperExec reconciles its apps between asks
 
 
@@ -65,7 +74,9 @@ class Bell:
 
 
 TASKS = Bell()  # a task was created
-REPLIES = Bell()  # a reply message was stored
+REPLIES = Bell()  # a site's reply was stored at the SuperLink
+INSTRUCTIONS = Bell()  # a message for a site was stored at the SuperLink
+OBJECTS = Bell()  # an object (a chunk of a model, a record) was stored
 
 
 def held(handler: Callable[..., Any], bell: Bell, answered: Callable[[Any, Any], bool],
@@ -73,11 +84,12 @@ def held(handler: Callable[..., Any], bell: Bell, answered: Callable[[Any, Any],
     """``handler(request, state, ...)`` asked again whenever ``bell`` rings, until ``answered(request,
     response)`` or ``wait_s()`` seconds passed."""
 
-    def held_handler(request: Any, state: Any, *rest: Any) -> Any:
+    def held_handler(*args: Any, **kwargs: Any) -> Any:  # Flower passes them by name or by position
+        request = kwargs["request"] if "request" in kwargs else args[0]
         deadline = time.monotonic() + wait_s()
         while True:
             seen = bell.rung  # read before asking: what happens meanwhile is not slept through
-            response = handler(request, state, *rest)
+            response = handler(*args, **kwargs)
             if answered(request, response) or not bell.wait_past(seen, deadline - time.monotonic()):
                 return response
 
@@ -85,12 +97,14 @@ def held(handler: Callable[..., Any], bell: Bell, answered: Callable[[Any, Any],
     return held_handler
 
 
-def ringing(method: Callable[..., Any], bell: Bell) -> Callable[..., Any]:
-    """A state method that rings ``bell`` whenever it stored something (returned other than None)."""
+def ringing(method: Callable[..., Any], bell: Bell,
+            stored: Callable[[Any], bool] = lambda result: result is not None) -> Callable[..., Any]:
+    """A state or store method that rings ``bell`` whenever it stored something (``stored(result)``;
+    a method that raises stored nothing)."""
 
     def ringing_method(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = method(self, *args, **kwargs)
-        if result is not None:
+        if stored(result):
             bell.ring()
         return result
 
@@ -104,27 +118,52 @@ def task_given(request: Any, response: Any) -> bool:
 
 
 def replies_given(request: Any, response: Any) -> bool:
-    """A PullMessages answer the caller can act on: some message, or an ask for none."""
+    """A ServerApp's PullMessages answer it can act on: some message, or an ask for none."""
     return bool(response.messages_list) or not request.message_ids
 
 
-def _install(handlers_module: str, handler: str, answered: Callable[[Any, Any], bool], bell: Bell,
-             storers: tuple[tuple[str, str], ...], storer: str) -> None:
+def messages_given(request: Any, response: Any) -> bool:
+    """A SuperNode's PullMessages answer: a message for it."""
+    return bool(response.messages_list)
+
+
+def object_given(request: Any, response: Any) -> bool:
+    """A PullObject answer the caller can act on: the object, or word that no such object is expected
+    (only an object announced but not stored yet is worth waiting for)."""
+    return response.object_available or not response.object_found
+
+
+def _install(handlers: tuple[tuple[str, str], ...], answered: Callable[[Any, Any], bool], bell: Bell,
+             storers: tuple[tuple[str, str], ...], storer: str,
+             stored: Callable[[Any], bool] = lambda result: result is not None) -> None:
     modules = import_flower_names(FLOWER_LONG_POLL_API, "server/long_polls.py")
-    handlers = modules[handlers_module]
-    if getattr(getattr(handlers, handler), "fedreid_long_poll", False):
+    if all(getattr(getattr(modules[module], name), "fedreid_long_poll", False) for module, name in handlers):
         return
     for module_name, class_name in storers:
-        state_class = getattr(modules[module_name], class_name)
-        setattr(state_class, storer, ringing(getattr(state_class, storer), bell))
-    setattr(handlers, handler, held(getattr(handlers, handler), bell, answered))
+        owner = getattr(modules[module_name], class_name)
+        if not getattr(getattr(owner, storer), "fedreid_long_poll", False):
+            setattr(owner, storer, ringing(getattr(owner, storer), bell, stored))
+    for module_name, name in handlers:
+        setattr(modules[module_name], name, held(getattr(modules[module_name], name), bell, answered))
 
 
 def install_task_wait() -> None:
-    """Hold an empty AcquireTask until a task is created (idempotent)."""
-    _install(CORE_HANDLERS, "acquire_task", task_given, TASKS, TASK_CREATORS, "create_task")
+    """Hold an empty AcquireTask until a task is created (idempotent). SuperLink and SuperNode."""
+    _install(((CORE_HANDLERS, "acquire_task"),), task_given, TASKS, TASK_CREATORS, "create_task")
 
 
 def install_reply_wait() -> None:
-    """Hold an empty PullMessages until a reply is stored (idempotent)."""
-    _install(LINK_HANDLERS, "pull_messages", replies_given, REPLIES, REPLY_STORERS, "store_message_res")
+    """Hold the ServerApp's empty PullMessages until a reply is stored (idempotent). SuperLink."""
+    _install(((LINK_HANDLERS, "pull_messages"),), replies_given, REPLIES, REPLY_STORERS, "store_message_res")
+
+
+def install_message_wait() -> None:
+    """Hold a SuperNode's empty PullMessages until a message is stored for anyone (idempotent). SuperLink."""
+    _install(((FLEET_HANDLERS, "pull_messages"),), messages_given, INSTRUCTIONS, INSTRUCTION_STORERS,
+             "store_message_ins")
+
+
+def install_object_wait() -> None:
+    """Hold every PullObject for an object announced but not stored yet until it is (idempotent).
+    SuperLink (the ServerApp's and the SuperNodes' pulls) and SuperNode (its worker's)."""
+    _install(OBJECT_PULLS, object_given, OBJECTS, OBJECT_STORERS, "put", stored=lambda _result: True)

@@ -133,6 +133,8 @@ def main() -> int:
     runtime_fast_path.install()  # Runtime requests skip the Control API's pass-through middleware
     long_polls.install_task_wait()  # the SuperExec's ask for a run is held until one is submitted
     long_polls.install_reply_wait()  # the ServerApp's ask for replies is held until one arrives
+    long_polls.install_message_wait()  # a SuperNode's ask for a message, until one is sent
+    long_polls.install_object_wait()  # and anyone's pull of an object still on its way, until it is stored
 
     set_sqlite_busy_timeout(int(os.environ.get(BUSY_TIMEOUT_VARIABLE, DEFAULT_BUSY_TIMEOUT_MS)))
     if os.environ.get(ACCESS_LOG_VARIABLE) != "1":

@@ -189,8 +189,8 @@ def test_a_task_in_progress_is_recorded_for_the_next_worker_owner_only(tmp_path:
 # -- the SuperNode's waits ------------------------------------------------------------------------
 
 def test_the_supernode_loop_wakes_at_the_poll_interval_and_keeps_every_other_wait(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower's fixed 3 s idle wait and 0.5 s reply check become --poll-interval and a fifth of it;
-    any other sleep, and the rest of the time module, is Flower's own."""
+    """Flower's fixed 3 s idle wait and 0.5 s reply check become --poll-interval (less the time the
+    empty pull itself took) and a fifth of it; any other sleep, and the rest of the time module, is Flower's own."""
     from clients import supernode
 
     loop = supernode.check_flower_api()  # the pinned Flower still has both waits where we expect them
@@ -198,10 +198,21 @@ def test_the_supernode_loop_wakes_at_the_poll_interval_and_keeps_every_other_wai
     paced = supernode.pace(0.1)
     assert loop.time is paced and (paced.idle_s, paced.reply_s) == (0.1, supernode.MIN_POLL_S)
     slept: list[float] = []
-    monkeypatch.setattr(paced, "_real", type("Clock", (), {"sleep": staticmethod(slept.append), "time": time.time})())
+    now = [100.0]
+
+    def sleep(seconds: float) -> None:
+        slept.append(round(seconds, 6))
+        now[0] += seconds
+
+    monkeypatch.setattr(paced, "_real", type("Clock", (), {"sleep": staticmethod(sleep), "time": time.time,
+                                                           "monotonic": staticmethod(lambda: now[0])})())
+    paced._woke = now[0]
     for seconds in (3, 0.5, 0.2):
+        now[0] += 0.02  # the pull before each sleep took 0.02 s: the idle wait is what is left of 0.1 s
         loop.time.sleep(seconds)
-    assert slept == [0.1, supernode.MIN_POLL_S, 0.2]
+    now[0] += 1.0  # a pull the SuperLink held for a second (server/long_polls.py): no idle wait on top
+    loop.time.sleep(3)
+    assert slept == [0.08, supernode.MIN_POLL_S, 0.2, 0.0]
     assert abs(loop.time.time() - time.time()) < 1.0
     with pytest.raises(ValueError, match="below"):
         supernode.pace(0.01)
