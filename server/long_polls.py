@@ -1,19 +1,27 @@
-"""Two Runtime API asks that wait for their answer: ``AcquireTask`` and the ServerApp's ``PullMessages``.
+"""Runtime and Fleet API asks that wait for their answer instead of being answered empty at once.
 
-Flower 1.39 answers both at once, empty when there is nothing yet, and its callers ask in a loop:
-each site worker asks its SuperNode for a task (clients/executor.py, every 0.05 s while a run is
-going), the SuperLink's SuperExec asks the SuperLink (every 0.1 s, server/flower_cli.py), and the
-ServerApp asks the SuperLink for the sites' replies (every ``federation.poll_interval_s``, 0.1 s).
-Every empty answer is an HTTP request on both sides. Traced on this 2-core box (bench/round_trace.py,
-3 TLS sites): about 150 task asks and 30 reply asks a round, in the same processes that carry the
-model meanwhile, and each new task or reply waits for the next ask.
+Flower 1.39 answers every ask at once, empty when there is nothing yet, and its callers ask in loops:
+each site worker asks its SuperNode for a task (every 0.05 s while a run is going) and for the
+objects of its input (backing off 0.05-0.1 s), the SuperLink's SuperExec asks for a run to start
+(every 0.1 s), the ServerApp asks for the sites' replies (every ``federation.poll_interval_s``)
+and for their objects, and each SuperNode asks its SuperLink for a message (every
+``--poll-interval``) and for the objects of one still arriving. Every empty answer is a request on
+both sides, and what arrives meanwhile waits for the next ask. Traced on this 2-core box
+(bench/round_trace.py, 3 TLS sites): about 150 task asks and 30 reply asks a round, in the
+processes that carry the model at the same time.
 
-Here an empty ask is held until something it could return appears, or ``WAIT_S`` passed: Flower's
-own handler is asked again whenever a bell rings. ``create_task`` of both state implementations
-rings the task bell; ``store_message_res`` of both link states rings the reply bell. A caller that
-does not expect the wait still works: it gets its answer, or an empty one after ``WAIT_S``.
-``install_task_wait`` is run by the SuperLink and every SuperNode (server/superlink_main.py,
-clients/supernode.py), ``install_reply_wait`` by the SuperLink, each before Flower builds its app.
+Here an ask that would be answered empty is held until something it could return appears, or
+``WAIT_S`` (1 s; a SuperNode's ask for a message: ``MESSAGE_WAIT_S``, 3 s) passed: Flower's own handler is asked again whenever a bell rings, and its answer is
+returned unchanged. The bells: ``create_task`` (both state implementations) for ``AcquireTask``;
+``store_message_res`` (both link states) for the ServerApp's ``PullMessages``; ``store_message_ins``
+for a SuperNode's ``PullMessages``; an object store's ``put`` for every ``PullObject`` of an object
+that was announced but is not stored yet. At most 16 HTTP asks and 256 gRPC asks are held at once
+in a process (``RUNTIME_HOLDS``, ``FLEET_HOLDS``); beyond that an ask is answered at once, as by
+Flower, and its caller polls as before. A caller that does not expect the wait still works.
+
+The SuperLink installs all four (server/superlink_main.py), each SuperNode the task and object
+waits (clients/supernode.py), before Flower builds its app. Every Flower name touched is listed in
+``FLOWER_LONG_POLL_API`` and checked at install.
 """
 
 from __future__ import annotations
@@ -48,6 +56,12 @@ FLOWER_LONG_POLL_API = {
                                            IN_MEMORY_OBJECTS, SQL_OBJECTS)},
 }
 WAIT_S = 1.0  # well inside the Runtime client's 30 s timeout; the SuperExec reconciles its apps between asks
+# Asks held at once, per process: HTTP handlers run in the app's thread pool (anyio's 40 threads, shared
+# with pushes, which must not wait for a free thread), the SuperLink's gRPC Fleet API in Flower's 1000.
+MESSAGE_WAIT_S = 3.0  # a SuperNode's ask for a message: Flower's own idle wait, so idle sites ask no more often than
+# with Flower's SuperNode (20 sites: under 7 asks a second) and still get each message the moment it is sent
+RUNTIME_HOLDS = threading.BoundedSemaphore(16)
+FLEET_HOLDS = threading.BoundedSemaphore(256)
 
 
 class Bell:
@@ -80,18 +94,25 @@ OBJECTS = Bell()  # an object (a chunk of a model, a record) was stored
 
 
 def held(handler: Callable[..., Any], bell: Bell, answered: Callable[[Any, Any], bool],
-         wait_s: Callable[[], float] = lambda: WAIT_S) -> Callable[..., Any]:
+         holds: threading.BoundedSemaphore, wait_s: Callable[[], float] = lambda: WAIT_S) -> Callable[..., Any]:
     """``handler(request, state, ...)`` asked again whenever ``bell`` rings, until ``answered(request,
-    response)`` or ``wait_s()`` seconds passed."""
+    response)`` or ``wait_s()`` seconds passed. Only as many asks as ``holds`` allows are held at
+    once; the others are answered at once, as by Flower (a held ask keeps a server thread)."""
 
     def held_handler(*args: Any, **kwargs: Any) -> Any:  # Flower passes them by name or by position
         request = kwargs["request"] if "request" in kwargs else args[0]
-        deadline = time.monotonic() + wait_s()
-        while True:
-            seen = bell.rung  # read before asking: what happens meanwhile is not slept through
-            response = handler(*args, **kwargs)
-            if answered(request, response) or not bell.wait_past(seen, deadline - time.monotonic()):
-                return response
+        response = handler(*args, **kwargs)
+        if answered(request, response) or not holds.acquire(blocking=False):
+            return response
+        try:
+            deadline = time.monotonic() + wait_s()
+            while True:
+                seen = bell.rung  # read before asking: what happens meanwhile is not slept through
+                response = handler(*args, **kwargs)
+                if answered(request, response) or not bell.wait_past(seen, deadline - time.monotonic()):
+                    return response
+        finally:
+            holds.release()
 
     held_handler.fedreid_long_poll = True  # type: ignore[attr-defined]
     return held_handler
@@ -135,7 +156,8 @@ def object_given(request: Any, response: Any) -> bool:
 
 def _install(handlers: tuple[tuple[str, str], ...], answered: Callable[[Any, Any], bool], bell: Bell,
              storers: tuple[tuple[str, str], ...], storer: str,
-             stored: Callable[[Any], bool] = lambda result: result is not None) -> None:
+             stored: Callable[[Any], bool] = lambda result: result is not None,
+             wait_s: Callable[[], float] = lambda: WAIT_S) -> None:
     modules = import_flower_names(FLOWER_LONG_POLL_API, "server/long_polls.py")
     if all(getattr(getattr(modules[module], name), "fedreid_long_poll", False) for module, name in handlers):
         return
@@ -144,7 +166,8 @@ def _install(handlers: tuple[tuple[str, str], ...], answered: Callable[[Any, Any
         if not getattr(getattr(owner, storer), "fedreid_long_poll", False):
             setattr(owner, storer, ringing(getattr(owner, storer), bell, stored))
     for module_name, name in handlers:
-        setattr(modules[module_name], name, held(getattr(modules[module_name], name), bell, answered))
+        holds = FLEET_HOLDS if module_name == FLEET_HANDLERS else RUNTIME_HOLDS
+        setattr(modules[module_name], name, held(getattr(modules[module_name], name), bell, answered, holds, wait_s))
 
 
 def install_task_wait() -> None:
@@ -160,7 +183,7 @@ def install_reply_wait() -> None:
 def install_message_wait() -> None:
     """Hold a SuperNode's empty PullMessages until a message is stored for anyone (idempotent). SuperLink."""
     _install(((FLEET_HANDLERS, "pull_messages"),), messages_given, INSTRUCTIONS, INSTRUCTION_STORERS,
-             "store_message_ins")
+             "store_message_ins", wait_s=lambda: MESSAGE_WAIT_S)
 
 
 def install_object_wait() -> None:

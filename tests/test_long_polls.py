@@ -9,7 +9,7 @@ import importlib
 import secrets
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -47,6 +47,12 @@ def _supernode(secret: bytes) -> tuple[Any, Any]:
 
     factory = NodeStateFactory(ObjectStoreFactory())
     return create_app(state_factory=factory, superexec_auth_secret=secret), factory.state()
+
+
+def _timed(answers: list[tuple[float, Any]], ask: Callable[[], Any]) -> None:
+    """Append ``ask()``'s answer with the moment it came."""
+    response = ask()
+    answers.append((time.monotonic(), response))
 
 
 def _ask(address: RuntimeAddress, answers: list[tuple[float, Any]]) -> None:
@@ -177,8 +183,7 @@ def test_the_servers_pull_is_answered_the_moment_a_reply_is_stored(installed: No
     state = _LinkStateWithAReplyLater(reply)
     request = PullAppMessagesRequest(message_ids=[sent.metadata.message_id])
     answers: list[tuple[float, Any]] = []
-    pulling = threading.Thread(target=lambda: answers.append(
-        (time.monotonic(), link.pull_messages(request, state, Task(run_id=3)))))
+    pulling = threading.Thread(target=_timed, args=(answers, lambda: link.pull_messages(request, state, Task(run_id=3))))
     asked = time.monotonic()
     pulling.start()
     time.sleep(0.3)
@@ -192,3 +197,132 @@ def test_the_servers_pull_is_answered_the_moment_a_reply_is_stored(installed: No
     started = time.monotonic()
     empty = link.pull_messages(PullAppMessagesRequest(message_ids=[]), state, Task(run_id=3))
     assert not empty.messages_list and time.monotonic() - started < 0.2  # an ask for nothing is not held
+
+
+def test_the_workers_pull_of_an_object_on_its_way_is_answered_the_moment_it_is_stored(installed: None) -> None:
+    """Flower's real SuperNode app over HTTP, the worker's own task-bound client: an object the
+    SuperNode announced but has not stored yet is handed over when ``put`` stores it, not after a retry."""
+    from flwr.app import ConfigRecord
+    from flwr.proto.message_pb2 import PullObjectRequest
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+
+    secret = secrets.token_bytes(32)
+    app, state = _supernode(secret)
+    long_polls.install_object_wait()
+    record = ConfigRecord({"server-round": 4})
+    state.object_store.preregister(9, get_object_tree(record))
+    task_id = state.create_task(task_type=TaskType.CLIENT_APP, run_id=9, fab_hash="f" * 64)
+    token = state.claim_task(task_id)
+    with serving(app) as url:
+        client = RuntimeAddress(url.removeprefix("http://"), secret).client(token)
+        answers: list[tuple[float, Any]] = []
+        request = PullObjectRequest(node=Node(node_id=0), run_id=9, object_id=record.object_id)
+        pulling = threading.Thread(target=_timed, args=(answers, lambda: client.PullObject(request)))
+        asked = time.monotonic()
+        pulling.start()
+        time.sleep(0.3)
+        assert pulling.is_alive() and not answers  # held: announced, not stored
+        stored = time.monotonic()
+        state.object_store.put(record.object_id, record.deflate())
+        pulling.join(timeout=10)
+        unknown = client.PullObject(PullObjectRequest(node=Node(node_id=0), run_id=9, object_id="0" * 64))
+        client.close()
+    answered, response = answers[0]
+    assert response.object_available and response.object_content == record.deflate()
+    assert answered - stored < 0.3 and answered - asked < long_polls.WAIT_S
+    assert not unknown.object_found  # an object nobody announced is not waited for
+
+
+def test_a_supernodes_pull_is_held_until_a_message_is_stored_also_when_flower_names_the_arguments(
+        installed: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fleet servicer calls ``pull_messages(request=..., state=..., store=...)`` by name."""
+    monkeypatch.setattr(long_polls, "MESSAGE_WAIT_S", 0.8)  # read at every ask: 3 s in service
+    import flwr.server.superlink.fleet.message_handler.message_handler as fleet
+    from flwr.proto.fleet_pb2 import PullMessagesRequest
+    from flwr.proto.node_pb2 import Node
+
+    long_polls.install_message_wait()
+
+    class Link:
+        def get_message_ins(self, node_id: int, limit: int) -> list[Any]:
+            return []  # nothing for node 5, however often it rings
+
+    state = Link()
+    answers: list[tuple[float, Any]] = []
+    pulling = threading.Thread(target=_timed, args=(answers, lambda: fleet.pull_messages(
+        request=PullMessagesRequest(node=Node(node_id=5)), state=state, store=None)))
+    asked = time.monotonic()
+    pulling.start()
+    time.sleep(0.3)
+    assert pulling.is_alive() and not answers
+    long_polls.INSTRUCTIONS.ring()  # something stored, not for this node: asked again, still held
+    time.sleep(0.1)
+    assert pulling.is_alive()
+    pulling.join(timeout=10)
+    answered, response = answers[0]
+    assert not response.messages_list and answered - asked >= long_polls.MESSAGE_WAIT_S - 0.05  # the full wait
+
+
+def test_the_supernode_stores_each_object_the_moment_it_arrives() -> None:
+    """clients/supernode.py's store_as_pulled, around Flower's real pull_objects and object store:
+    when an object is pulled, every object pulled before it is already in the store, and the loop's
+    own store step is left nothing to do."""
+    import types
+
+    from flwr.app import Array, ArrayRecord, RecordDict
+    import numpy as np
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects
+    from flwr.supercore.object_store import ObjectStoreFactory
+
+    from clients import supernode
+
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.arange(6 * 2**20 // 4, dtype=np.float32))})})
+    objects = {object_id: obj.deflate() for object_id, obj in get_all_nested_objects(content).items()}
+    store = ObjectStoreFactory().store()
+    store.preregister(2, get_object_tree(content))
+    seen_stored: list[int] = []
+
+    def pull_object(object_id: str) -> bytes:
+        seen_stored.append(sum(store.get(other) not in (None, b"") for other in objects))
+        return objects[object_id]
+
+    def flowers_receive(**kwargs: Any) -> dict[str, bytes]:  # Flower's order: pull all, then put what came
+        contents = loop.pull_objects(list(objects), pull_object_fn=pull_object, max_concurrent_pulls=1)
+        for object_id in list(contents):
+            kwargs["object_store"].put(object_id, contents.pop(object_id))
+        return contents
+
+    loop = types.SimpleNamespace(_pull_and_store_message=flowers_receive, pull_objects=pull_objects)
+    supernode.store_as_pulled(loop)
+    supernode.store_as_pulled(loop)  # twice: still one wrapper
+    left_for_the_loop = loop._pull_and_store_message(object_store=store)
+    assert left_for_the_loop == {}
+    assert seen_stored == list(range(len(objects)))  # each earlier object was stored before the next pull
+    assert all(store.get(object_id) == blob for object_id, blob in objects.items())
+    assert loop.pull_objects(["x"], pull_object_fn=lambda _id: b"raw") == {"x": b"raw"}  # outside a receipt: Flower's
+
+
+def test_beyond_its_holds_an_ask_is_answered_at_once_as_by_flower() -> None:
+    """A held ask keeps a server thread: only as many as the semaphore allows wait; the rest get
+    Flower's immediate answer."""
+    holds = threading.BoundedSemaphore(1)
+    bell = long_polls.Bell()
+    calls: list[float] = []
+
+    def empty_handler(request: Any, state: Any) -> str:
+        calls.append(time.monotonic())
+        return "empty"
+
+    ask = long_polls.held(empty_handler, bell, lambda _request, response: response != "empty", holds,
+                          wait_s=lambda: 0.5)
+    assert holds.acquire(blocking=False)  # another ask holds the only place
+    started = time.monotonic()
+    assert ask("request", None) == "empty" and time.monotonic() - started < 0.2 and len(calls) == 1
+    holds.release()
+    started = time.monotonic()
+    assert ask("request", None) == "empty"  # now it waits the full 0.5 s, asking Flower twice
+    assert 0.45 <= time.monotonic() - started < 2.0 and len(calls) == 3
+    assert holds.acquire(blocking=False)  # and gave its place back
