@@ -66,8 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runtime-port", type=int, default=9094,
                         help="local port of the SuperNode's Runtime API (distinct per SuperNode on one host)")
     parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_S,
-                        help=f"seconds an idle SuperNode waits before asking the SuperLink again (default {DEFAULT_POLL_S}, "
-                             f"at least {MIN_POLL_S}; Flower's own is 3 s; raise it for hundreds of sites)")
+                        help=f"seconds between an idle SuperNode's asks for a message, its ask's own time included "
+                             f"(default {DEFAULT_POLL_S}, at least {MIN_POLL_S}; Flower's own is 3 s). fedreid-server "
+                             "holds each ask until a message comes, up to 3 s, so this paces only a SuperLink that "
+                             "answers at once")
     parser.add_argument("--max-wait-time", type=float, default=None,
                         help="give up after this many seconds without the SuperLink (default: retry forever)")
     parser.add_argument("--synthetic-site", type=int, default=None, metavar="INDEX",

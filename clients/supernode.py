@@ -3,9 +3,13 @@
 Flower 1.39's SuperNode loop (``flwr.supernode.start_client_internal``) sleeps a fixed 3 s whenever
 a pull finds no message and checks for the ClientApp's reply every 0.5 s. A round's next message
 therefore waits up to 3 s after the server has sent it, twice a round (train, then evaluate). This
-entry point runs Flower's own ``flower-supernode`` unchanged except for those two waits, which
-become ``--poll-interval`` (idle pull) and a fifth of it (reply check), bounded below by
-``MIN_POLL_S`` so that a large federation does not flood its SuperLink with empty pulls.
+entry point runs Flower's own ``flower-supernode`` with those two waits changed: they become
+``--poll-interval`` (idle pull, less the time the pull itself took: fedreid's SuperLink holds an
+empty pull until a message comes, up to 3 s, server/long_polls.py) and a fifth of it (reply
+check), bounded below by ``MIN_POLL_S`` so that a large federation does not flood a SuperLink
+that answers at once. The SuperNode also stores each object of a message as it arrives
+(``store_as_pulled``), and holds its worker's asks for a task and for an object still on its way
+until there is one (server/long_polls.py), so the model reaches the worker chunk by chunk.
 
 Two faults that would otherwise take the site out of the federation without a word are handled
 here too. A message whose run cannot be taken (its app bundle is not a zip, has invalid TOML or
@@ -56,19 +60,26 @@ log = logging.getLogger("clients.supernode")
 
 
 class PacedTime:
-    """The ``time`` module as Flower's loop sees it: its two fixed waits replaced, all else untouched."""
+    """The ``time`` module as Flower's loop sees it: its two fixed waits replaced, all else untouched.
 
-    def __init__(self, idle_s: float, reply_s: float, real: ModuleType = time) -> None:
-        self.idle_s, self.reply_s, self._real = idle_s, reply_s, real
+    The reply check (Flower's loop waits 0.5 s, then looks again for the worker's reply and for each
+    of its objects in turn) ends early when an object is stored meanwhile (``stored``, rung by the
+    object store's ``put``: server/long_polls.py), so each chunk of a reply is forwarded as it lands."""
+
+    def __init__(self, idle_s: float, reply_s: float, real: ModuleType = time,
+                 stored: long_polls.Bell = long_polls.OBJECTS) -> None:
+        self.idle_s, self.reply_s, self._real, self._stored = idle_s, reply_s, real, stored
         self._woke = real.monotonic()
+        self._seen = stored.rung
 
     def sleep(self, seconds: float) -> None:
         if seconds == FLOWER_IDLE_WAIT_S:  # the empty pull's own time counts: fedreid's SuperLink holds
-            seconds = max(0.0, self.idle_s - (self._real.monotonic() - self._woke))  # it up to a second
-        elif seconds == FLOWER_REPLY_CHECK_S:
-            seconds = self.reply_s
-        self._real.sleep(seconds)
-        self._woke = self._real.monotonic()
+            self._real.sleep(max(0.0, self.idle_s - (self._real.monotonic() - self._woke)))  # it up to 3 s
+        elif seconds == FLOWER_REPLY_CHECK_S:  # look again at once if something was stored since the last look
+            self._stored.wait_past(self._seen, self.reply_s)
+        else:
+            self._real.sleep(seconds)
+        self._woke, self._seen = self._real.monotonic(), self._stored.rung
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)

@@ -50,7 +50,8 @@ def console_script(name: str) -> str:
 # Flower's own waits and transfer sizes, set for every Flower process we start (measured in
 # bench/round_overhead.py; see the README's "Round overhead"). Flower reads them at import.
 FLOWER_POLLING = {
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # SuperExec asks for a task to launch (default 1 s)
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # SuperExec's pause between asks for a task to launch (default 1 s);
+    # fedreid's SuperLink holds each ask until a run is submitted, up to 1 s (server/long_polls.py)
     # bytes per object of a large array: Flower's 5 MiB measured best (98 MB echo, 3 sites, SQLite:
     # 12.4 s per round at 5 MiB, 15.7 s at 32 MiB, 18.6 s at 128 MiB)
     "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE": str(5 * 2**20),

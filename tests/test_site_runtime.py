@@ -207,12 +207,12 @@ def test_the_supernode_loop_wakes_at_the_poll_interval_and_keeps_every_other_wai
     monkeypatch.setattr(paced, "_real", type("Clock", (), {"sleep": staticmethod(sleep), "time": time.time,
                                                            "monotonic": staticmethod(lambda: now[0])})())
     paced._woke = now[0]
-    for seconds in (3, 0.5, 0.2):
+    for seconds in (3, 0.2):
         now[0] += 0.02  # the pull before each sleep took 0.02 s: the idle wait is what is left of 0.1 s
         loop.time.sleep(seconds)
     now[0] += 1.0  # a pull the SuperLink held for a second (server/long_polls.py): no idle wait on top
     loop.time.sleep(3)
-    assert slept == [0.08, supernode.MIN_POLL_S, 0.2, 0.0]
+    assert slept == [0.08, 0.2, 0.0]
     assert abs(loop.time.time() - time.time()) < 1.0
     with pytest.raises(ValueError, match="below"):
         supernode.pace(0.01)
@@ -220,6 +220,29 @@ def test_the_supernode_loop_wakes_at_the_poll_interval_and_keeps_every_other_wai
         0.5, ["--superlink", "a:1", "--insecure"])
     assert supernode.split_poll_interval(["--poll-interval=2"]) == (2.0, [])
     assert supernode.split_poll_interval([])[0] == supernode.DEFAULT_POLL_S
+
+
+def test_the_supernodes_reply_check_looks_again_as_soon_as_an_object_is_stored() -> None:
+    """Flower's 0.5 s reply check (waiting for the worker's reply and each of its objects) lasts the
+    reply interval at most, and ends as soon as the object store's put rings (server/long_polls.py)."""
+    import threading
+
+    from clients import supernode
+    from server.long_polls import Bell
+
+    stored = Bell()
+    paced = supernode.PacedTime(idle_s=0.25, reply_s=0.4, stored=stored)
+    started = time.monotonic()
+    paced.sleep(0.5)  # nothing stored: the whole reply interval
+    assert 0.35 <= time.monotonic() - started < 1.5
+    threading.Timer(0.05, stored.ring).start()
+    started = time.monotonic()
+    paced.sleep(0.5)  # a put 0.05 s in: the check ends then
+    assert time.monotonic() - started < 0.3
+    stored.ring()  # a put between the last look and this wait: no wait at all
+    started = time.monotonic()
+    paced.sleep(0.5)
+    assert time.monotonic() - started < 0.05
 
 
 def test_the_supernode_asks_again_for_arrays_still_on_their_way_within_a_fraction_of_a_second(
