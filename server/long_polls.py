@@ -56,10 +56,10 @@ FLOWER_LONG_POLL_API = {
                                            IN_MEMORY_OBJECTS, SQL_OBJECTS)},
 }
 WAIT_S = 1.0  # well inside the Runtime client's 30 s timeout; the SuperExec reconciles its apps between asks
-# Asks held at once, per process: HTTP handlers run in the app's thread pool (anyio's 40 threads, shared
-# with pushes, which must not wait for a free thread), the SuperLink's gRPC Fleet API in Flower's 1000.
 MESSAGE_WAIT_S = 3.0  # a SuperNode's ask for a message: Flower's own idle wait, so idle sites ask no more often than
 # with Flower's SuperNode (20 sites: under 7 asks a second) and still get each message the moment it is sent
+# Asks held at once, per process: HTTP handlers run in the app's thread pool (anyio's 40 threads, shared
+# with pushes, which must not wait for a free thread), the SuperLink's gRPC Fleet API in Flower's 1000.
 RUNTIME_HOLDS = threading.BoundedSemaphore(16)
 FLEET_HOLDS = threading.BoundedSemaphore(256)
 
