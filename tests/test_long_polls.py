@@ -5,11 +5,12 @@ created, and empty after its wait when none comes; the SuperLink's SQLite state 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import secrets
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -40,13 +41,18 @@ def installed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(getattr(function, "fedreid_long_poll", False) for function in wrapped)
 
 
-def _supernode(secret: bytes) -> tuple[Any, Any]:
+@contextlib.contextmanager
+def _served_supernode() -> Iterator[tuple[RuntimeAddress, Any]]:
+    """Flower's real SuperNode app (its own state, a fresh SuperExec secret) served over HTTP: the
+    address a site worker would be given, and the app's state."""
     from flwr.supercore.object_store import ObjectStoreFactory
     from flwr.supernode.main import create_app
     from flwr.supernode.nodestate import NodeStateFactory
 
+    secret = secrets.token_bytes(32)
     factory = NodeStateFactory(ObjectStoreFactory())
-    return create_app(state_factory=factory, superexec_auth_secret=secret), factory.state()
+    with serving(create_app(state_factory=factory, superexec_auth_secret=secret)) as url:
+        yield RuntimeAddress(url.removeprefix("http://"), secret), factory.state()
 
 
 def _timed(answers: list[tuple[float, Any]], ask: Callable[[], Any]) -> None:
@@ -70,10 +76,7 @@ def _ask(address: RuntimeAddress, answers: list[tuple[float, Any]]) -> None:
 def test_a_task_created_while_the_worker_asks_is_handed_over_at_once(installed: None) -> None:
     from flwr.supercore.constant import TaskType
 
-    secret = secrets.token_bytes(32)
-    app, state = _supernode(secret)
-    with serving(app) as url:
-        address = RuntimeAddress(url.removeprefix("http://"), secret)
+    with _served_supernode() as (address, state):
         answers: list[tuple[float, Any]] = []
         asking = threading.Thread(target=_ask, args=(address, answers))
         asked = time.monotonic()
@@ -90,10 +93,7 @@ def test_a_task_created_while_the_worker_asks_is_handed_over_at_once(installed: 
 
 
 def test_without_a_task_the_ask_is_answered_empty_after_its_wait(installed: None) -> None:
-    secret = secrets.token_bytes(32)
-    app, _ = _supernode(secret)
-    with serving(app) as url:
-        address = RuntimeAddress(url.removeprefix("http://"), secret)
+    with _served_supernode() as (address, _):
         answers: list[tuple[float, Any]] = []
         asked = time.monotonic()
         _ask(address, answers)
@@ -208,15 +208,12 @@ def test_the_workers_pull_of_an_object_on_its_way_is_answered_the_moment_it_is_s
     from flwr.supercore.constant import TaskType
     from flwr.supercore.inflatable.inflatable_object import get_object_tree
 
-    secret = secrets.token_bytes(32)
-    app, state = _supernode(secret)
     long_polls.install_object_wait()
     record = ConfigRecord({"server-round": 4})
-    state.object_store.preregister(9, get_object_tree(record))
-    task_id = state.create_task(task_type=TaskType.CLIENT_APP, run_id=9, fab_hash="f" * 64)
-    token = state.claim_task(task_id)
-    with serving(app) as url:
-        client = RuntimeAddress(url.removeprefix("http://"), secret).client(token)
+    with _served_supernode() as (address, state):
+        state.object_store.preregister(9, get_object_tree(record))
+        token = state.claim_task(state.create_task(task_type=TaskType.CLIENT_APP, run_id=9, fab_hash="f" * 64))
+        client = address.client(token)
         answers: list[tuple[float, Any]] = []
         request = PullObjectRequest(node=Node(node_id=0), run_id=9, object_id=record.object_id)
         pulling = threading.Thread(target=_timed, args=(answers, lambda: client.PullObject(request)))
