@@ -152,9 +152,10 @@ def exchange(grid: Grid, messages: list[Message], settings: FederationSettings, 
     message's serialised size; ``on_reply`` sees each site's reply as it arrives."""
     clock = Clock(settings.round_timeout_s, settings.report_every_s)
     started = time.time()
-    pushed = call_within(lambda: list(grid.push_messages(messages)), clock.deadline)
-    # measured after the push, which has computed every object's id: before it, measuring hashed the 20 MB once more
+    # measured before the push: in a simulation the engine's threads read the pushed messages' objects meanwhile
+    # (measuring after the push saved hashing 20 MB once more, but raced them: "dictionary changed size")
     sent = {m.metadata.dst_node_id: message_wire_bytes(m) for m in messages}
+    pushed = call_within(lambda: list(grid.push_messages(messages)), clock.deadline)
     stored = set(pushed.value or []) - {""}
     pending = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id in stored}
     refused = sorted(names.of_node(m.metadata.dst_node_id) for m in messages if m.metadata.message_id not in stored)
