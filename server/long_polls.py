@@ -101,16 +101,18 @@ def held(handler: Callable[..., Any], bell: Bell, answered: Callable[[Any, Any],
 
     def held_handler(*args: Any, **kwargs: Any) -> Any:  # Flower passes them by name or by position
         request = kwargs["request"] if "request" in kwargs else args[0]
+        seen = bell.rung  # read before asking: what is stored meanwhile is not slept through
         response = handler(*args, **kwargs)
         if answered(request, response) or not holds.acquire(blocking=False):
             return response
         try:
             deadline = time.monotonic() + wait_s()
-            while True:
-                seen = bell.rung  # read before asking: what happens meanwhile is not slept through
+            while bell.wait_past(seen, deadline - time.monotonic()):  # Flower asked again only after a ring
+                seen = bell.rung
                 response = handler(*args, **kwargs)
-                if answered(request, response) or not bell.wait_past(seen, deadline - time.monotonic()):
-                    return response
+                if answered(request, response):
+                    break
+            return response
         finally:
             holds.release()
 
