@@ -249,18 +249,24 @@ class SuperLinkConnection:
         return done.stdout + done.stderr
 
     def wait_finished(self, run_id: int, timeout: float, poll: float = 2.0, longest_poll: float = 6.0,
-                      ended: Callable[[], bool] | None = None) -> str:
+                      ended: Callable[[], bool] | None = None, going: Callable[[], bool] | None = None,
+                      going_poll: float = 60.0) -> str:
         """The run's final status (or its last one at ``timeout``). Polls start every ``poll`` seconds and
-        stretch to ``longest_poll``: each `flwr ls` costs a second of CPU that the run itself could use.
-        ``ended``, a cheap local sign that the run's ServerApp is gone (checked every 0.2 s), has the
-        SuperLink asked at once instead (half a second later: it records the end a moment after)."""
+        stretch to ``longest_poll``: each `flwr ls` is a new process that costs about two CPU-seconds,
+        taken from the run itself on a small machine. Two cheap local signs (checked every 0.2 s) change
+        when to ask: ``ended`` (the run's ServerApp is gone) has the SuperLink asked at once (half a
+        second later: it records the end a moment after); ``going`` (a ServerApp is at work on the run)
+        has it asked only every ``going_poll`` seconds meanwhile."""
         deadline = time.monotonic() + timeout
         while not (status := self.status(run_id)).startswith("finished") and time.monotonic() < deadline:
-            wake = min(time.monotonic() + poll, deadline)
+            asked = time.monotonic()
+            wake = min(asked + poll, deadline)
             poll = min(poll * 1.5, longest_poll)
             while (left := wake - time.monotonic()) > 0:
                 if ended is not None and ended():
                     time.sleep(min(0.5, left))
                     break
-                time.sleep(min(0.2 if ended is not None else left, left))
+                if going is not None and going():
+                    wake = min(asked + going_poll, deadline)
+                time.sleep(min(0.2 if ended is not None or going is not None else left, max(left, 0.0)))
         return status

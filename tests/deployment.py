@@ -107,9 +107,11 @@ class Deployment:
 
     def wait_finished(self, run_id: int, timeout: float, outputs: Path | None = None) -> str:
         """The run's final status (or its last one at ``timeout``); with the run's ``outputs`` folder,
-        asked as soon as its ServerApp has let go of its run folder."""
-        return self.connection.wait_finished(run_id, timeout,
-                                             ended=None if outputs is None else lambda: serverapp_let_go(outputs))
+        asked as soon as its ServerApp has let go of its run folder, and seldom while one holds it."""
+        if outputs is None:
+            return self.connection.wait_finished(run_id, timeout)
+        return self.connection.wait_finished(run_id, timeout, ended=lambda: serverapp_let_go(outputs),
+                                             going=lambda: serverapp_holds(outputs))
 
     def stop_client(self, site: str) -> None:
         stop_process_group(self.clients.pop(site, None))
@@ -132,15 +134,28 @@ class Deployment:
         self.stop_server()
 
 
-def serverapp_let_go(outputs: Path) -> bool:
-    """Whether some run folder under ``outputs`` has a lock file that no ServerApp holds any more
-    (server/outputs.py's flock ends with the process). A hint for when to ask: never a verdict."""
+def _run_folder_locks(outputs: Path) -> list[bool]:
+    """For each run folder under ``outputs``, whether a ServerApp holds its lock (server/outputs.py's
+    flock ends with the process)."""
+    held = []
     for lock in outputs.glob(f"*/{LOCK_FILE}"):
         with open(lock, "a") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                held.append(True)
                 continue
             fcntl.flock(handle, fcntl.LOCK_UN)
-            return True
-    return False
+            held.append(False)
+    return held
+
+
+def serverapp_let_go(outputs: Path) -> bool:
+    """Whether some run folder under ``outputs`` has a lock that no ServerApp holds any more. A hint
+    for when to ask: never a verdict."""
+    return not all(_run_folder_locks(outputs))
+
+
+def serverapp_holds(outputs: Path) -> bool:
+    """Whether a ServerApp holds some run folder under ``outputs``: its run is still going, no need to ask."""
+    return any(_run_folder_locks(outputs))
