@@ -25,6 +25,7 @@ from server.flower_cli import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+NODE_ID_LINE = "SuperNode ID: "  # flwr.supernode.start_client_internal, once connected
 
 
 class Deployment:
@@ -97,7 +98,13 @@ class Deployment:
         self.wait_for_nodes(len(self.sites))
 
     def wait_for_nodes(self, count: int, timeout: float = 90.0) -> None:
-        self.connection.wait_for_nodes(count, timeout)
+        """Until ``count`` sites are online, asking the SuperLink once their logs say they are connected."""
+        self.connection.wait_for_nodes(count, timeout, ready=lambda: self.connected_sites() >= count)
+
+    def connected_sites(self) -> int:
+        """How many started sites' logs show a SuperNode that has its node id (Flower logs it once the
+        SuperLink has activated it). A hint for when to ask: never a verdict."""
+        return sum(NODE_ID_LINE in self.log(f"client-{site}.log") for site in self.clients)
 
     def submit(self, run_config: str) -> int:
         return self.connection.submit(REPO, run_config)

@@ -132,6 +132,10 @@ class _CountedConnection(SuperLinkConnection):
         self.asked += 1
         return "finished:completed" if self.finished.is_set() else "running"
 
+    def online_nodes(self) -> int:
+        self.asked += 1
+        return 2 if self.finished.is_set() else 0
+
 
 def test_a_waiting_harness_does_not_ask_the_superlink_while_the_serverapp_holds_its_run_folder(tmp_path: Path) -> None:
     outputs = tmp_path / "outputs"
@@ -156,6 +160,16 @@ def test_a_waiting_harness_does_not_ask_the_superlink_while_the_serverapp_holds_
     assert connection.asked == 2  # once at the start, once after the ServerApp let go; not every 0.2 s between
     assert time.monotonic() - started < 3.0  # asked within about half a second of the end
     assert serverapp_let_go(outputs) and not serverapp_holds(outputs)
+
+
+def test_a_harness_waiting_for_sites_asks_the_superlink_once_their_logs_say_they_are_up(tmp_path: Path) -> None:
+    connected = threading.Event()  # both sites connected (their logs say so) and the SuperLink counts them online
+    connection = _CountedConnection(tmp_path / "home", connected)
+    threading.Timer(1.2, connected.set).start()
+    started = time.monotonic()
+    connection.wait_for_nodes(2, timeout=30, ready=connected.is_set)
+    assert connection.asked == 1  # not every 2 s while the SuperNodes were starting
+    assert 1.2 <= time.monotonic() - started < 3.0
 
 
 def test_the_superlink_state_waits_for_a_locked_database_as_long_as_configured(
