@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import bisect
 import os
-import threading
 import time
 from collections import Counter
 from pathlib import Path
+
+from tests.polling import Polling
 
 ROLES = (("superlink_main", "SuperLink"), ("flwr-serverapp", "ServerApp"), ("clients.supernode", "SuperNodes"),
          ("clients.worker", "site workers"), ("flwr ", "flwr CLI"), ("superexec", "SuperExec"))  # first match wins
@@ -30,24 +31,16 @@ def cpu_seconds(pid: str) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS_PER_S  # utime, stime
 
 
-class CpuSampler:
-    """Samples until ``stop``; ``spent(t0, t1)`` gives CPU-seconds per role between two wall times."""
+class CpuSampler(Polling):
+    """Samples until the ``with`` block ends; ``spent(t0, t1)`` gives CPU-seconds per role between two wall times."""
 
     def __init__(self, interval: float = 0.05) -> None:
-        self.interval = interval
+        super().__init__(interval)
         self.times: list[float] = []
         self.samples: list[dict[str, tuple[str, float]]] = []
         self._roles: dict[str, str] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "CpuSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._pids: list[str] = []
+        self._scanned = 0.0
 
     def _scan(self) -> list[str]:
         for pid in os.listdir("/proc"):
@@ -60,21 +53,18 @@ class CpuSampler:
                     self._roles[pid] = role
         return list(self._roles)
 
-    def _run(self) -> None:
-        pids, scanned = [], 0.0
-        while not self._stop.is_set():
-            now = time.time()
-            if now - scanned > 1.0:
-                pids, scanned = self._scan(), now
-            row = {}
-            for pid in pids:
-                try:
-                    row[pid] = (self._roles[pid], cpu_seconds(pid))
-                except (OSError, IndexError, ValueError):
-                    continue
-            self.times.append(now)
-            self.samples.append(row)
-            self._stop.wait(self.interval)
+    def poll(self) -> None:
+        now = time.time()
+        if now - self._scanned > 1.0:
+            self._pids, self._scanned = self._scan(), now
+        row = {}
+        for pid in self._pids:
+            try:
+                row[pid] = (self._roles[pid], cpu_seconds(pid))
+            except (OSError, IndexError, ValueError):
+                continue
+        self.times.append(now)
+        self.samples.append(row)
 
     def _at(self, moment: float) -> dict[str, tuple[str, float]]:
         return self.samples[min(bisect.bisect_left(self.times, moment), len(self.samples) - 1)] if self.samples else {}

@@ -37,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -48,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench" / "round_overhead_app"))
 from echo_app import payload  # noqa: E402
+from tests.polling import Polling  # noqa: E402
 from flwr.app import Message, RecordDict  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents  # noqa: E402
@@ -69,27 +69,17 @@ BEFORE = "8428a42"  # the last commit whose sites ran a flwr-clientapp per messa
 HANDLED = re.compile(r"train message handled in ([0-9.]+) s: input ([0-9.]+) s, work ([0-9.]+) s, reply ([0-9.]+) s")
 
 
-class ProcessCounter:
+class ProcessCounter(Polling):
     """Every process whose command line matches ``pattern`` seen while it runs (polled every 0.1 s;
     a ``flwr-clientapp`` lives for seconds)."""
 
     def __init__(self, pattern: str) -> None:
-        self.pattern, self.pids, self._stop = pattern, set(), threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
+        super().__init__(0.1)
+        self.pattern, self.pids = pattern, set()
 
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            found = subprocess.run(["pgrep", "-f", self.pattern], capture_output=True, text=True, check=False)
-            self.pids.update(found.stdout.split())
-            self._stop.wait(0.1)
-
-    def __enter__(self) -> "ProcessCounter":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def poll(self) -> None:
+        found = subprocess.run(["pgrep", "-f", self.pattern], capture_output=True, text=True, check=False)
+        self.pids.update(found.stdout.split())
 
 
 @contextlib.contextmanager

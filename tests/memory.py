@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from typing import Callable
 
 import psutil
+
+from tests.polling import Polling
 
 TAG_VARIABLE = "FEDREID_MEMORY_TAG"
 EVERYTHING: dict[str, Callable[[str], bool]] = {"all": lambda _command: True}
@@ -20,19 +21,17 @@ def tagged_environment() -> tuple[str, dict[str, str]]:
     return tag, {TAG_VARIABLE: tag}
 
 
-class PeakMemory:
+class PeakMemory(Polling):
     """Every ``interval`` s, the summed PSS (shared pages counted once: what the machine really pays)
     of the processes carrying ``tag``, per group (a predicate on the command line); keeps each peak."""
 
     def __init__(self, tag: str, groups: dict[str, Callable[[str], bool]], interval: float = 1.0) -> None:
+        super().__init__(interval)
         self.tag = tag
         self.groups = groups
-        self.interval = interval
         self.peaks = {name: 0 for name in groups}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> None:
+    def poll(self) -> None:
         totals = dict.fromkeys(self.groups, 0)
         for process in psutil.process_iter():
             try:
@@ -46,19 +45,6 @@ class PeakMemory:
                 if member(command):
                     totals[name] += pss
         self.peaks = {name: max(self.peaks[name], totals[name]) for name in self.groups}
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PeakMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
 
     def gib(self, group: str) -> float:
         return self.peaks[group] / 2**30
