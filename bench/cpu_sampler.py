@@ -61,8 +61,8 @@ class CpuSampler(Polling):
         for pid in self._pids:
             try:
                 row[pid] = (self._roles[pid], cpu_seconds(pid))
-            except (OSError, IndexError, ValueError):
-                continue
+            except (OSError, IndexError, ValueError, KeyError):  # it ended: its number may come back as another
+                self._roles.pop(pid, None)
         self.times.append(now)
         self.samples.append(row)
 
