@@ -281,5 +281,5 @@ class SuperLinkConnection:
                     break
                 if going is not None and going():
                     wake = min(asked + going_poll, deadline)
-                time.sleep(min(0.2 if ended is not None or going is not None else left, max(left, 0.0)))
+                time.sleep(min(0.2 if ended is not None or going is not None else left, left))
         return status
