@@ -198,7 +198,7 @@ def training_rounds(code: Path, sites_root: Path, clients: int, rounds: int, mod
             with ProcessCounter("flwr-clientapp") as counter:
                 run_id = deployment.connection.submit(code, f'algorithm="{algorithm}" profile="test" '
                                                             f'output-dir="{root / "outputs"}" overrides="{overrides}"')
-                status = deployment.wait_finished(run_id, 3600, root / "outputs")  # no `flwr ls` mid-round
+                status = deployment.wait_finished(run_id, 3600)
             if status != "finished:completed":
                 raise RuntimeError(f"training run ended as {status}; logs in {root}")
         finally:

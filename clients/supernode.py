@@ -87,7 +87,7 @@ class PacedTime:
 
 def check_flower_api() -> ModuleType:
     """The installed Flower's SuperNode loop, if it still has every name and wait this module relies on."""
-    from server.flower_cli import import_flower_names
+    from server.flower_names import import_flower_names
 
     loop = import_flower_names(FLOWER_SUPERNODE_API, "clients/supernode.py")[LOOP_MODULE]
     for function, wait in (("start_client_internal", "time.sleep(3)"), ("_push_messages", "time.sleep(0.5)")):

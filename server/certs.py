@@ -20,9 +20,9 @@ container of that role mounts): `server` (ca.crt, server.pem, server.key), `publ
 sites' public keys: enough to register them and to submit runs) and `site:<name>` (ca.crt and that
 site's key pair). The CA's private key is never exported.
 
-`register` adds the sites' public keys to a running SuperLink (Flower's `flwr supernode register`
-over the Control API, TLS-verified with ca.crt). A SuperLink started by `fedreid-server` refuses any
-SuperNode whose key is not registered.
+`register` adds the sites' public keys to a running SuperLink (the Control API request that
+`flwr supernode register` sends, TLS-verified with ca.crt). A SuperLink started by
+`fedreid-server` refuses any SuperNode whose key is not registered.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from server.flower_cli import SuperLinkConnection, flwr_json
+from server.control_api import ControlApi
 
 log = logging.getLogger("fedreid.certs")
 
@@ -210,16 +209,16 @@ def register(root: Path, superlink: str, sites: list[str] | None = None) -> dict
     if not chosen:
         raise ValueError(f"no site keys under {root / 'sites'}; run `fedreid-certs create` first")
     results: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="fedreid-flwr-") as home:
-        connection = SuperLinkConnection(superlink, Path(home), paths.ca_cert)
+    control = ControlApi(superlink, paths.ca_cert)
+    try:
         for site in chosen:
             public = paths.site_public_key(site)
             if not public.exists():
                 raise FileNotFoundError(f"{public} does not exist; run `fedreid-certs create {root} --site {site}`")
-            done = connection.flwr("supernode", "register", str(public), connection.name, "--name", site,
-                                   "--format", "json")
-            results[site] = _register_result(done.stdout + done.stderr)
+            results[site] = control.register(public, site)
             log.info("site %s: %s", site, results[site])
+    finally:
+        control.close()
     return results
 
 
@@ -253,21 +252,6 @@ def export(root: Path, role: str, out: Path) -> list[Path]:
             copy.write_bytes(path.read_bytes())
         written.append(copy)
     return written
-
-
-def _register_result(output: str) -> str:
-    """'registered as node N', 'already registered', or Flower's own error message."""
-    if "Public key already in use" in output:  # a rerun (e.g. `docker compose up` again) is fine
-        return "already registered"
-    try:
-        reply = flwr_json(output)
-    except ValueError:
-        reply = {}
-    if reply.get("success"):
-        return f"registered as node {reply['node-id']}"
-    if reply.get("error-message"):
-        return f"not registered: {reply['error-message']}"
-    return f"not registered: {output.strip()[-300:]}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,8 @@
 
 Shared by `fedreid-sim`, the deployment launchers and `fedreid-certs` so that every one of them
 starts Flower the same way: the environment's own console scripts, no runtime dependency
-installation (offline, and `uv sync` would swap torch), and run status read from `flwr ls`
-because `flwr run` exits 0 even when a run fails.
+installation (offline, and `uv sync` would swap torch), and run status read from the SuperLink's
+Control API (server/control_api.py) because `flwr run` exits 0 even when a run fails.
 """
 
 from __future__ import annotations
@@ -16,29 +16,16 @@ import socket
 import subprocess
 import sys
 import threading
-import importlib
 import time
 import urllib.request
 from pathlib import Path
-from types import ModuleType
-from typing import Callable, Iterable, Mapping
 
 from server.app_source import staged_app
+from server.control_api import ControlApi, ControlApiError
 from server.progress import RoundProgress
 
 
 UNREACHABLE = "Connection to the SuperLink is unavailable"  # what the flwr CLI says when it cannot connect
-
-
-def import_flower_names(api: Mapping[str, Iterable[str]], owner: str) -> dict[str, ModuleType]:
-    """The Flower modules named in ``api``, once each has every name listed for it; otherwise a
-    RuntimeError naming what is missing and ``owner``, the fedreid module written against them."""
-    modules = {name: importlib.import_module(name) for name in api}
-    for name, members in api.items():
-        missing = [member for member in members if not hasattr(modules[name], member)]
-        if missing:
-            raise RuntimeError(f"the installed Flower's {name} lacks {missing}; pin flwr==1.39.* or update {owner}")
-    return modules
 
 
 def console_script(name: str) -> str:
@@ -150,10 +137,12 @@ def flwr_json(text: str) -> dict[str, object]:
 
 
 class SuperLinkConnection:
-    """The flwr CLI pointed at one SuperLink's Control API, from its own FLWR_HOME."""
+    """One SuperLink's Control API: questions (runs, nodes, logs, key registration) asked from this
+    process; `flwr run` and streamed logs through the flwr CLI, from its own FLWR_HOME."""
 
     def __init__(self, address: str, home: Path, ca: Path | None = None, name: str = "fedreid") -> None:
         self.address, self.home, self.ca, self.name = address, home, ca, name
+        self.control = ControlApi(address, ca)  # the questions, asked from this process
         home.mkdir(parents=True, exist_ok=True)
         tls = f'root-certificates = "{ca.resolve()}"' if ca is not None else "insecure = true"
         (home / "config.toml").write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
@@ -198,31 +187,18 @@ class SuperLinkConnection:
 
     def online_nodes(self) -> int:
         try:
-            done = self.flwr("supernode", "list", self.name, "--format", "json", timeout=60)
-            nodes = flwr_json(done.stdout).get("nodes", [])
-        except (ValueError, subprocess.TimeoutExpired):  # no answer yet: none known to be online
+            return self.control.online_nodes()
+        except ControlApiError:  # no answer yet: none known to be online
             return 0
-        return sum(1 for n in nodes if str(n.get("status", "")).startswith("online"))  # type: ignore[union-attr]
 
-    def wait_for_nodes(self, count: int, timeout: float, ready: Callable[[], bool] | None = None,
-                       unready_poll: float = 20.0) -> None:
-        """Until ``count`` sites are online. Each ask is a `flwr supernode list` process of about two
-        CPU-seconds, taken from the SuperNodes still starting on a small machine: with ``ready``, a
-        cheap local sign that they are up (checked every 0.2 s), the SuperLink is asked when it turns
-        true, and only every ``unready_poll`` seconds before."""
+    def wait_for_nodes(self, count: int, timeout: float, poll: float = 0.5) -> None:
+        """Until ``count`` sites are online, asking every ``poll`` seconds (an ask costs the SuperLink
+        milliseconds: it is asked from this process, server/control_api.py)."""
         deadline = time.monotonic() + timeout
-        while True:
-            if ready is not None and not ready():
-                wake = min(time.monotonic() + unready_poll, deadline)
-                while time.monotonic() < wake and not ready():
-                    time.sleep(0.2)
-                time.sleep(0.5)  # the SuperLink records an activation a moment after the site logs it
-            if (online := self.online_nodes()) >= count:
-                return
+        while (online := self.online_nodes()) < count:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {online} of {count} sites online at {self.address} after {timeout:.0f} s")
-            if ready is None or ready():
-                time.sleep(2.0)
+            time.sleep(poll)
 
     def submit(self, app: Path, run_config: str) -> int:
         """`flwr run` without streaming; the new run's id."""
@@ -237,16 +213,9 @@ class SuperLinkConnection:
         return int(reply["run-id"])  # type: ignore[arg-type]
 
     def runs(self, run_id: int | None = None) -> list[dict[str, object]]:
-        """`flwr ls` as run dicts, oldest first (only ``run_id`` when given); RuntimeError without an answer."""
-        try:  # a SuperLink busy with many nodes on a loaded machine can be slow to answer: not fatal
-            done = self.flwr("ls", self.name, *(["--run-id", str(run_id)] if run_id is not None else []),
-                             "--format", "json", timeout=60)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError("`flwr ls` did not answer within 60 s") from None
-        try:
-            return list(flwr_json(done.stdout).get("runs", []))  # type: ignore[call-overload]
-        except ValueError:
-            raise RuntimeError(f"`flwr ls` gave no JSON: {(done.stdout + done.stderr).strip()[-500:]}") from None
+        """The runs as `flwr ls --format json` lists them, oldest first (only ``run_id`` when given);
+        RuntimeError (ControlApiError) without an answer."""
+        return self.control.runs(run_id)
 
     def status(self, run_id: int) -> str:
         """e.g. 'running' or 'finished:completed' ('unknown ...' when the SuperLink does not answer)."""
@@ -257,29 +226,23 @@ class SuperLinkConnection:
         return str(runs[0]["status"]) if runs else "unknown (no such run)"
 
     def run_log(self, run_id: int) -> str:
-        """The run's ServerApp log as the SuperLink holds it (`flwr log --show`)."""
-        done = self.flwr("log", str(run_id), self.name, "--show", timeout=120)
-        return done.stdout + done.stderr
+        """The run's ServerApp log as the SuperLink holds it (what `flwr log --show` prints), or
+        why there is none."""
+        try:
+            return self.control.log(run_id)
+        except ControlApiError as error:
+            return f"no log of run {run_id}: {error}"
 
-    def wait_finished(self, run_id: int, timeout: float, poll: float = 2.0, longest_poll: float = 6.0,
-                      ended: Callable[[], bool] | None = None, going: Callable[[], bool] | None = None,
-                      going_poll: float = 60.0) -> str:
-        """The run's final status (or its last one at ``timeout``). Polls start every ``poll`` seconds and
-        stretch to ``longest_poll``: each `flwr ls` is a new process that costs about two CPU-seconds,
-        taken from the run itself on a small machine. Two cheap local signs (checked every 0.2 s) change
-        when to ask: ``ended`` (the run's ServerApp is gone) has the SuperLink asked at once (half a
-        second later: it records the end a moment after); ``going`` (a ServerApp is at work on the run)
-        has it asked only every ``going_poll`` seconds meanwhile."""
+    def register(self, public_key: Path, name: str) -> str:
+        """Register a site's key under ``name`` (see ControlApi.register)."""
+        return self.control.register(public_key, name)
+
+    def close(self) -> None:
+        self.control.close()
+
+    def wait_finished(self, run_id: int, timeout: float, poll: float = 0.5) -> str:
+        """The run's final status (or its last one at ``timeout``), asked every ``poll`` seconds."""
         deadline = time.monotonic() + timeout
         while not (status := self.status(run_id)).startswith("finished") and time.monotonic() < deadline:
-            asked = time.monotonic()
-            wake = min(asked + poll, deadline)
-            poll = min(poll * 1.5, longest_poll)
-            while (left := wake - time.monotonic()) > 0:
-                if ended is not None and ended():
-                    time.sleep(min(0.5, left))
-                    break
-                if going is not None and going():
-                    wake = min(asked + going_poll, deadline)
-                time.sleep(min(0.2 if ended is not None or going is not None else left, left))
+            time.sleep(poll)
         return status

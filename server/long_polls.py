@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from server.flower_cli import import_flower_names
+from server.flower_names import import_flower_names
 
 CORE_HANDLERS = "flwr.supercore.servicer.runtime.runtime_handlers"  # both Runtime APIs call its acquire_task
 LINK_HANDLERS = "flwr.superlink.servicer.runtime.runtime_handlers"  # the ServerApp's asks of the SuperLink

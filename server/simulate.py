@@ -160,6 +160,7 @@ class PrivateSuperLink:
 
     def __exit__(self, *_exc: object) -> None:
         """Stop the SuperLink and everything it started (SuperExec, the simulation, Ray)."""
+        self.connection.close()
         stop_process_group(self.process)
 
 

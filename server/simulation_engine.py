@@ -83,7 +83,7 @@ class MessageArrivals:
 
 def check_flower_api() -> ModuleType:
     """The installed Flower's Simulation Engine module, if it has every name and wait relied on here."""
-    from server.flower_cli import import_flower_names
+    from server.flower_names import import_flower_names
 
     modules = import_flower_names(FLOWER_SIMULATION_API, "server/simulation_engine.py")
     constants = modules[CONSTANT_MODULE]

@@ -5,7 +5,7 @@
 
 The same as writing a connection into `$FLWR_HOME/config.toml` and calling `flwr run . <connection>
 --stream` yourself (the README shows both), plus what a script needs: it waits until `--sites`
-SuperNodes are online, streams the run's log, and exits 0 only when `flwr ls` reports the run as
+SuperNodes are online, streams the run's log, and exits 0 only when the SuperLink reports the run as
 `finished:completed` (`flwr run` itself exits 0 on failed runs too). When the run's output folder
 is visible from here, it prints the per-site table.
 """

@@ -94,7 +94,7 @@ def set_sqlite_busy_timeout(busy_timeout_ms: int) -> None:
 def check_flower_api() -> None:
     """Refuse a Flower that lacks a name this module (or server/link_bookkeeping.py) patches or calls
     (pin flwr==1.39.*)."""
-    from server.flower_cli import import_flower_names
+    from server.flower_names import import_flower_names
 
     import_flower_names(FLOWER_SUPERLINK_API, "server/superlink_main.py")
     import_flower_names(link_bookkeeping.FLOWER_BOOKKEEPING_API, "server/link_bookkeeping.py")

@@ -7,14 +7,12 @@ Every piece is a separate OS process started through the project's own launchers
 
 from __future__ import annotations
 
-import fcntl
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
 from server.certs import create, register
-from server.outputs import LOCK_FILE
 from server.flower_cli import (
     SuperLinkConnection,
     flwr_environment,
@@ -25,7 +23,6 @@ from server.flower_cli import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-NODE_ID_LINE = "SuperNode ID: "  # flwr.supernode.start_client_internal, once connected
 
 
 class Deployment:
@@ -98,13 +95,7 @@ class Deployment:
         self.wait_for_nodes(len(self.sites))
 
     def wait_for_nodes(self, count: int, timeout: float = 90.0) -> None:
-        """Until ``count`` sites are online, asking the SuperLink once their logs say they are connected."""
-        self.connection.wait_for_nodes(count, timeout, ready=lambda: self.connected_sites() >= count)
-
-    def connected_sites(self) -> int:
-        """How many started sites' logs show a SuperNode that has its node id (Flower logs it once the
-        SuperLink has activated it). A hint for when to ask: never a verdict."""
-        return sum(NODE_ID_LINE in self.log(f"client-{site}.log") for site in self.clients)
+        self.connection.wait_for_nodes(count, timeout)
 
     def submit(self, run_config: str) -> int:
         return self.connection.submit(REPO, run_config)
@@ -112,13 +103,9 @@ class Deployment:
     def status(self, run_id: int) -> str:
         return self.connection.status(run_id)
 
-    def wait_finished(self, run_id: int, timeout: float, outputs: Path | None = None) -> str:
-        """The run's final status (or its last one at ``timeout``); with the run's ``outputs`` folder,
-        asked as soon as its ServerApp has let go of its run folder, and seldom while one holds it."""
-        if outputs is None:
-            return self.connection.wait_finished(run_id, timeout)
-        return self.connection.wait_finished(run_id, timeout, ended=lambda: serverapp_let_go(outputs),
-                                             going=lambda: serverapp_holds(outputs))
+    def wait_finished(self, run_id: int, timeout: float) -> str:
+        """The run's final status (or its last one at ``timeout``)."""
+        return self.connection.wait_finished(run_id, timeout)
 
     def stop_client(self, site: str) -> None:
         stop_process_group(self.clients.pop(site, None))
@@ -139,30 +126,5 @@ class Deployment:
         for site in list(self.clients):
             self.stop_client(site)
         self.stop_server()
+        self.connection.close()
 
-
-def _run_folder_locks(outputs: Path) -> list[bool]:
-    """For each run folder under ``outputs``, whether a ServerApp holds its lock (server/outputs.py's
-    flock ends with the process)."""
-    held = []
-    for lock in outputs.glob(f"*/{LOCK_FILE}"):
-        with open(lock, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                held.append(True)
-                continue
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            held.append(False)
-    return held
-
-
-def serverapp_let_go(outputs: Path) -> bool:
-    """Whether some run folder under ``outputs`` has a lock that no ServerApp holds any more. A hint
-    for when to ask: never a verdict."""
-    return not all(_run_folder_locks(outputs))
-
-
-def serverapp_holds(outputs: Path) -> bool:
-    """Whether a ServerApp holds some run folder under ``outputs``: its run is still going, no need to ask."""
-    return any(_run_folder_locks(outputs))

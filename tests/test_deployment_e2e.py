@@ -26,7 +26,7 @@ from clients.kept import LOCAL_STATE_KEY, record_from_bytes
 from server.certs import create
 from server.flower_cli import free_port
 from tests.attack import image_fingerprints, leaked, stealing_app
-from tests.deployment import Deployment, serverapp_let_go
+from tests.deployment import Deployment
 from tests.hostile_link import hostile_pythonpath
 
 
@@ -71,9 +71,8 @@ def test_tls_federation_names_sites_by_their_registered_keys_and_runs_only_insta
             "not registered" in deployment.log("client-intruder.log").lower(), deployment.log("client-intruder.log")
 
         # a second key registered under the mall's name, and a station box that calls itself campus
-        done = deployment.connection.flwr("supernode", "register", str(deployment.certs / "sites" / "impostor.pub"),
-                                          deployment.connection.name, "--name", "0-mall", "--format", "json")
-        assert '"success": true' in done.stdout.replace("True", "true"), done.stdout + done.stderr
+        done = deployment.connection.register(deployment.certs / "sites" / "impostor.pub", "0-mall")
+        assert done.startswith("registered as node"), done
         deployment.start_client("impostor", None, "--dataset", "0-mall")
         deployment.start_client("0-mall")
         deployment.start_client("1-station", None, "--dataset", "2-campus")  # the last --dataset counts
@@ -86,8 +85,8 @@ def test_tls_federation_names_sites_by_their_registered_keys_and_runs_only_insta
         outputs = tmp_path / "outputs"  # the real run is submitted at once and runs beside the attack
         run_id = deployment.submit(f'profile="test" output-dir="{outputs}" '
                                    'overrides="federation.rounds=1 federation.min_sites=1"')
-        assert deployment.wait_finished(attack_run, 300, stolen_outputs).startswith("finished"), _logs(deployment)
-        status = deployment.wait_finished(run_id, 600, outputs)
+        assert deployment.wait_finished(attack_run, 300).startswith("finished"), _logs(deployment)
+        status = deployment.wait_finished(run_id, 600)
         assert status == "finished:completed", _logs(deployment)
         run_log = deployment.run_log(run_id)
     finally:
@@ -297,15 +296,10 @@ def _start_hostile_runs(deployment: Deployment, root: Path, pool: ThreadPoolExec
     return {"all": pool.submit(submit_all)}
 
 
-def _wait_all_finished(deployment: Deployment, runs: dict[str, int], root: Path, timeout: float = 300) -> None:
-    """Each run ends (the sites answer every message with an error); one `flwr ls` a poll for all, asked
-    once every run's ServerApp has let go of its folder (or every 6 s: a hint, never a verdict)."""
-    deadline, statuses, asked = time.monotonic() + timeout, {}, 0.0
+def _wait_all_finished(deployment: Deployment, runs: dict[str, int], timeout: float = 300) -> None:
+    """Each run ends (the sites answer every message with an error); one list of runs a poll for all."""
+    deadline, statuses = time.monotonic() + timeout, {}
     while time.monotonic() < deadline:
-        if not all(serverapp_let_go(root / name) for name in runs) and time.monotonic() - asked < 6:
-            time.sleep(0.2)
-            continue
-        asked = time.monotonic()
         statuses = {int(r["run-id"]): str(r["status"]) for r in deployment.connection.runs() if "run-id" in r}
         if all(statuses.get(run, "").startswith("finished") for run in runs.values()):
             ended = {name: statuses[run] for name, run in runs.items()}
@@ -375,7 +369,7 @@ def test_a_site_worker_killed_mid_round_fails_that_round_and_a_restarted_box_rej
                 deployment.start_client(site)
             deployment.wait_for_nodes(2)
             hostile = submitted["all"].result()
-        _wait_all_finished(deployment, hostile, tmp_path)
+        _wait_all_finished(deployment, hostile)
         counted_before = _fleet_bytes(deployment, "0-mall")
         run_id = deployment.submit(f'algorithm="fedpav_compressed" profile="test" output-dir="{outputs}" '
                                    f'overrides="{overrides}"')
@@ -396,7 +390,7 @@ def test_a_site_worker_killed_mid_round_fails_that_round_and_a_restarted_box_rej
         deployment.wait_for_nodes(2)
         clientapps = _per_message_processes(deployment)
         marker.unlink()  # round 3 may start
-        status = deployment.wait_finished(run_id, 600, outputs)
+        status = deployment.wait_finished(run_id, 600)
         assert status == "finished:completed", _logs(deployment)
         counted = [after - before for after, before in zip(_fleet_bytes(deployment, "0-mall"), counted_before)]
         run_log = deployment.run_log(run_id)  # while the SuperLink still serves it

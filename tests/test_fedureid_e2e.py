@@ -39,7 +39,7 @@ def test_fedureid_deployment_keeps_each_sites_clusters_on_its_own_disk(tiny_site
         deployment.wait_for_nodes(2)
         run_id = deployment.submit(f'algorithm="fedureid" profile="test" output-dir="{outputs}" '
                                    f'overrides="{QUICK}"')
-        status = deployment.wait_finished(run_id, 600, outputs)
+        status = deployment.wait_finished(run_id, 600)
         logs = "\n".join(deployment.log(n)[-2500:] for n in ("server.log", "client-0-mall.log", "client-2-campus.log"))
         assert status == "finished:completed", logs
     finally:

@@ -134,7 +134,7 @@ def test_the_bell_wakes_a_waiter_only_for_a_ring_after_what_it_saw() -> None:
 
 
 def test_the_flower_names_it_patches_exist_in_the_pinned_flower() -> None:
-    from server.flower_cli import import_flower_names
+    from server.flower_names import import_flower_names
 
     modules = import_flower_names(long_polls.FLOWER_LONG_POLL_API, "server/long_polls.py")
     for storers, method in ((long_polls.TASK_CREATORS, "create_task"), (long_polls.REPLY_STORERS, "store_message_res")):

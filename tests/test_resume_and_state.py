@@ -14,13 +14,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from clients.kept import persist_site_state, restore_site_state, state_file
-import threading
-
-from server.flower_cli import SuperLinkConnection, free_port
+from server.flower_cli import free_port
 from server.outputs import RunFolderBusy, RunOutputs, hold_run_folder
 from server.resume import ResumeError, find_run_folder, load_resume_point
 from server.telemetry import FederationGauges
-from tests.deployment import serverapp_holds, serverapp_let_go
 
 
 def _run_folder(root: Path, name: str, checkpoint_round: int, metric_rounds: list[int]) -> Path:
@@ -119,57 +116,6 @@ def test_one_serverapp_at_a_time_holds_a_run_folder(tmp_path: Path) -> None:
     first.close()  # the holder ends: the folder is free at once
     second = hold_run_folder(tmp_path, wait_s=1.0)
     second.close()
-
-
-class _CountedConnection(SuperLinkConnection):
-    """A connection whose run status comes from a flag, counting how often `flwr ls` would have run."""
-
-    def __init__(self, home: Path, finished: threading.Event) -> None:
-        super().__init__("127.0.0.1:1", home)
-        self.finished, self.asked = finished, 0
-
-    def status(self, run_id: int) -> str:
-        self.asked += 1
-        return "finished:completed" if self.finished.is_set() else "running"
-
-    def online_nodes(self) -> int:
-        self.asked += 1
-        return 2 if self.finished.is_set() else 0
-
-
-def test_a_waiting_harness_does_not_ask_the_superlink_while_the_serverapp_holds_its_run_folder(tmp_path: Path) -> None:
-    outputs = tmp_path / "outputs"
-    (outputs / "run-1").mkdir(parents=True)
-    holder = hold_run_folder(outputs / "run-1")
-    assert serverapp_holds(outputs) and not serverapp_let_go(outputs)
-    finished = threading.Event()
-    connection = _CountedConnection(tmp_path / "home", finished)
-
-    def end_run() -> None:  # the ServerApp ends its run after 1.5 s, and the SuperLink records it
-        time.sleep(1.5)
-        finished.set()
-        holder.close()
-
-    ender = threading.Thread(target=end_run)
-    ender.start()
-    started = time.monotonic()
-    status = connection.wait_finished(7, timeout=30, poll=0.2, longest_poll=0.2,
-                                      ended=lambda: serverapp_let_go(outputs), going=lambda: serverapp_holds(outputs))
-    ender.join()
-    assert status == "finished:completed"
-    assert connection.asked == 2  # once at the start, once after the ServerApp let go; not every 0.2 s between
-    assert time.monotonic() - started < 3.0  # asked within about half a second of the end
-    assert serverapp_let_go(outputs) and not serverapp_holds(outputs)
-
-
-def test_a_harness_waiting_for_sites_asks_the_superlink_once_their_logs_say_they_are_up(tmp_path: Path) -> None:
-    connected = threading.Event()  # both sites connected (their logs say so) and the SuperLink counts them online
-    connection = _CountedConnection(tmp_path / "home", connected)
-    threading.Timer(1.2, connected.set).start()
-    started = time.monotonic()
-    connection.wait_for_nodes(2, timeout=30, ready=connected.is_set)
-    assert connection.asked == 1  # not every 2 s while the SuperNodes were starting
-    assert 1.2 <= time.monotonic() - started < 3.0
 
 
 def test_the_superlink_state_waits_for_a_locked_database_as_long_as_configured(

@@ -148,6 +148,29 @@ def test_flwr_calls_read_json_whatever_colour_settings_the_caller_has(tmp_path: 
         {"success": True}
 
 
+def test_questions_to_the_superlink_start_no_process_and_an_unreachable_one_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run status, online sites and run logs are asked from this process over the Control API, not
+    by a `flwr` process each (about two CPU-seconds of imports per question on this box)."""
+    from server.control_api import ControlApi, ControlApiError
+    from server.flower_cli import free_port
+    from server.simulate import PrivateSuperLink
+
+    with PrivateSuperLink(tmp_path / "flwr-home") as superlink:
+        def no_process(*_args: object, **_kwargs: object) -> None:
+            raise AssertionError("a question started a process")
+
+        monkeypatch.setattr(subprocess, "Popen", no_process)
+        for _ in range(20):
+            assert superlink.connection.runs() == [] and superlink.connection.online_nodes() == 0
+        assert superlink.connection.status(123).startswith("unknown")
+        monkeypatch.undo()
+    absent = ControlApi(f"127.0.0.1:{free_port()}", None, attempts=2)
+    with pytest.raises(ControlApiError, match="unavailable") as refused:
+        absent.runs()
+    assert refused.value.unreachable
+
+
 def test_a_simulation_whose_superlink_is_stopped_from_outside_says_so(tmp_path: Path) -> None:
     """Someone else stops the run's SuperLink (`kill` from another process): the run's report names
     its own SuperLink and says it was stopped from outside, instead of reading another SuperLink."""
