@@ -2,11 +2,13 @@
 
 `flwr ls`, `flwr supernode list`, `flwr supernode register` and `flwr log --show` each start a new
 Python process that spends about two CPU-seconds importing the CLI for an answer the SuperLink gives
-in about 10 ms (measured on this 2-core box). A harness that waits on a run, a simulation that
-checks how its run ended and `fedreid-certs register` ask often, beside the run itself, so they ask
-here instead: the same client Flower's CLI builds (`init_http_client_from_connection`: TLS with the
-given CA, its version and account interceptors), made once per SuperLink and kept, and the same
-requests. Only `flwr run` (it builds the app's FAB) and `flwr log --stream` stay CLI processes.
+in about 10 ms (measured on this 2-core box); `flwr run` and `flwr log --stream` are one more such
+process per run. A harness that waits on a run, a simulation that follows its run and
+`fedreid-certs register` ask often, beside the run itself, so they ask here instead: the same
+client Flower's CLI builds (`init_http_client_from_connection`: TLS with the given CA, its version
+and account interceptors), made once per SuperLink and kept, and the same requests, built from the
+same Flower functions (`flwr run`: the app's FAB from `build_fab_from_disk`, its run config and
+simulation settings parsed as the CLI parses them).
 
 fedreid's SuperLinks do not use Flower's account authentication (sites authenticate by their
 registered keys), so the client carries Flower's no-op account plugin, whatever a credential store
@@ -17,7 +19,9 @@ the first client is made.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import logging
 import threading
 import time
 from pathlib import Path
@@ -29,10 +33,16 @@ FLOWER_CONTROL_API = {
     "flwr.cli.typing": ["SuperLinkConnection"],
     "flwr.cli.utils": ["init_http_client_from_connection", "flwr_cli_exc_handler", "SUPERLINK_UNAVAILABLE_MESSAGE"],
     "flwr.cli.auth_plugin.noop_auth_plugin": ["NoOpCliAuthPlugin"],
+    "flwr.cli.build": ["build_fab_from_disk"],
+    "flwr.cli.config_utils": ["load_and_validate"],
     "flwr.cli.run_utils": ["format_runs"],
     "flwr.cli.supernode.register": ["try_load_public_key"],
-    "flwr.common.serde": ["run_from_proto"],
-    "flwr.proto.control_pb2": ["ListRunsRequest", "ListNodesRequest", "RegisterNodeRequest", "StreamLogsRequest"],
+    "flwr.common.config": ["parse_config_args"],
+    "flwr.common.serde": ["run_from_proto", "fab_to_proto", "user_config_to_proto"],
+    "flwr.supercore.fab": ["Fab"],
+    "flwr.supercore.utils": ["simulation_config_from_json"],
+    "flwr.proto.control_pb2": ["ListRunsRequest", "ListNodesRequest", "RegisterNodeRequest", "StartRunRequest",
+                               "StreamLogsRequest"],
 }
 ALREADY_REGISTERED = "Public key already in use"  # the SuperLink's words for a key it already has
 
@@ -54,9 +64,14 @@ class ControlApi:
         self.address, self.ca, self.attempts = address, ca, attempts
         self._flower: dict[str, Any] = {}
         self._client: Any = None
-        self._lock = threading.Lock()  # one request at a time: the client keeps one connection
+        self._lock = threading.Lock()  # the client is made once
 
     def _connect(self) -> Any:
+        """The client, made on the first question (Flower's names checked then)."""
+        with self._lock:
+            return self._client or self._make_client()
+
+    def _make_client(self) -> Any:
         if self._client is None:
             self._flower = import_flower_names(FLOWER_CONTROL_API, "server/control_api.py")
             cli = self._flower["flwr.cli.utils"]
@@ -64,6 +79,7 @@ class ControlApi:
                 "fedreid", self.address, root_certificates=None if self.ca is None else str(self.ca.resolve()),
                 insecure=self.ca is None)
             plugin = self._flower["flwr.cli.auth_plugin.noop_auth_plugin"].NoOpCliAuthPlugin(self.address)
+            logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO: twice a second
             with contextlib.redirect_stdout(io.StringIO()):  # its "Using SuperLink: ..." line
                 self._client = cli.init_http_client_from_connection(connection, plugin)
         return self._client
@@ -75,15 +91,14 @@ class ControlApi:
 
         attempts = self.attempts
         for attempt in range(1, attempts + 1):
-            with self._lock:
-                client = self._connect()
-                try:
-                    with self._flower["flwr.cli.utils"].flwr_cli_exc_handler():
-                        return request(client)
-                except click.ClickException as error:
-                    unreachable = error.message == self._flower["flwr.cli.utils"].SUPERLINK_UNAVAILABLE_MESSAGE
-                    if not unreachable or attempt == attempts:
-                        raise ControlApiError(error.message, unreachable) from None
+            client = self._connect()
+            try:
+                with self._flower["flwr.cli.utils"].flwr_cli_exc_handler():
+                    return request(client)
+            except click.ClickException as error:
+                unreachable = error.message == self._flower["flwr.cli.utils"].SUPERLINK_UNAVAILABLE_MESSAGE
+                if not unreachable or attempt == attempts:
+                    raise ControlApiError(error.message, unreachable) from None
             time.sleep(2.0 * attempt)
         raise AssertionError("unreachable")
 
@@ -120,6 +135,56 @@ class ControlApi:
         except ControlApiError as error:
             return "already registered" if ALREADY_REGISTERED in str(error) else f"not registered: {error}"
         return f"registered as node {reply.node_id}" if reply.node_id else "not registered: no node id came back"
+
+    def start_run(self, app: Path, run_config: str = "", federation_config: str = "") -> int:
+        """Submit the Flower app in folder ``app`` as `flwr run APP --run-config RUN_CONFIG
+        --federation-config FEDERATION_CONFIG` does; the new run's id."""
+        self._connect()
+        flower = self._flower
+        _config, warnings = flower["flwr.cli.config_utils"].load_and_validate(app / "pyproject.toml")
+        if _config is None:
+            raise ControlApiError(f"{app / 'pyproject.toml'} is not a Flower app: {'; '.join(warnings)}", False)
+        fab_bytes = flower["flwr.cli.build"].build_fab_from_disk(app)
+        fab = flower["flwr.supercore.fab"].Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
+        serde, parse = flower["flwr.common.serde"], flower["flwr.common.config"].parse_config_args
+        simulation = None
+        if federation_config:  # `-` in the CLI's keys, `_` in the proto's fields, as the CLI maps them
+            settings = {key.replace("-", "_"): value for key, value in parse([federation_config]).items()}
+            simulation = flower["flwr.supercore.utils"].simulation_config_from_json(settings)
+        request = flower["flwr.proto.control_pb2"].StartRunRequest(
+            fab=serde.fab_to_proto(fab), override_config=serde.user_config_to_proto(parse([run_config] if run_config
+                                                                                      else None)),
+            federation="", override_federation_config=simulation)
+        reply = self._ask(lambda client: client.StartRun(request))
+        if not reply.HasField("run_id"):
+            raise ControlApiError(f"the SuperLink did not start the run{': ' + reply.note if reply.note else ''}",
+                                  False)
+        return int(reply.run_id)
+
+    def stream_log(self, run_id: int, on_text: Callable[[str], None]) -> None:
+        """Hand the run's ServerApp log to ``on_text`` as it comes, until the run has ended and all of
+        it is read (what `flwr log RUN --stream` prints). Other questions go on meanwhile (the HTTP
+        client is shared between threads). A stream cut off (the SuperLink restarted, a busy machine)
+        goes on from the last line read, up to ``attempts`` times."""
+        import click
+
+        pb = self._flower_module("flwr.proto.control_pb2")
+        after, cut = 0.0, 0
+        while True:
+            client = self._connect()
+            try:
+                with self._flower["flwr.cli.utils"].flwr_cli_exc_handler():
+                    for answer in client.StreamLogs(pb.StreamLogsRequest(run_id=run_id, after_timestamp=after)):
+                        on_text(answer.log_output)
+                        after = max(after, answer.latest_timestamp)
+                return
+            except click.ClickException as error:
+                cut += 1
+                if cut >= self.attempts:
+                    unreachable = error.message == self._flower["flwr.cli.utils"].SUPERLINK_UNAVAILABLE_MESSAGE
+                    raise ControlApiError(f"the log of run {run_id} could not be read: {error.message}",
+                                          unreachable) from None
+                time.sleep(2.0 * cut)
 
     def log(self, run_id: int) -> str:
         """The run's ServerApp log as the SuperLink holds it now (what `flwr log RUN --show` prints)."""

@@ -8,14 +8,11 @@ Control API (server/control_api.py) because `flwr run` exits 0 even when a run f
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -25,7 +22,6 @@ from server.control_api import ControlApi, ControlApiError
 from server.progress import RoundProgress
 
 
-UNREACHABLE = "Connection to the SuperLink is unavailable"  # what the flwr CLI says when it cannot connect
 
 
 def console_script(name: str) -> str:
@@ -52,7 +48,8 @@ COLOUR_FORCING = ("FORCE_COLOR", "CLICOLOR_FORCE", "PY_COLORS")  # Jupyter kerne
 
 def flwr_environment(flwr_home: Path | None = None) -> dict[str, str]:
     """os.environ plus the settings every Flower process of ours runs with. Colour is off: under
-    FORCE_COLOR (set by Jupyter kernels) the flwr CLI colours even its `--format json` output."""
+    FORCE_COLOR (set by Jupyter kernels) Flower's processes colour the log lines that its files and
+    the run's streamed log then carry."""
     env = {key: value for key, value in os.environ.items() if key not in COLOUR_FORCING}
     env["NO_COLOR"] = "1"
     if flwr_home is not None:
@@ -125,20 +122,9 @@ def kill_process_group(process: subprocess.Popen[bytes] | None) -> None:
     process.wait(timeout=30)
 
 
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def flwr_json(text: str) -> dict[str, object]:
-    """The JSON object the flwr CLI prints with --format json (after any log lines)."""
-    text = ANSI_ESCAPE.sub("", text)  # in case a colour setting got through after all
-    if "{" not in text:
-        raise ValueError("no JSON in the output")
-    return dict(json.loads(text[text.index("{"):text.rindex("}") + 1]))
-
-
 class SuperLinkConnection:
-    """One SuperLink's Control API: questions (runs, nodes, logs, key registration) asked from this
-    process; `flwr run` and streamed logs through the flwr CLI, from its own FLWR_HOME."""
+    """One SuperLink's Control API, asked from this process (server/control_api.py). Its FLWR_HOME
+    gets a config.toml naming the SuperLink, for a person who wants to ask it with the flwr CLI."""
 
     def __init__(self, address: str, home: Path, ca: Path | None = None, name: str = "fedreid") -> None:
         self.address, self.home, self.ca, self.name = address, home, ca, name
@@ -148,42 +134,21 @@ class SuperLinkConnection:
         (home / "config.toml").write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
                                           f'address = "{address}"\n{tls}\n')
 
-    def flwr(self, *args: str, timeout: float | None = 300, stream: bool = False,
-             attempts: int = 4) -> subprocess.CompletedProcess[str]:
-        """Run `flwr ARGS` (output captured unless ``stream``: then its lines go through a progress bar
-        over the rounds; ``timeout`` None = no limit). When the CLI could not reach the SuperLink at
-        all (a busy machine, a SuperLink still starting), the same call is tried again, up to
-        ``attempts`` times: nothing happened on the SuperLink's side."""
-        if stream:
-            return self._stream(args, timeout)
-        for attempt in range(1, attempts + 1):
-            done = subprocess.run([console_script("flwr"), *args], env=flwr_environment(self.home), text=True,
-                                  capture_output=True, timeout=timeout, check=False)
-            if UNREACHABLE not in done.stdout + done.stderr:
-                break
-            if attempt < attempts:
-                time.sleep(2.0 * attempt)
-        return done
+    def stream(self, run_id: int) -> None:
+        """Show the run's ServerApp log as it comes, with a progress bar over its rounds
+        (server/progress.py), until the run has ended (what `flwr log RUN --stream` shows)."""
+        with RoundProgress() as progress:
+            pending = ""
 
-    def _stream(self, args: tuple[str, ...], timeout: float | None) -> subprocess.CompletedProcess[str]:
-        """`flwr ARGS` with its output shown line by line as it comes (see server/progress.py)."""
-        command = [console_script("flwr"), *args]
-        with subprocess.Popen(command, env=flwr_environment(self.home), text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, bufsize=1) as process, RoundProgress() as progress:
-            assert process.stdout is not None
-            timer = threading.Timer(timeout, process.kill) if timeout is not None else None
-            if timer is not None:
-                timer.start()
-            try:
-                for line in process.stdout:
-                    progress.feed(line)
-            finally:
-                if timer is not None:
-                    timer.cancel()
-            code = process.wait()
-        if timeout is not None and code < 0:
-            raise subprocess.TimeoutExpired(command, timeout)
-        return subprocess.CompletedProcess(command, code)
+            def lines(text: str) -> None:
+                nonlocal pending
+                *whole, pending = (pending + text).split("\n")
+                for line in whole:
+                    progress.feed(line + "\n")
+
+            self.control.stream_log(run_id, lines)
+            if pending:
+                progress.feed(pending + "\n")
 
     def online_nodes(self) -> int:
         try:
@@ -200,17 +165,10 @@ class SuperLinkConnection:
                 raise RuntimeError(f"only {online} of {count} sites online at {self.address} after {timeout:.0f} s")
             time.sleep(poll)
 
-    def submit(self, app: Path, run_config: str) -> int:
-        """`flwr run` without streaming; the new run's id."""
+    def submit(self, app: Path, run_config: str, federation_config: str = "") -> int:
+        """Submit the app in folder ``app`` as `flwr run` does, without streaming; the new run's id."""
         with staged_app(app) as lean:  # the same FAB, without walking .venv (server/app_source.py)
-            done = self.flwr("run", str(lean), self.name, "--run-config", run_config, "--format", "json")
-        try:
-            reply = flwr_json(done.stdout)
-        except ValueError:
-            reply = {}
-        if not reply.get("success"):
-            raise RuntimeError(f"flwr run failed: {(done.stdout + done.stderr).strip()[-1500:]}")
-        return int(reply["run-id"])  # type: ignore[arg-type]
+            return self.control.start_run(lean, run_config, federation_config)
 
     def runs(self, run_id: int | None = None) -> list[dict[str, object]]:
         """The runs as `flwr ls --format json` lists them, oldest first (only ``run_id`` when given);

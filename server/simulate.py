@@ -33,7 +33,6 @@ from reid.backbones import check_backbone
 from reid.data.layout import site_folders
 from reid.data.public import generate_public_set
 from reid.data.federations import FEDERATIONS, federation_size, generate_sites, site_names
-from server.app_source import staged_app
 from server.config import compose_config
 from server.private_ray import PrivateRay, PrivateRayError
 from server.simulation_engine import write_launcher
@@ -227,22 +226,24 @@ def _run_simulation(request: SimulationRequest) -> Path:
 def _submit(request: SimulationRequest, federation: str, ray_address: str | None,
             private_ray: PrivateRay | None) -> Path:
     assert request.flwr_home is not None
-    with PrivateSuperLink(request.flwr_home, ray_address) as superlink, \
-            staged_app(request.app_dir) as app:  # the same FAB, without walking .venv (server/app_source.py)
+    with PrivateSuperLink(request.flwr_home, ray_address) as superlink:
         if private_ray is not None:
             try:
                 private_ray.address()
             except PrivateRayError as error:
                 raise SimulationError(str(error)) from None
-        options = [CONNECTION, "--stream", "--federation-config", federation, "--run-config", _run_config(request)]
-        log.info("flwr %s", shlex.join(["run", str(request.app_dir), *options]))
-        superlink.connection.flwr("run", str(app), *options, stream=True, timeout=None)
-        if (gone := superlink.stopped_from_outside()) is not None:
-            raise SimulationError(gone)
+        log.info("flwr %s", shlex.join(["run", str(request.app_dir), CONNECTION, "--stream", "--federation-config",
+                                        federation, "--run-config", _run_config(request)]))  # what is submitted
         try:
-            runs = superlink.connection.runs()
+            run_id = superlink.connection.submit(request.app_dir, _run_config(request), federation)
+            log.info("run %d started", run_id)
+            superlink.connection.stream(run_id)
+            gone = superlink.stopped_from_outside()
+            runs = superlink.connection.runs(run_id) if gone is None else []
         except RuntimeError as error:
-            raise SimulationError(superlink.stopped_from_outside() or str(error)) from None
+            gone = superlink.stopped_from_outside() or str(error)
+        if gone is not None:
+            raise SimulationError(gone)
     if not runs:
         raise SimulationError("no run was recorded by the SuperLink")
     run = runs[-1]

@@ -73,8 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", error)
             return 1
         log.info("run %d submitted; streaming its log", run_id)
-        connection.flwr("log", str(run_id), connection.name, "--stream", stream=True, timeout=7 * 24 * 3600)
+        try:
+            connection.stream(run_id)
+        except RuntimeError as error:  # the SuperLink went away: its last word on the run is asked below
+            log.warning("%s", error)
         status = connection.wait_finished(run_id, timeout=300)
+        connection.close()
     if status != "finished:completed":
         log.error("run %d ended as %s", run_id, status)
         return 1

@@ -131,23 +131,6 @@ def test_three_sites_write_every_output(tiny_sites: Path, tmp_path: Path) -> Non
     assert scalars["bytes/up"] == [(1, pytest.approx(lines[1]["train"]["bytes"]["received"], rel=1e-6))]  # float32
 
 
-def test_flwr_calls_read_json_whatever_colour_settings_the_caller_has(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Jupyter kernels and many CI systems set FORCE_COLOR=1: the flwr CLI then colours even its
-    `--format json` output, which once failed every run's final status check ("gave no JSON")."""
-    from server.flower_cli import flwr_json
-    from server.simulate import PrivateSuperLink
-
-    for key, value in {"FORCE_COLOR": "1", "CLICOLOR_FORCE": "1", "TERM": "xterm-color"}.items():
-        monkeypatch.setenv(key, value)
-    with PrivateSuperLink(tmp_path / "flwr-home") as superlink:
-        assert superlink.connection.runs() == []
-        raw = superlink.connection.flwr("ls", superlink.connection.name, "--format", "json")
-    assert "\x1b[" not in raw.stdout and flwr_json(raw.stdout)["success"] is True
-    assert flwr_json('\x1b[1m{\x1b[0m\n  \x1b[1;34m"success"\x1b[0m: \x1b[3;92mtrue\x1b[0m\n\x1b[1m}\x1b[0m') == \
-        {"success": True}
-
-
 def test_questions_to_the_superlink_start_no_process_and_an_unreachable_one_is_named(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run status, online sites and run logs are asked from this process over the Control API, not
