@@ -153,11 +153,12 @@ class LoopbackFederation:
                 self._spawn([sys.executable, str(APP / "echo_worker.py"), "--runtime-api", f"127.0.0.1:{port}",
                              "--secret-file", str(secret), "--state-dir", str(home)], f"worker{index}", home)
             self._spawn(command, f"node{index}", home)
-        connection = SuperLinkConnection(f"127.0.0.1:{self.control}", self.root / "cli", None)
-        connection.wait_for_nodes(self.clients, 90)
-        return connection
+        self.connection = SuperLinkConnection(f"127.0.0.1:{self.control}", self.root / "cli", None)
+        self.connection.wait_for_nodes(self.clients, 90)
+        return self.connection
 
     def __exit__(self, *_exc: object) -> None:
+        self.connection.close()  # the SuperLink's graceful stop waits for open connections
         for process in self.processes:
             stop_process_group(process)
 

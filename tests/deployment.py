@@ -111,11 +111,13 @@ class Deployment:
         stop_process_group(self.clients.pop(site, None))
 
     def stop_server(self) -> None:
+        self.connection.close()  # the SuperLink's graceful stop waits for open connections, ours too
         stop_process_group(self.server)
         self.server = None
 
     def kill_server(self) -> None:
         """The SuperLink dies at once (SIGKILL), as in a crash; its ServerApp follows it."""
+        self.connection.close()
         kill_process_group(self.server)
         self.server = None
 
@@ -126,5 +128,4 @@ class Deployment:
         for site in list(self.clients):
             self.stop_client(site)
         self.stop_server()
-        self.connection.close()
 
