@@ -141,9 +141,10 @@ class ControlApi:
         --federation-config FEDERATION_CONFIG` does; the new run's id."""
         self._connect()
         flower = self._flower
-        _config, warnings = flower["flwr.cli.config_utils"].load_and_validate(app / "pyproject.toml")
-        if _config is None:
-            raise ControlApiError(f"{app / 'pyproject.toml'} is not a Flower app: {'; '.join(warnings)}", False)
+        try:  # what `flwr run` checks before it builds anything
+            flower["flwr.cli.config_utils"].load_and_validate(app / "pyproject.toml")
+        except ValueError as error:
+            raise ControlApiError(f"{app / 'pyproject.toml'} is not a Flower app: {error}", False) from None
         fab_bytes = flower["flwr.cli.build"].build_fab_from_disk(app)
         fab = flower["flwr.supercore.fab"].Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
         serde, parse = flower["flwr.common.serde"], flower["flwr.common.config"].parse_config_args

@@ -22,8 +22,6 @@ from server.control_api import ControlApi, ControlApiError
 from server.progress import RoundProgress
 
 
-
-
 def console_script(name: str) -> str:
     """A console script of the running interpreter's environment (works without an activated venv)."""
     candidate = Path(sys.executable).parent / name
