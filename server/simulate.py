@@ -233,7 +233,7 @@ def _submit(request: SimulationRequest, federation: str, ray_address: str | None
             except PrivateRayError as error:
                 raise SimulationError(str(error)) from None
         log.info("flwr %s", shlex.join(["run", str(request.app_dir), CONNECTION, "--stream", "--federation-config",
-                                        federation, "--run-config", _run_config(request)]))  # what is submitted
+                                        federation, "--run-config", _run_config(request)]))  # its flwr equivalent
         try:
             run_id = superlink.connection.submit(request.app_dir, _run_config(request), federation)
             log.info("run %d started", run_id)

@@ -128,4 +128,3 @@ class Deployment:
         for site in list(self.clients):
             self.stop_client(site)
         self.stop_server()
-
