@@ -8,8 +8,10 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 
 from clients.kept import CLUSTERS_KEY, PROGRESS_KEY, record_from_bytes
+from server import submit
 from tests.deployment import Deployment
 
 QUICK = "algorithm.unsupervised.epochs_first=2 algorithm.unsupervised.epochs_later=1"
@@ -27,7 +29,11 @@ def _rounds(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_fedureid_deployment_keeps_each_sites_clusters_on_its_own_disk(tiny_sites: Path, tmp_path: Path) -> None:
+def test_fedureid_deployment_keeps_each_sites_clusters_on_its_own_disk(tiny_sites: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Submitted as an operator submits, with `fedreid-submit` (server/submit.py) over TLS: it waits for
+    both sites, streams the run's log, exits 0 once the SuperLink reports the run completed and prints
+    the per-site table."""
     root = _with_unlabelled_campus(tiny_sites, tmp_path / "sites")
     deployment = Deployment(tmp_path, {"0-mall": root / "0-mall", "2-campus": root / "2-campus"})
     outputs = tmp_path / "outputs"
@@ -36,16 +42,18 @@ def test_fedureid_deployment_keeps_each_sites_clusters_on_its_own_disk(tiny_site
         assert all(r.startswith("registered") for r in deployment.register_sites().values())
         deployment.start_client("0-mall")
         deployment.start_client("2-campus", None, "--images-per-identity", "4")  # the campus's own estimate
-        deployment.wait_for_nodes(2)
-        run_id = deployment.submit(f'algorithm="fedureid" profile="test" output-dir="{outputs}" '
-                                   f'overrides="{QUICK}"')
-        status = deployment.wait_finished(run_id, 600)
+        code = submit.main(["--superlink", f"127.0.0.1:{deployment.control_port}", "--ca",
+                            str(deployment.certs / "ca.crt"), "--sites", "2", "--wait", "120", "--run-config",
+                            f'algorithm="fedureid" profile="test" output-dir="{outputs}" overrides="{QUICK}"'])
+        printed = capsys.readouterr().out
         logs = "\n".join(deployment.log(n)[-2500:] for n in ("server.log", "client-0-mall.log", "client-2-campus.log"))
-        assert status == "finished:completed", logs
+        assert code == 0, printed[-3000:] + logs
     finally:
         deployment.close()
 
     folder = next(p for p in outputs.iterdir() if p.is_dir())
+    assert "round 1/2 trained" in printed and "round 2/2 trained" in printed  # the ServerApp's log, streamed
+    assert "| 2-campus |" in printed and f"outputs: {folder}" in printed
     rounds = _rounds(folder)
     assert [r["round"] for r in rounds] == [1, 2]
     for record in rounds:
