@@ -69,20 +69,22 @@ class ControlApi:
     def _connect(self) -> Any:
         """The client, made on the first question (Flower's names checked then)."""
         with self._lock:
-            return self._client or self._make_client()
+            if self._client is None:
+                self._flower = import_flower_names(FLOWER_CONTROL_API, "server/control_api.py")
+                cli = self._flower["flwr.cli.utils"]
+                connection = self._flower["flwr.cli.typing"].SuperLinkConnection(
+                    "fedreid", self.address, root_certificates=None if self.ca is None else str(self.ca.resolve()),
+                    insecure=self.ca is None)
+                plugin = self._flower["flwr.cli.auth_plugin.noop_auth_plugin"].NoOpCliAuthPlugin(self.address)
+                logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO: twice a second
+                with contextlib.redirect_stdout(io.StringIO()):  # its "Using SuperLink: ..." line
+                    self._client = cli.init_http_client_from_connection(connection, plugin)
+            return self._client
 
-    def _make_client(self) -> Any:
-        if self._client is None:
-            self._flower = import_flower_names(FLOWER_CONTROL_API, "server/control_api.py")
-            cli = self._flower["flwr.cli.utils"]
-            connection = self._flower["flwr.cli.typing"].SuperLinkConnection(
-                "fedreid", self.address, root_certificates=None if self.ca is None else str(self.ca.resolve()),
-                insecure=self.ca is None)
-            plugin = self._flower["flwr.cli.auth_plugin.noop_auth_plugin"].NoOpCliAuthPlugin(self.address)
-            logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO: twice a second
-            with contextlib.redirect_stdout(io.StringIO()):  # its "Using SuperLink: ..." line
-                self._client = cli.init_http_client_from_connection(connection, plugin)
-        return self._client
+    def _refused(self, message: str, why: str) -> ControlApiError:
+        """``why`` (Flower's CLI's words for a failed request) as an error, marked unreachable when the
+        SuperLink could not be reached at all."""
+        return ControlApiError(message, why == self._flower["flwr.cli.utils"].SUPERLINK_UNAVAILABLE_MESSAGE)
 
     def _ask(self, request: Callable[[Any], T]) -> T:
         """``request(client)``; a SuperLink that cannot be reached at all (still starting, a busy
@@ -96,9 +98,9 @@ class ControlApi:
                 with self._flower["flwr.cli.utils"].flwr_cli_exc_handler():
                     return request(client)
             except click.ClickException as error:
-                unreachable = error.message == self._flower["flwr.cli.utils"].SUPERLINK_UNAVAILABLE_MESSAGE
-                if not unreachable or attempt == attempts:
-                    raise ControlApiError(error.message, unreachable) from None
+                refused = self._refused(error.message, error.message)
+                if not refused.unreachable or attempt == attempts:
+                    raise refused from None
             time.sleep(2.0 * attempt)
         raise AssertionError("unreachable")
 
@@ -182,9 +184,8 @@ class ControlApi:
             except click.ClickException as error:
                 cut += 1
                 if cut >= self.attempts:
-                    unreachable = error.message == self._flower["flwr.cli.utils"].SUPERLINK_UNAVAILABLE_MESSAGE
-                    raise ControlApiError(f"the log of run {run_id} could not be read: {error.message}",
-                                          unreachable) from None
+                    raise self._refused(f"the log of run {run_id} could not be read: {error.message}",
+                                        error.message) from None
                 time.sleep(2.0 * cut)
 
     def log(self, run_id: int) -> str:
